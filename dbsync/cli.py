@@ -1,0 +1,88 @@
+"""The ``dbsync`` command: argparse entry points, one sub-command per verb.
+
+Each sub-command's module is imported only when it runs, so ``dbsync ctl`` and
+``dbsync check-config`` start fast and need no event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dbsync import __version__
+from dbsync.exitcodes import ExitCode
+
+__all__ = ["default_config_path", "main"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def default_config_path() -> Path:
+    """``$DBSYNC_CONFIG``, else ``/etc/dbsync/config.toml`` if it exists, else ``./config.toml``."""
+    env = os.environ.get("DBSYNC_CONFIG")
+    if env:
+        return Path(env)
+    system = Path("/etc/dbsync/config.toml")
+    if system.exists():
+        return system
+    return Path("config.toml")
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config) if args.config else default_config_path()
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from dbsync.config import load_config
+    from dbsync.errors import ConfigError
+
+    path = _config_path(args)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"dbsync: invalid configuration {path}: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    audiences = sum(len(d.audiences) for d in config.destinations)
+    print(
+        f"{path}: ok ({len(config.destinations)} destination(s), {audiences} audience(s))",
+    )
+    return ExitCode.OK
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    from dbsync.demandbase.emulator.cli import run
+
+    return run(args)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dbsync",
+        description="Keep Demandbase account lists equal to CDP account audiences.",
+    )
+    parser.add_argument("--version", action="version", version=f"dbsync {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    check = commands.add_parser("check-config", help="validate the configuration and exit")
+    check.add_argument("--config", help="config file (default: $DBSYNC_CONFIG or ./config.toml)")
+    check.set_defaults(handler=_check_config)
+
+    from dbsync.demandbase.emulator.cli import add_arguments as add_emulator_arguments
+
+    emulator = commands.add_parser("emulator", help="run the bundled Demandbase emulator")
+    add_emulator_arguments(emulator)
+    emulator.set_defaults(handler=_emulator)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return ExitCode.USAGE
+    return handler(args)

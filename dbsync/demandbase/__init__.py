@@ -1,0 +1,1 @@
+"""Demandbase: the client that speaks its documented APIs, and the emulator that serves them."""

@@ -1,0 +1,59 @@
+"""Account CSV files: the import files dbsync uploads and the export results it reads.
+
+The stdlib ``csv`` module with ``QUOTE_MINIMAL`` quotes any field holding a comma, a
+quote or a line break, and doubles embedded quotes, which is RFC 4180 and what
+Demandbase's importer reads. Files are UTF-8 without a byte-order mark; names such as
+"Société Générale, S.A." or "Zürich \"Labs\"\\nAG" survive a round trip.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Iterator, Sequence
+
+from dbsync.demandbase.wire import IMPORT_COLUMNS
+from dbsync.model import Account
+
+__all__ = ["encode_accounts", "encode_rows", "read_rows"]
+
+
+def encode_rows(header: Sequence[str], rows: Iterable[Sequence[str]]) -> bytes:
+    """A CSV file (header first, CRLF line ends) as UTF-8 bytes."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def encode_accounts(accounts: Iterable[Account]) -> bytes:
+    """An import file: ``Account Name, Account Domain, External Account ID``."""
+    return encode_rows(
+        IMPORT_COLUMNS, ((a.name, a.domain, a.external_id) for a in accounts)
+    )
+
+
+def read_rows(data: bytes) -> Iterator[dict[str, str]]:
+    """Rows of a CSV file keyed by its header; raises ``ValueError`` if it is not CSV.
+
+    A leading byte-order mark is tolerated; cells missing at the end of a short row
+    read as empty strings.
+    """
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 at byte {exc.start}") from exc
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        header = [h.strip() for h in header]
+        for row in reader:
+            if not row:
+                continue
+            yield {name: (row[i] if i < len(row) else "") for i, name in enumerate(header)}
+    except csv.Error as exc:
+        raise ValueError(f"malformed CSV at line {reader.line_num}: {exc}") from exc
+

@@ -1,0 +1,141 @@
+"""Demandbase's request and response bodies, as msgspec Structs.
+
+Shared by the client (which encodes requests and decodes answers) and the emulator
+(which does the reverse), so the two cannot drift apart. Field names follow
+Demandbase's camelCase through ``rename="camel"``. Answers tolerate fields we do not
+know (Demandbase may add some); nothing here forbids unknown fields, the emulator
+checks its inputs itself so that it can answer with Demandbase's own error bodies.
+
+Sources: ``tests/data/openapi/{auth,data-import,data-export}.json`` and
+``demandbase-contract.md``; the [ASSUMED] items are marked where they appear.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "EXPORT_RESULT_COLUMNS",
+    "IMPORT_COLUMNS",
+    "LIST_ACTIONS",
+    "AccountListExportRequest",
+    "CreateImportJob",
+    "ErrorDto",
+    "ExportJobDetails",
+    "ExportJobStatus",
+    "ImportJob",
+    "ImportJobs",
+    "MessageBody",
+    "StatusBody",
+    "TokenRequest",
+    "TokenResponse",
+]
+
+
+class _Wire(msgspec.Struct, kw_only=True, rename="camel"):
+    pass
+
+
+class _Sparse(_Wire, omit_defaults=True):
+    """A body whose unset optional fields are left out rather than sent as null."""
+
+
+# --- Auth API: POST /auth/v1/token -------------------------------------------------
+
+
+class TokenRequest(_Wire, kw_only=True):
+    grant_type: str = "client_credentials"
+    client_id: str
+    client_secret: str
+
+
+class TokenResponse(_Wire, kw_only=True):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int = 28800
+
+
+# --- Data Import API: /import/v1 ---------------------------------------------------
+
+# listAction values; "replace" is Demandbase's default and empties the list first, so
+# the client always sends one explicitly.
+LIST_ACTIONS = ("replace", "insert", "delete", "noop")
+
+# Columns of an account import file [DOC: CSV Record Matching and Data Mapping].
+IMPORT_COLUMNS = ("Account Name", "Account Domain", "External Account ID")
+
+
+class CreateImportJob(_Sparse, kw_only=True):
+    data_import_name: str
+    entity_type: str = "Account"
+    source: str = "CSV"
+
+
+class ImportJob(_Sparse, kw_only=True):
+    id: int
+    data_import_name: str
+    entity_type: str
+    state: str  # new | processing | completed | failed
+    created_at: str
+    updated_at: str
+    source: str | None = None
+    # [ASSUMED A2] set once the job fed a list; absent from Demandbase's definition.
+    account_list_id: int | None = None
+
+
+class ImportJobs(_Wire, kw_only=True):
+    total_count: int
+    data: list[ImportJob] = msgspec.field(default_factory=list)
+
+
+class MessageBody(_Wire, kw_only=True):
+    """Import API 400 / 404 / 500 body."""
+
+    message: str
+
+
+class StatusBody(_Wire, kw_only=True):
+    """Import API 401 / 403 body."""
+
+    status: str
+
+
+# --- Data Export API: /data/export/v1 ----------------------------------------------
+
+# [ASSUMED A3] columns of an account-list export result file.
+EXPORT_RESULT_COLUMNS = ("Account ID", "Account Name", "Account Domain", "External Account ID")
+
+
+class AccountListExportRequest(_Sparse, kw_only=True):
+    job_name: str
+    account_list_id: int | None = None
+    account_list_ids: list[int] | None = None
+
+
+class ExportJobDetails(_Wire, kw_only=True):
+    """202 answer to an export job creation."""
+
+    job_id: str
+    job_status: str  # accepted
+    entity_type: str
+    job_name: str
+    created_at: str
+
+
+class ExportJobStatus(_Wire, kw_only=True):
+    job_id: str
+    job_name: str
+    entity_type: str
+    job_status: str  # accepted | processing | finished | failed
+    created_at: str
+    updated_at: str
+    results_url: str = ""  # empty until finished (the definition requires a string)
+    message: str | None = None
+
+
+class ErrorDto(_Wire, kw_only=True):
+    """Export API error envelope; [ASSUMED] also the 429 body of the other APIs."""
+
+    error_code: str
+    error_message: str
+    diagnostic_code: str = ""
