@@ -12,9 +12,12 @@ Sources: ``tests/data/openapi/{auth,data-import,data-export}.json`` and
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
 
 __all__ = [
+    "Endpoint",
     "EXPORT_RESULT_COLUMNS",
     "IMPORT_COLUMNS",
     "LIST_ACTIONS",
@@ -30,6 +33,21 @@ __all__ = [
     "TokenRequest",
     "TokenResponse",
 ]
+
+
+class Endpoint(enum.StrEnum):
+    """Each Demandbase call dbsync makes, by the name its quotas and statistics use."""
+
+    AUTH_TOKEN = "auth.token"
+    IMPORT_CREATE_JOB = "import.create_job"  # POST /import/v1/job               1,200/day
+    IMPORT_UPLOAD = "import.upload"  # PUT /import/v1/job/{id}/data            1,200/day
+    IMPORT_JOB_STATUS = "import.job_status"  # GET /import/v1/job/{id}          3,600/day
+    IMPORT_JOB_LIST = "import.job_list"  # GET /import/v1/jobs                  3,600/day
+    IMPORT_SOURCES = "import.sources"  # GET /import/v1/{entityType}/sources    3,600/day
+    EXPORT_CREATE_JOB = "export.create_job"  # POST /data/export/v1/accountList/job  60/day
+    EXPORT_JOB_STATUS = "export.job_status"  # GET /data/export/v1/job/{jobId}  300/day
+    EXPORT_JOB_LIST = "export.job_list"  # GET /data/export/v1/jobs             1,200/day
+    EXPORT_DOWNLOAD = "export.download"  # GET <resultsUrl> (signed, no bearer)
 
 
 class _Wire(msgspec.Struct, kw_only=True, rename="camel"):
