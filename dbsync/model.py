@@ -6,11 +6,22 @@ that ingest, store, actors and reconciler speak one shape.
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated
 
 import msgspec
 
-__all__ = ["Account", "AccountKey", "Change"]
+__all__ = [
+    "Account",
+    "AccountKey",
+    "AudienceState",
+    "Backlog",
+    "Batch",
+    "BatchState",
+    "Change",
+    "LedgerCounts",
+    "ListAction",
+]
 
 AccountKey = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
@@ -33,3 +44,98 @@ class Change(msgspec.Struct, frozen=True, kw_only=True):
     account: Account
     member: bool
     ts: float
+
+
+class ListAction(enum.StrEnum):
+    """What a batch does to its list; Demandbase's default ``replace`` is never used here."""
+
+    INSERT = "insert"
+    DELETE = "delete"
+
+
+class BatchState(enum.StrEnum):
+    """A batch's way through the Data Import API.
+
+    planned ──create job──> created ──upload 2xx──> uploaded ──job completed──> completed
+       │                       │                        └──job failed──> failed
+       └───────────────────────┴── 400 split / give up ──> abandoned
+
+    ``failed`` and ``abandoned`` put their accounts back in the dirty set (or, for
+    a row isolated by bisection, aside as rejected).
+    """
+
+    PLANNED = "planned"
+    CREATED = "created"
+    UPLOADED = "uploaded"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+
+    @property
+    def is_open(self) -> bool:
+        return self in (BatchState.PLANNED, BatchState.CREATED, BatchState.UPLOADED)
+
+
+class AudienceState(enum.StrEnum):
+    """An audience as the operator sees it (``dbsync ctl status``)."""
+
+    ACTIVE = "active"  # its actor delivers
+    PAUSED = "paused"  # operator paused it; changes are still accepted and stored
+    FAILED = "failed"  # its actor kept failing and gave up; others go on
+    STOPPED = "stopped"  # its destination stopped (auth_failed, permission_denied)
+    DEACTIVATED = "deactivated"  # no longer in the config; its list is left as it is
+
+
+class Batch(msgspec.Struct, frozen=True, kw_only=True):
+    """Accounts of one audience going to Demandbase in one import job, all one action."""
+
+    batch_id: int
+    audience_id: str
+    action: ListAction
+    state: BatchState
+    accounts: tuple[Account, ...]
+    job_id: int | None = None
+    created_at: float = 0.0
+    uploaded_at: float | None = None
+    attempts: int = 0
+
+
+class Backlog(msgspec.Struct, frozen=True, kw_only=True):
+    """An audience's dirty accounts not yet in flight, and how old the oldest change is."""
+
+    inserts: int
+    deletes: int
+    oldest_changed_at: float | None  # epoch seconds; None when nothing is pending
+    in_flight: int = 0  # accounts in open batches
+    rejected: int = 0  # accounts set aside with a reason
+
+    @property
+    def pending(self) -> int:
+        return self.inserts + self.deletes
+
+
+class LedgerCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-audience account accounting (ARCHITECTURE invariant 4); counts are rows.
+
+    received      changes accepted by ingest (committed)
+    unchanged     changes that left desired state as it was (a repeat of the same state)
+    exported      rows uploaded with a 2xx
+    acknowledged  rows of jobs Demandbase completed
+    failed        rows of jobs Demandbase failed (sent again)
+    rejected      rows set aside with a reason (400 isolated by bisection)
+    requeued      rejected rows put back by the operator
+    verified      rows seen as expected in a read-back
+    repaired      rows found wrong in a read-back and marked to send again
+    throttled     429 answers met while delivering this audience
+    """
+
+    received: int = 0
+    unchanged: int = 0
+    exported: int = 0
+    acknowledged: int = 0
+    failed: int = 0
+    rejected: int = 0
+    requeued: int = 0
+    verified: int = 0
+    repaired: int = 0
+    throttled: int = 0
