@@ -83,7 +83,9 @@ LIST_ACTIONS = ("replace", "insert", "delete", "noop")
 IMPORT_COLUMNS = ("Account Name", "Account Domain", "External Account ID")
 
 
-class CreateImportJob(_Sparse, kw_only=True):
+class CreateImportJob(_Wire, kw_only=True):
+    # Not sparse: the definition requires entityType, and a sparse body would leave out
+    # every field equal to its default, "Account" included.
     data_import_name: str
     entity_type: str = "Account"
     source: str = "CSV"
