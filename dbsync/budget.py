@@ -1,0 +1,317 @@
+"""A destination's budget: Demandbase's limits, tracked on our side and shared fairly.
+
+Demandbase sends no rate-limit headers and no Retry-After, so dbsync keeps count
+itself (ARCHITECTURE invariant 5, quotas are spent, never overdrawn):
+
+* **Daily quotas per endpoint** (1,200 job creations, 1,200 uploads, 3,600 status
+  calls, ... a day). Every request is charged *before* it is sent, and the charge is
+  committed to the store first, so a crash or a restart loop cannot spend a day twice.
+  Windows are ``day_seconds`` long and aligned to the epoch (86,400 s: midnight UTC,
+  as Demandbase resets). A request started in the last moments of a window is charged
+  to the next one: it may arrive after Demandbase's midnight, and counting it in the
+  window it lands in can only make us spend less. A share of each quota
+  (``quota_safety_margin``) stays in reserve for the clock skew we cannot see.
+* **Concurrent import jobs.** An actor holds a job slot from job creation until the
+  job is completed or failed.
+* **Per-minute pace**, an aiolimiter bucket whose rate follows AIMD: a 429 halves it,
+  every quiet minute gives back a tenth of the configured rate, and the learned rate
+  is persisted so that a restart does not burst into 429s again. A Retry-After, if
+  Demandbase ever sends one, holds every request of the destination until it passes.
+
+Fairness: when several actors wait for a job slot or for tomorrow's quota, the one
+whose backlog is oldest goes first (``priority`` is the epoch time of its oldest
+pending change; smaller is older).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import msgspec
+from aiolimiter import AsyncLimiter
+
+from dbsync.clock import Clock
+from dbsync.demandbase.wire import Endpoint
+
+__all__ = ["BudgetLimits", "BudgetSnapshot", "DestinationBudget", "QuotaStore"]
+
+log = logging.getLogger(__name__)
+
+# The pace never falls below this share of the configured rate, so that a storm of
+# 429s slows delivery down without stopping it.
+_MIN_PACE_SHARE = 0.02
+_DECREASE_FACTOR = 0.5
+_RECOVERY_SHARE_PER_MINUTE = 0.1
+
+
+class BudgetLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """The limits one destination lives under (from its ``[destinations.limits]``)."""
+
+    requests_per_minute: float
+    daily: Mapping[Endpoint, int]  # endpoint -> calls per day; endpoints absent are unlimited
+    concurrent_import_jobs: int
+    day_seconds: float = 86_400.0
+    quota_safety_margin: float = 0.02
+
+
+class BudgetSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``status`` and ``quota`` show: used and left per endpoint today, pace, slots."""
+
+    window: int
+    window_ends_at: float
+    used: dict[str, int]
+    allowed: dict[str, int]
+    pace_per_minute: float
+    jobs_in_flight: int
+    job_slots: int
+    throttled: int
+
+
+class QuotaStore(Protocol):
+    async def quota_usage(self, destination: str, window: int) -> dict[str, int]: ...
+
+    async def spend_quota(
+        self, destination: str, endpoint: str, window: int, count: int = 1
+    ) -> None: ...
+
+    async def load_pace(self, destination: str) -> float | None: ...
+
+    async def save_pace(self, destination: str, requests_per_minute: float) -> None: ...
+
+
+class _Queue:
+    """Waiters served in priority order: only the head may pass, and only when ``ready``."""
+
+    def __init__(self, changed: asyncio.Condition) -> None:
+        self._changed = changed
+        self._heap: list[tuple[float, int]] = []
+        self._order = itertools.count()
+
+    async def wait_turn(self, priority: float, ready: Callable[[], bool]) -> None:
+        entry = (priority, next(self._order))
+        heapq.heappush(self._heap, entry)
+        try:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self._heap[0] == entry and ready())
+        finally:
+            self._heap.remove(entry)
+            heapq.heapify(self._heap)
+            async with self._changed:
+                self._changed.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+class DestinationBudget:
+    """Grants one destination's requests within its limits; shared by its actors."""
+
+    def __init__(
+        self, destination: str, limits: BudgetLimits, store: QuotaStore, clock: Clock
+    ) -> None:
+        self.destination = destination
+        self.limits = limits
+        self._store = store
+        self._clock = clock
+        self._changed = asyncio.Condition()
+        self._job_queue = _Queue(self._changed)
+        self._quota_queue = _Queue(self._changed)
+        self._window = self._current_window()
+        self._used: dict[str, int] = {}
+        self._next_used: dict[str, int] = {}
+        self._jobs_in_flight = 0
+        self._pace = limits.requests_per_minute
+        self._limiter = AsyncLimiter(self._pace, 60)
+        self._hold_until = 0.0
+        self._last_throttle = -math.inf
+        self._last_recovery = clock.monotonic()
+        self.throttled = 0
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Load today's spending and the learned pace from the store."""
+        self._window = self._current_window()
+        self._used = await self._store.quota_usage(self.destination, self._window)
+        self._next_used = await self._store.quota_usage(self.destination, self._window + 1)
+        pace = await self._store.load_pace(self.destination)
+        if pace is not None:
+            self._set_pace(min(pace, self.limits.requests_per_minute))
+
+    async def run(self) -> None:
+        """Roll the daily window at each boundary and recover the pace; runs until cancelled."""
+        while True:
+            now = self._clock.time()
+            window_end = (self._window + 1) * self.limits.day_seconds
+            await self._clock.sleep(min(max(window_end - now, 0.0), 60.0))
+            self._maybe_roll()
+            await self._recover_pace()
+            async with self._changed:
+                self._changed.notify_all()
+
+    # --- grants ----------------------------------------------------------------------
+
+    async def spend(self, endpoint: Endpoint, *, priority: float = 0.0) -> None:
+        """Wait for room in ``endpoint``'s daily quota and the pace, then charge one call."""
+        if endpoint in self.limits.daily:
+            await self._quota_queue.wait_turn(priority, lambda: self._room(endpoint) > 0)
+            await self._charge(endpoint)
+        await self._pace_gate()
+
+    @asynccontextmanager
+    async def job(self, *, priority: float) -> AsyncIterator[None]:
+        """Hold a concurrent-job slot, granted only with room for a creation and an upload.
+
+        The slot is held until the block exits, i.e. until the job is completed or failed.
+        """
+
+        def ready() -> bool:
+            return (
+                self._jobs_in_flight < self.limits.concurrent_import_jobs
+                and self._room(Endpoint.IMPORT_CREATE_JOB) > 0
+                and self._room(Endpoint.IMPORT_UPLOAD) > 0
+            )
+
+        await self._job_queue.wait_turn(priority, ready)
+        self._jobs_in_flight += 1
+        try:
+            yield
+        finally:
+            self._jobs_in_flight -= 1
+            async with self._changed:
+                self._changed.notify_all()
+
+    @asynccontextmanager
+    async def resumed_job(self) -> AsyncIterator[None]:
+        """A slot for a job that was already running when the daemon started.
+
+        It is taken without waiting (Demandbase already counts that job), so the
+        destination may briefly hold more than its cap; new jobs wait until it drains.
+        """
+        self._jobs_in_flight += 1
+        try:
+            yield
+        finally:
+            self._jobs_in_flight -= 1
+            async with self._changed:
+                self._changed.notify_all()
+
+    # --- feedback --------------------------------------------------------------------
+
+    async def on_throttled(self, retry_after: float | None) -> None:
+        """A 429: halve the pace (once per burst) and honour a Retry-After if one came."""
+        self.throttled += 1
+        now = self._clock.monotonic()
+        if retry_after is not None and retry_after > 0:
+            self._hold_until = max(self._hold_until, now + retry_after)
+        # Several requests in flight often meet the same burst; one halving per second
+        # keeps a single burst from collapsing the pace to its floor.
+        if now - self._last_throttle >= 1.0:
+            floor = self.limits.requests_per_minute * _MIN_PACE_SHARE
+            self._set_pace(max(floor, self._pace * _DECREASE_FACTOR))
+            await self._store.save_pace(self.destination, self._pace)
+            log.warning(
+                "pace_decreased",
+                extra={"destination": self.destination, "requests_per_minute": self._pace},
+            )
+        self._last_throttle = now
+        self._last_recovery = now
+
+    def snapshot(self) -> BudgetSnapshot:
+        used = self._used
+        return BudgetSnapshot(
+            window=self._window,
+            window_ends_at=(self._window + 1) * self.limits.day_seconds,
+            used={str(e): used.get(e, 0) for e in self.limits.daily},
+            allowed={str(e): self._allowed(e) for e in self.limits.daily},
+            pace_per_minute=round(self._pace, 3),
+            jobs_in_flight=self._jobs_in_flight,
+            job_slots=self.limits.concurrent_import_jobs,
+            throttled=self.throttled,
+        )
+
+    def wake(self) -> None:
+        """Re-check every waiter (called by the supervisor after a reload, for instance)."""
+
+        async def _notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(_notify(), name=f"budget-wake:{self.destination}")
+
+    # --- internals -------------------------------------------------------------------
+
+    def _current_window(self) -> int:
+        return int(self._clock.time() // self.limits.day_seconds)
+
+    def _edge_seconds(self) -> float:
+        # How close to the end of a window a request is charged to the next one.
+        return min(5.0, self.limits.day_seconds * 0.01)
+
+    def _allowed(self, endpoint: Endpoint) -> int:
+        limit = self.limits.daily[endpoint]
+        return max(1, math.floor(limit * (1.0 - self.limits.quota_safety_margin)))
+
+    def _charged_window(self) -> tuple[int, dict[str, int]]:
+        window_end = (self._window + 1) * self.limits.day_seconds
+        if window_end - self._clock.time() <= self._edge_seconds():
+            return self._window + 1, self._next_used
+        return self._window, self._used
+
+    def _room(self, endpoint: Endpoint) -> int:
+        if endpoint not in self.limits.daily:
+            return 1
+        self._maybe_roll()
+        _, used = self._charged_window()
+        return self._allowed(endpoint) - used.get(endpoint, 0)
+
+    async def _charge(self, endpoint: Endpoint) -> None:
+        window, used = self._charged_window()
+        # Count in memory before awaiting the store, so that concurrent callers see it.
+        used[endpoint] = used.get(endpoint, 0) + 1
+        await self._store.spend_quota(self.destination, endpoint, window)
+
+    def _maybe_roll(self) -> None:
+        window = self._current_window()
+        if window > self._window:
+            self._used = self._next_used if window == self._window + 1 else {}
+            self._next_used = {}
+            self._window = window
+            log.info(
+                "quota_window_started", extra={"destination": self.destination, "window": window}
+            )
+
+    async def _pace_gate(self) -> None:
+        hold = self._hold_until - self._clock.monotonic()
+        if hold > 0:
+            await self._clock.sleep(hold)
+        await self._limiter.acquire()
+
+    async def _recover_pace(self) -> None:
+        now = self._clock.monotonic()
+        configured = self.limits.requests_per_minute
+        if self._pace >= configured or now - self._last_recovery < 60.0:
+            return
+        minutes = (now - self._last_recovery) // 60.0
+        self._last_recovery = now
+        self._set_pace(
+            min(configured, self._pace + configured * _RECOVERY_SHARE_PER_MINUTE * minutes)
+        )
+        await self._store.save_pace(self.destination, self._pace)
+        log.info(
+            "pace_recovered",
+            extra={"destination": self.destination, "requests_per_minute": self._pace},
+        )
+
+    def _set_pace(self, requests_per_minute: float) -> None:
+        self._pace = requests_per_minute
+        # aiolimiter's rate is fixed at construction; a new bucket starts empty, which
+        # after a decrease is exactly the pause we want.
+        self._limiter = AsyncLimiter(max(requests_per_minute, 1.0), 60)

@@ -1,0 +1,103 @@
+"""Structured logs: one JSON object per line on stdout, for journald and monitoring.
+
+A log call's message is a stable snake_case event name and its data go in
+``extra=``; the formatter turns both into ``{"ts", "level", "event", ...fields}``.
+Nothing is interpolated into the message, so an alert can match on ``event`` and
+compare fields. The text format (``key=value``) is for a terminal.
+
+When stdout is journald (``$JOURNAL_STREAM`` is set), each line starts with the
+syslog priority prefix ``<N>`` so ``journalctl -p err`` works.
+
+Event names are listed in ``docs/monitoring.md`` with example alert queries; keep
+that file in step when adding one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+import msgspec
+
+__all__ = ["AudienceLogger", "JsonFormatter", "TextFormatter", "configure"]
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_ATTRS = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime"}
+)
+_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+_encode = msgspec.json.Encoder(enc_hook=str).encode
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, *, journal: bool = False) -> None:
+        super().__init__()
+        self._journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+            "logger": record.name,
+        }
+        doc.update(_fields(record))
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        line = _encode(doc).decode()
+        if self._journal:
+            return f"<{_PRIORITY.get(record.levelno, 6)}>{line}"
+        return line
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        pairs = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        line = f"{_timestamp(record)} {record.levelname.lower():7} {record.getMessage()} {pairs}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line.rstrip()
+
+
+class AudienceLogger(logging.LoggerAdapter[logging.Logger]):
+    """Adds ``audience`` (and the destination) to every event of one actor."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = dict(self.extra or {})
+        extra.update(kwargs.get("extra") or {})
+        kwargs["extra"] = extra
+        return msg, kwargs
+
+
+def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Route every dbsync log record to ``stream`` (stdout) in the chosen format."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(journal=bool(os.environ.get("JOURNAL_STREAM"))))
+    else:
+        handler.setFormatter(TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiohttp's access log would write one line per ingest request; the ingest server
+    # counts requests itself and reports them in the summary line.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
