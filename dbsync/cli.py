@@ -36,15 +36,19 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from dbsync.config import load_config
+    from dbsync.config import check_secrets, load_config
     from dbsync.errors import ConfigError
 
     path = _config_path(args)
     try:
         config = load_config(path)
+        # Secrets too, so that a missing token file shows now rather than at start.
+        notes = check_secrets(config)
     except ConfigError as exc:
         print(f"dbsync: invalid configuration {path}: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
+    for note in notes:
+        print(f"dbsync: note: {note}", file=sys.stderr)
     audiences = sum(len(d.audiences) for d in config.destinations)
     print(
         f"{path}: ok ({len(config.destinations)} destination(s), {audiences} audience(s))",
