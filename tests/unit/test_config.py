@@ -1,0 +1,601 @@
+"""The configuration: the shipped file loads, defaults hold, every mistake names its key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import msgspec
+import msgspec.inspect as mi
+import pytest
+
+from dbsync.config import (
+    Config,
+    Credentials,
+    SecretRef,
+    check_secrets,
+    decode_config,
+    load_config,
+    load_credentials,
+    load_ingest_token,
+    read_secret,
+)
+from dbsync.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "s3cr3t-t0ken-value"
+
+DESTINATION = """
+[[destinations]]
+name = "tenant"
+credentials = { token = { file = "token" } }
+"""
+
+
+def audience(audience_id: str = "a1", name: str = "Audience one", **keys: str) -> str:
+    extra = "".join(f"{key} = {value}\n" for key, value in keys.items())
+    return (
+        f'[[destinations.audiences]]\nid = "{audience_id}"\nname = "{name}"\n'
+        f'origin = "segmentation"\n{extra}'
+    )
+
+
+VALID = DESTINATION + audience()
+
+
+@pytest.fixture
+def base_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config directory holding the secret file ``token``; no systemd credentials."""
+    (tmp_path / "token").write_text(SECRET + "\n")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    return tmp_path
+
+
+def decode(text: str, base_dir: Path) -> Config:
+    return decode_config(text.encode(), base_dir=base_dir)
+
+
+# --- The shipped development config ------------------------------------------------
+
+
+def test_shipped_config_loads_and_feeds_the_emulator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    config = load_config(REPO / "config.toml")
+
+    assert config.daemon.state_dir == REPO / "state"
+    assert config.daemon.admin_socket == REPO / "state" / "admin.sock"
+    assert (config.ingest.host, config.ingest.port) == ("127.0.0.1", 8470)
+    [destination] = config.destinations
+    assert destination.base_url == "http://127.0.0.1:8471"
+    assert [audience.name for _, audience in config.audiences()] == [
+        "High-intent EMEA accounts",
+        "Open opportunities, North America",
+        "Expansion targets: enterprise customers",
+    ]
+    assert load_credentials(destination, 0).token == "emulator-token"
+    assert check_secrets(config) == []
+
+
+def test_shipped_config_lists_every_key() -> None:
+    """Each key of every table appears in config.toml: set, commented out, or a table."""
+    text = (REPO / "config.toml").read_text()
+    missing = [
+        key
+        for key in _all_keys(mi.type_info(Config))
+        if not re.search(rf"^(# )?{key} =|\{{ {key} =|^\[\[?([a-z_]+\.)*{key}\]", text, re.M)
+    ]
+    assert missing == []
+
+
+def _all_keys(type_: mi.Type) -> set[str]:
+    if isinstance(type_, mi.Metadata):
+        return _all_keys(type_.type)
+    if isinstance(type_, mi.UnionType):
+        return set().union(*map(_all_keys, type_.types))
+    if isinstance(type_, mi.VarTupleType):
+        return _all_keys(type_.item_type)
+    if isinstance(type_, mi.StructType):
+        keys = {field.encode_name for field in type_.fields}
+        return keys.union(*(_all_keys(field.type) for field in type_.fields))
+    return set()
+
+
+def test_api_key_set_alternative_of_the_shipped_config_works(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = (REPO / "config.toml").read_text()
+    text = text.replace("\ntoken = ", "\n# token = ").replace("# client_", "client_")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(REPO / "dev" / "credentials"))
+
+    config = decode_config(text.encode(), base_dir=REPO)
+
+    credentials = load_credentials(config.destinations[0], 0)
+    assert (credentials.token, credentials.client_id, credentials.client_secret) == (
+        None,
+        "emulator-client",
+        "emulator-secret",
+    )
+
+
+# --- Defaults the engine relies on ------------------------------------------------
+
+
+def test_defaults(base_dir: Path) -> None:
+    config = decode(VALID, base_dir)
+
+    daemon, ingest = config.daemon, config.ingest
+    assert (daemon.drain_seconds, daemon.summary_interval_seconds) == (20, 60)
+    assert (daemon.admin_viewer_group, daemon.admin_operator_group) == (None, None)
+    assert (ingest.host, ingest.port, ingest.token_file) == ("127.0.0.1", 8470, None)
+    assert ingest.max_body_bytes == 64 * 1024 * 1024
+    mapping = ingest.aep_mapping
+    assert (mapping.name_attribute, mapping.domain_attribute, mapping.external_id_attribute) == (
+        "accountName",
+        "accountOrganization.domain",
+        "accountKey.sourceKey",
+    )
+    assert mapping.identity_namespace is None
+    assert (config.logging.level, config.logging.format) == ("info", "json")
+
+    [destination] = config.destinations
+    assert destination.base_url == "https://uapi.demandbase.com"
+    assert (destination.entity_type, destination.description) == ("account", "")
+    assert destination.request_timeout_seconds == 30
+    assert msgspec.structs.asdict(destination.limits) == {
+        "requests_per_minute": 1000,
+        "import_jobs_per_day": 1200,
+        "import_uploads_per_day": 1200,
+        "import_status_per_day": 3600,
+        "import_list_per_day": 3600,
+        "export_jobs_per_day": 60,
+        "export_status_per_day": 300,
+        "concurrent_import_jobs": 10,
+        "concurrent_export_jobs": 1,
+        "day_seconds": 86400,
+        "quota_safety_margin": 0.02,
+    }
+    assert destination.reconcile.visibility_lag_seconds == 86400
+    assert destination.reconcile.interval_seconds == 86400
+
+    [only] = destination.audiences
+    assert (only.list_name, only.list_id, only.requests_per_minute, only.paused) == (
+        "Audience one",
+        None,
+        60,
+        False,
+    )
+    assert (only.flush.max_records, only.flush.max_age_seconds) == (10_000, 60)
+
+
+def test_relative_paths_resolve_against_the_config_directory(base_dir: Path) -> None:
+    config = decode(
+        '[daemon]\nstate_dir = "var/state"\n[ingest]\ntoken_file = "ingest-token"\n' + VALID,
+        base_dir,
+    )
+
+    assert config.daemon.state_dir == base_dir / "var" / "state"
+    # The socket is something the daemon creates: relative to the state directory.
+    assert config.daemon.admin_socket == base_dir / "var" / "state" / "admin.sock"
+    assert config.ingest.token_file == base_dir / "ingest-token"
+    assert config.destinations[0].credentials.token is not None
+    assert config.destinations[0].credentials.token.file == base_dir / "token"
+
+
+def test_absolute_paths_are_kept(base_dir: Path) -> None:
+    config = decode(
+        '[daemon]\nstate_dir = "/var/lib/dbsync"\nadmin_socket = "/run/dbsync/admin.sock"\n'
+        + VALID,
+        base_dir,
+    )
+
+    assert config.daemon.state_dir == Path("/var/lib/dbsync")
+    assert config.daemon.admin_socket == Path("/run/dbsync/admin.sock")
+
+
+def test_lookup_and_iteration_follow_file_order(base_dir: Path) -> None:
+    second = DESTINATION.replace('"tenant"', '"other"')
+    config = decode(VALID + audience("a2", "Two") + second + audience("b1", "Three"), base_dir)
+
+    assert [(d.name, a.id) for d, a in config.audiences()] == [
+        ("tenant", "a1"),
+        ("tenant", "a2"),
+        ("other", "b1"),
+    ]
+    found = config.audience("b1")
+    assert found is not None
+    assert (found[0].name, found[1].name) == ("other", "Three")
+    assert config.audience("nope") is None
+
+
+def test_accepted_spellings(base_dir: Path) -> None:
+    text = (
+        DESTINATION.replace('name = "tenant"', 'name = "tenant"\nentity_type = "Account"')
+        + audience().replace('"segmentation"', '"REAL_TIME_CUSTOMER_PROFILE"')
+        + "[destinations.reconcile]\nvisibility_lag_seconds = 0\n"
+    )
+    text = text.replace('name = "tenant"', 'name = "tenant"\nbase_url = "http://127.0.0.1:8471/"')
+
+    [destination] = decode(text, base_dir).destinations
+
+    assert destination.base_url == "http://127.0.0.1:8471"
+    assert destination.reconcile.visibility_lag_seconds == 0
+
+
+def test_one_list_name_may_serve_two_destinations(base_dir: Path) -> None:
+    second = DESTINATION.replace('"tenant"', '"other"')
+    config = decode(VALID + second + audience("b1", "Audience one"), base_dir)
+
+    assert [a.list_name for _, a in config.audiences()] == ["Audience one", "Audience one"]
+
+
+# --- Every mistake names its key -------------------------------------------------
+
+LONG = "x" * 120
+
+INVALID = [
+    # Unknown keys, at each level.
+    pytest.param("colour = 1\n" + VALID, "colour", "unknown key", id="unknown-top-level"),
+    pytest.param(
+        "[daemon]\ndrain_secnds = 3\n" + VALID,
+        "daemon.drain_secnds",
+        "did you mean `drain_seconds`?",
+        id="unknown-daemon",
+    ),
+    pytest.param(
+        '[ingest.aep_mapping]\nname = "x"\n' + VALID,
+        "ingest.aep_mapping.name",
+        "unknown key",
+        id="unknown-aep-mapping",
+    ),
+    pytest.param(
+        '[logging]\ncolor = "auto"\n' + VALID, "logging.color", "unknown key", id="unknown-logging"
+    ),
+    pytest.param(
+        DESTINATION + "colour = 1\n", "destinations[0].colour", "unknown key", id="unknown-dest"
+    ),
+    pytest.param(
+        DESTINATION.replace("file =", "path ="),
+        "destinations[0].credentials.token.path",
+        "unknown key; known keys here: file, credential",
+        id="unknown-secret-ref",
+    ),
+    pytest.param(
+        DESTINATION + "[destinations.limits]\nrequests_per_hour = 1\n",
+        "destinations[0].limits.requests_per_hour",
+        "did you mean `requests_per_minute`?",
+        id="unknown-limits",
+    ),
+    pytest.param(
+        DESTINATION + "[destinations.reconcile]\nenabled = false\n",
+        "destinations[0].reconcile.enabled",
+        "unknown key",
+        id="unknown-reconcile",
+    ),
+    pytest.param(
+        VALID + audience("a2", "Two", list="2"),
+        "destinations[0].audiences[1].list",
+        "unknown key",
+        id="unknown-audience",
+    ),
+    pytest.param(
+        VALID + "[destinations.audiences.flush]\nmax_rows = 5\n",
+        "destinations[0].audiences[0].flush.max_rows",
+        "did you mean `max_records`?",
+        id="unknown-flush",
+    ),
+    # Wrong types, values out of range, bad enums.
+    pytest.param(
+        '[ingest]\nport = "8470"\n' + VALID, "ingest.port", "expected `int`", id="wrong-type"
+    ),
+    pytest.param("[ingest]\nport = 70000\n" + VALID, "ingest.port", "<= 65535", id="port-range"),
+    pytest.param(
+        "[daemon]\ndrain_seconds = -1\n" + VALID, "daemon.drain_seconds", "> 0", id="negative"
+    ),
+    pytest.param(
+        "[daemon]\nstate_dir = 3\n" + VALID, "daemon.state_dir", "expected a path", id="path-type"
+    ),
+    pytest.param(
+        '[logging]\nlevel = "verbose"\n' + VALID,
+        "logging.level",
+        "expected one of: debug, error, info, warning",
+        id="bad-enum",
+    ),
+    pytest.param(
+        DESTINATION + "[destinations.limits]\nquota_safety_margin = 0.5\n",
+        "destinations[0].limits.quota_safety_margin",
+        "< 0.5",
+        id="margin-range",
+    ),
+    pytest.param(
+        VALID + "[destinations.audiences.flush]\nmax_records = 1000001\n",
+        "destinations[0].audiences[0].flush.max_records",
+        "<= 1000000",
+        id="flush-range",
+    ),
+    pytest.param(
+        VALID + "[destinations.audiences.flush]\nmax_age_seconds = 0\n",
+        "destinations[0].audiences[0].flush.max_age_seconds",
+        "> 0",
+        id="flush-age",
+    ),
+    pytest.param(
+        VALID + audience("a 2"),
+        "destinations[0].audiences[1].id",
+        "matching regex",
+        id="audience-id-characters",
+    ),
+    pytest.param(
+        VALID + audience("a" * 129),
+        "destinations[0].audiences[1].id",
+        "length <= 128",
+        id="audience-id-length",
+    ),
+    pytest.param(
+        DESTINATION + '[[destinations.audiences]]\nid = "a1"\nname = "One"\n',
+        "destinations[0].audiences[0].origin",
+        "required key is missing",
+        id="missing-key",
+    ),
+    # Origins.
+    pytest.param(
+        DESTINATION + audience().replace('"segmentation"', '"custom_upload"'),
+        "destinations[0].audiences[0].origin",
+        "custom CSV uploads cannot be activated to Demandbase; only audiences built by"
+        " segmentation can",
+        id="custom-upload",
+    ),
+    pytest.param(
+        DESTINATION + audience().replace('"segmentation"', '"CUSTOM_UPLOAD"'),
+        "destinations[0].audiences[0].origin",
+        "custom CSV uploads cannot be activated",
+        id="custom-upload-aep-name",
+    ),
+    pytest.param(
+        DESTINATION + audience().replace('"segmentation"', '"lookalike"'),
+        "destinations[0].audiences[0].origin",
+        "accepted (ignoring case): segmentation, real_time_customer_profile",
+        id="unknown-origin",
+    ),
+    # Names, ids and lists.
+    pytest.param(
+        VALID + audience("a2", "Two", list_name='"audience ONE"'),
+        "destinations[0].audiences[1].list_name",
+        "also fed by destinations[0].audiences[0]",
+        id="duplicate-list-name",
+    ),
+    pytest.param(
+        VALID + audience("a2", "Two", list_name='"x' + "y" * 255 + '"'),
+        "destinations[0].audiences[1].list_name",
+        "length <= 255",
+        id="list-name-length",
+    ),
+    pytest.param(
+        VALID + audience("a2", "   "),
+        "destinations[0].audiences[1].name",
+        "must not be blank",
+        id="blank-name",
+    ),
+    pytest.param(
+        DESTINATION + audience(list_id="7") + audience("a2", "Two", list_id="7"),
+        "destinations[0].audiences[1].list_id",
+        "list id 7 is also destinations[0].audiences[0]'s",
+        id="duplicate-list-id",
+    ),
+    pytest.param(
+        VALID + DESTINATION.replace('"tenant"', '"other"') + audience("a1", "Other"),
+        "destinations[1].audiences[0].id",
+        "ids must be unique in the whole configuration",
+        id="duplicate-audience-id",
+    ),
+    pytest.param(
+        VALID + DESTINATION,
+        "destinations[1].name",
+        "destination name 'tenant' is also destinations[0]'s",
+        id="duplicate-destination-name",
+    ),
+    pytest.param(
+        DESTINATION + 'entity_type = "person"\n',
+        "destinations[0].entity_type",
+        "only account audiences can be activated",
+        id="entity-type",
+    ),
+    # Base URL.
+    pytest.param(
+        DESTINATION + 'base_url = "ftp://uapi.demandbase.com"\n',
+        "destinations[0].base_url",
+        "not an http:// or https:// URL with a host",
+        id="base-url-scheme",
+    ),
+    pytest.param(
+        DESTINATION + 'base_url = "https://"\n',
+        "destinations[0].base_url",
+        "with a host",
+        id="base-url-host",
+    ),
+    pytest.param(
+        DESTINATION + 'base_url = "https://user:pw@uapi.demandbase.com"\n',
+        "destinations[0].base_url",
+        "must not carry credentials",
+        id="base-url-credentials",
+    ),
+    # Credentials.
+    pytest.param(
+        DESTINATION.replace('{ file = "token" }', f'"{SECRET}"'),
+        "destinations[0].credentials.token",
+        "secrets are never written in the configuration",
+        id="inline-secret",
+    ),
+    pytest.param(
+        DESTINATION.replace(" }\n", ', client_id = { file = "token" } }\n'),
+        "destinations[0].credentials",
+        "not both",
+        id="token-and-key-set",
+    ),
+    pytest.param(
+        DESTINATION.replace('token = { file = "token" }', ""),
+        "destinations[0].credentials",
+        "set either token",
+        id="no-credentials",
+    ),
+    pytest.param(
+        DESTINATION.replace("token =", "client_id ="),
+        "destinations[0].credentials.client_secret",
+        "an API key set needs client_id and client_secret",
+        id="half-a-key-set",
+    ),
+    pytest.param(
+        DESTINATION.replace('"token" }', '"token", credential = "db" }'),
+        "destinations[0].credentials.token",
+        'set exactly one of file = "path" or credential = "name"',
+        id="file-and-credential",
+    ),
+    pytest.param(
+        DESTINATION.replace('"token" }', '"missing" }'),
+        "destinations[0].credentials.token.file",
+        "cannot read secret",
+        id="missing-secret-file",
+    ),
+    pytest.param(
+        DESTINATION.replace('file = "token"', 'credential = "../token"'),
+        "destinations[0].credentials.token.credential",
+        "matching regex",
+        id="credential-name",
+    ),
+    # The daemon's own settings.
+    pytest.param(
+        f'[daemon]\nadmin_socket = "/tmp/{LONG}"\n' + VALID,
+        "daemon.admin_socket",
+        "a Unix socket path may have at most 107",
+        id="socket-path-too-long",
+    ),
+    pytest.param(
+        '[daemon]\nadmin_operator_group = "no-such-group-here"\n' + VALID,
+        "daemon.admin_operator_group",
+        "no group 'no-such-group-here'",
+        id="unknown-group",
+    ),
+    pytest.param(
+        '[ingest]\ntoken_file = "absent"\n' + VALID,
+        "ingest.token_file",
+        "cannot read secret",
+        id="missing-ingest-token",
+    ),
+    pytest.param("[daemon\n" + VALID, "", "not valid TOML", id="toml-syntax"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), INVALID)
+def test_invalid_configuration_names_the_key(
+    text: str, key: str, message: str, base_dir: Path
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_secrets(decode(text, base_dir))
+
+    assert caught.value.key == key
+    assert message in caught.value.message
+
+
+def test_toml_syntax_error_names_line_and_column(base_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"at line 3, column 9"):
+        decode("[daemon]\ndrain_seconds = 1\nlevel = = 2\n", base_dir)
+
+
+def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.toml"
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert caught.value.key == ""
+    assert str(path) in caught.value.message
+
+
+def test_non_utf8_file_is_refused(base_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        decode_config(b"name = '\xff'", base_dir=base_dir)
+
+
+# --- Secrets --------------------------------------------------------------------
+
+
+def test_secret_file_loses_one_trailing_newline(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    for content in (f"{SECRET}\n", f"{SECRET}\r\n", SECRET):
+        token.write_text(content, newline="")
+        assert read_secret(SecretRef(file=token), key="k") == SECRET
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "is empty"),
+        ("\n", "is empty"),
+        (f"{SECRET}\nsecond line\n", "has more than one line"),
+        (f" {SECRET}\n", "starts or ends with white space"),
+    ],
+)
+def test_bad_secret_file_is_named_never_shown(tmp_path: Path, content: str, message: str) -> None:
+    token = tmp_path / "token"
+    token.write_text(content)
+
+    with pytest.raises(ConfigError) as caught:
+        read_secret(SecretRef(file=token), key="destinations[0].credentials.token")
+
+    assert caught.value.key == "destinations[0].credentials.token.file"
+    assert message in caught.value.message
+    assert str(token) in caught.value.message
+    assert SECRET not in str(caught.value)
+
+
+def test_systemd_credential_is_read_from_the_credentials_directory(
+    base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credentials_directory = tmp_path / "credentials"
+    credentials_directory.mkdir()
+    (credentials_directory / "demandbase-client-id").write_text("client\n")
+    (credentials_directory / "demandbase-client-secret").write_text(SECRET + "\n")
+    text = DESTINATION.replace(
+        'token = { file = "token" }',
+        'client_id = { credential = "demandbase-client-id" },'
+        ' client_secret = { credential = "demandbase-client-secret" }',
+    )
+    config = decode(text, base_dir)
+
+    with pytest.raises(ConfigError) as caught:
+        load_credentials(config.destinations[0], 0)
+    assert caught.value.key == "destinations[0].credentials.client_id.credential"
+    assert "$CREDENTIALS_DIRECTORY is not set" in caught.value.message
+    assert len(check_secrets(config)) == 2  # outside systemd: noted, not failed
+
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials_directory))
+    credentials = load_credentials(config.destinations[0], 0)
+    assert (credentials.client_id, credentials.client_secret) == ("client", SECRET)
+    assert check_secrets(config) == []
+
+
+def test_secrets_never_appear_in_repr_or_str(base_dir: Path) -> None:
+    config = decode(VALID, base_dir)
+    credentials = load_credentials(config.destinations[0], 0)
+
+    assert credentials.token == SECRET
+    for shown in (repr(config), str(config), repr(credentials), str(credentials)):
+        assert SECRET not in shown
+    assert repr(credentials) == "Credentials(token=<redacted>)"
+    with pytest.raises(TypeError):
+        msgspec.json.encode(credentials)
+
+
+def test_fingerprint_changes_with_the_secret_only() -> None:
+    one = Credentials(token=SECRET)
+
+    assert one.fingerprint == Credentials(token=SECRET).fingerprint
+    assert one.fingerprint != Credentials(token=SECRET + "x").fingerprint
+    assert one.fingerprint != Credentials(client_id=SECRET, client_secret="").fingerprint
+    assert SECRET not in one.fingerprint
+
+
+def test_ingest_token(base_dir: Path) -> None:
+    assert load_ingest_token(decode(VALID, base_dir).ingest) is None
+    config = decode('[ingest]\ntoken_file = "token"\n' + VALID, base_dir)
+
+    assert load_ingest_token(config.ingest) == SECRET
