@@ -1,0 +1,348 @@
+"""The ingest HTTP server: where desired state comes in.
+
+Routes (``INTERFACES.md``, "Ingest HTTP API")::
+
+    POST /v1/changes                          native changes, JSON array or NDJSON
+    POST /v1/aep                              AEP profile exports (see dbsync.ingest.aep)
+    PUT  /v1/audiences/{audience_id}/members  an audience's complete membership, CSV or NDJSON
+    GET  /v1/health                           200 while accepting, 503 while draining
+
+A request goes through the same gates in the same order, each answering at once:
+bearer token (401; health is open), draining (503), audience named in the path (404),
+content type (415), body size (413, from ``Content-Length`` before anything is read,
+else while reading), then the whole body is decoded and validated (400 naming the
+field, 404 for an audience not activated) before the store is called once. A request
+is therefore applied whole or not at all, and 202 is answered only once the store
+says the transaction committed; a :class:`~dbsync.errors.StoreError` answers 503 and
+nothing of the request was applied. Group commit, many concurrent requests sharing
+one transaction, happens inside the store; the server only never splits a request.
+
+The activated audiences are asked for on every request, so a reload takes effect for
+the next request. Each rejection is one ``ingest_rejected`` event; the counters in
+:attr:`IngestServer.stats` feed the daemon's summary lines.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, Literal, Protocol
+
+import msgspec
+from aiohttp import web
+
+from dbsync.clock import Clock, SystemClock
+from dbsync.errors import StoreError
+from dbsync.ingest.aep import AepMapping, AepMappingLike, changes_from_aep
+from dbsync.ingest.bodies import (
+    ChangeIn,
+    Rejected,
+    decode_json,
+    decode_ndjson,
+    distinct_accounts,
+    snapshot_accounts,
+    to_changes,
+)
+from dbsync.model import Account, Change
+
+__all__ = ["ChangeStore", "IngestServer", "IngestStats", "SnapshotCounts"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_AEP_MAPPING = AepMapping()
+
+Media = Literal["json", "ndjson", "csv"]
+_JSON: dict[str, Media] = {"application/json": "json"}
+_NDJSON: dict[str, Media] = {"application/x-ndjson": "ndjson", "application/ndjson": "ndjson"}
+_CSV: dict[str, Media] = {"text/csv": "csv"}
+
+_encode = msgspec.json.Encoder().encode
+_decode_any = msgspec.json.Decoder().decode
+
+
+class SnapshotCounts(Protocol):
+    """What the store reports after replacing an audience's membership."""
+
+    @property
+    def members(self) -> int: ...
+    @property
+    def added(self) -> int: ...
+    @property
+    def removed(self) -> int: ...
+    @property
+    def unchanged(self) -> int: ...
+
+
+class ChangeStore(Protocol):
+    """The part of :class:`~dbsync.store.Store` the server writes through."""
+
+    async def append_changes(self, changes: Sequence[Change]) -> int: ...
+
+    async def replace_members(
+        self, audience_id: str, accounts: Sequence[Account], *, ts: float
+    ) -> SnapshotCounts: ...
+
+
+class IngestStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Counters since start, for the daemon's summary lines."""
+
+    requests: int
+    changes_accepted: int
+    snapshots_applied: int
+    aep_profiles: int
+    aep_profiles_ignored: int
+    aep_audiences_ignored: int  # memberships of audiences not activated here
+    rejected: dict[int, int]  # by HTTP status
+
+
+class IngestServer:
+    """The ingest HTTP server on ``host:port``; :meth:`start`, then :meth:`close`."""
+
+    def __init__(
+        self,
+        store: ChangeStore,
+        *,
+        audiences: Callable[[], Collection[str]],
+        host: str = "127.0.0.1",
+        port: int = 8470,
+        token: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        aep_mapping: AepMappingLike = DEFAULT_AEP_MAPPING,
+        clock: Clock | None = None,
+    ) -> None:
+        self._store = store
+        self._audiences = audiences
+        self._host = host
+        self._port = port
+        self._token = token.encode() if token is not None else None
+        self._max_body_bytes = max_body_bytes
+        self._aep_mapping = aep_mapping
+        self._clock = clock or SystemClock()
+        self._accepting = True
+        self._runner: web.AppRunner | None = None
+        self._requests = 0
+        self._changes_accepted = 0
+        self._snapshots_applied = 0
+        self._aep_profiles = 0
+        self._aep_profiles_ignored = 0
+        self._aep_audiences_ignored = 0
+        self._rejected: Counter[int] = Counter()
+
+        self._app = web.Application(client_max_size=max_body_bytes, middlewares=[self._gate])
+        self._app.router.add_post("/v1/changes", self._post_changes)
+        self._app.router.add_post("/v1/aep", self._post_aep)
+        self._app.router.add_put("/v1/audiences/{audience_id}/members", self._put_members)
+        self._app.router.add_get("/v1/health", self._get_health)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> tuple[str, int]:
+        """Listen; returns the bound address (port 0 asks for a free one)."""
+        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runner = runner
+        await web.TCPSite(runner, self._host, self._port).start()
+        host, port = runner.addresses[0][:2]
+        log.info("ingest_listening", extra={"host": host, "port": port, "auth": bool(self._token)})
+        return host, port
+
+    def stop_accepting(self) -> None:
+        """Drain: health and new requests answer 503; requests under way finish."""
+        if self._accepting:
+            self._accepting = False
+            log.info("ingest_draining")
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    async def close(self) -> None:
+        """Stop listening, after the requests under way have been answered."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+            log.info("ingest_closed", extra={"requests": self._requests})
+
+    @property
+    def stats(self) -> IngestStats:
+        return IngestStats(
+            requests=self._requests,
+            changes_accepted=self._changes_accepted,
+            snapshots_applied=self._snapshots_applied,
+            aep_profiles=self._aep_profiles,
+            aep_profiles_ignored=self._aep_profiles_ignored,
+            aep_audiences_ignored=self._aep_audiences_ignored,
+            rejected=dict(self._rejected),
+        )
+
+    # --- routes ------------------------------------------------------------------------
+
+    async def _post_changes(self, request: web.Request) -> web.Response:
+        self._admit()
+        media = self._media(request, _JSON | _NDJSON)
+        body = await self._read(request)
+        active, now = self._active(), self._clock.time()
+        if media == "ndjson":
+            changes: list[Change] = []
+            async for batch in decode_ndjson(body, ChangeIn):
+                changes += to_changes(batch, active, now)
+        else:
+            changes = to_changes(decode_json(body, ChangeIn), active, now)
+        await self._append(changes)
+        return _accepted(_change_counts(changes))
+
+    async def _post_aep(self, request: web.Request) -> web.Response:
+        self._admit()
+        self._media(request, _JSON)
+        body = await self._read(request)
+        if not body.strip():
+            raise Rejected(400, "empty body", "body")
+        try:
+            document = _decode_any(body)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise Rejected(400, f"malformed JSON: {exc}", "body") from None
+        batch = changes_from_aep(
+            document, active=self._active(), mapping=self._aep_mapping, now=self._clock.time()
+        )
+        await self._append(batch.changes)
+        self._aep_profiles += batch.profiles
+        self._aep_profiles_ignored += batch.profiles_ignored
+        self._aep_audiences_ignored += sum(batch.audiences_ignored.values())
+        return _accepted(
+            {
+                **_change_counts(batch.changes),
+                "profiles": batch.profiles,
+                "profiles_ignored": batch.profiles_ignored,
+                "audiences_ignored": batch.audiences_ignored,
+            }
+        )
+
+    async def _put_members(self, request: web.Request) -> web.Response:
+        self._admit()
+        audience_id = request.match_info["audience_id"]
+        if audience_id not in self._active():
+            raise Rejected(404, f"audience {audience_id!r} is not activated", "audience_id")
+        media = self._media(request, _CSV | _NDJSON | _JSON)
+        body = await self._read(request)
+        accounts, duplicates = distinct_accounts(await snapshot_accounts(body, media))
+        try:
+            result = await self._store.replace_members(audience_id, accounts, ts=self._clock.time())
+        except StoreError as exc:
+            raise _store_failed(exc) from exc
+        self._snapshots_applied += 1
+        return _accepted(
+            {
+                "members": result.members,
+                "added": result.added,
+                "removed": result.removed,
+                "unchanged": result.unchanged,
+                "duplicates": duplicates,
+            }
+        )
+
+    async def _get_health(self, request: web.Request) -> web.Response:
+        if self._accepting:
+            return _json(200, {"status": "accepting"})
+        return _json(503, {"status": "draining"})
+
+    # --- gates -------------------------------------------------------------------------
+
+    @web.middleware
+    async def _gate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        self._requests += 1
+        try:
+            if self._token is not None and request.path != "/v1/health":
+                self._authorize(request)
+            return await handler(request)
+        except Rejected as rejection:
+            return self._refuse(request, rejection)
+        except web.HTTPException as exc:
+            # aiohttp's own refusals (no such route, wrong method, body too large while
+            # reading) get the same JSON body as ours.
+            if exc.status < 400:
+                raise
+            field = {404: "path", 405: "method", 413: "body"}.get(exc.status)
+            return self._refuse(request, Rejected(exc.status, exc.reason.lower(), field))
+
+    def _authorize(self, request: web.Request) -> None:
+        assert self._token is not None
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest: the time taken must not tell how much of the token matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), self._token
+        ):
+            raise Rejected(401, "a valid bearer token is required", "Authorization")
+
+    def _admit(self) -> None:
+        if not self._accepting:
+            raise Rejected(503, "draining: not accepting changes")
+
+    def _media(self, request: web.Request, accepted: dict[str, Media]) -> Media:
+        media = accepted.get(request.content_type)
+        if media is None:
+            raise Rejected(
+                415,
+                f"content type {request.content_type!r} is not one of {', '.join(accepted)}",
+                "Content-Type",
+            )
+        return media
+
+    async def _read(self, request: web.Request) -> bytes:
+        length = request.content_length
+        if length is not None and length > self._max_body_bytes:
+            raise Rejected(
+                413, f"{length} bytes exceed the limit of {self._max_body_bytes}", "body"
+            )
+        return await request.read()  # client_max_size enforces the limit on chunked bodies
+
+    def _active(self) -> frozenset[str]:
+        return frozenset(self._audiences())
+
+    async def _append(self, changes: list[Change]) -> None:
+        if changes:
+            try:
+                await self._store.append_changes(changes)
+            except StoreError as exc:
+                raise _store_failed(exc) from exc
+        self._changes_accepted += len(changes)
+
+    def _refuse(self, request: web.Request, rejection: Rejected) -> web.Response:
+        self._rejected[rejection.status] += 1
+        route = request.match_info.route.resource
+        log.log(
+            logging.WARNING if rejection.status >= 500 else logging.INFO,
+            "ingest_rejected",
+            extra={
+                "route": route.canonical if route is not None else "unknown",
+                "status": rejection.status,
+                "field": rejection.field,
+                "error": rejection.error,
+            },
+        )
+        response = _json(rejection.status, {"error": rejection.error, "field": rejection.field})
+        if rejection.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="dbsync ingest"'
+        return response
+
+
+def _store_failed(exc: StoreError) -> Rejected:
+    log.error("ingest_commit_failed", extra={"error": str(exc)})
+    return Rejected(503, "the store could not commit; nothing of this request was applied")
+
+
+def _change_counts(changes: list[Change]) -> dict[str, Any]:
+    joins = sum(1 for change in changes if change.member)
+    return {"accepted": len(changes), "joins": joins, "leaves": len(changes) - joins}
+
+
+def _accepted(counts: dict[str, Any]) -> web.Response:
+    return _json(202, counts)
+
+
+def _json(status: int, document: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, body=_encode(document), content_type="application/json")
