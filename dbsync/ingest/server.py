@@ -261,12 +261,9 @@ class IngestServer:
             return await handler(request)
         except Rejected as rejection:
             return self._refuse(request, rejection)
-        except web.HTTPException as exc:
-            # aiohttp's own refusals (no such route, wrong method, body too large while
-            # reading) get the same JSON body as ours.
-            if exc.status < 400:
-                raise
-            field = {404: "path", 405: "method", 413: "body"}.get(exc.status)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+            # The router's refusals get the same JSON body as ours.
+            field = "path" if exc.status == 404 else "method"
             return self._refuse(request, Rejected(exc.status, exc.reason.lower(), field))
 
     def _authorize(self, request: web.Request) -> None:
@@ -298,7 +295,12 @@ class IngestServer:
             raise Rejected(
                 413, f"{length} bytes exceed the limit of {self._max_body_bytes}", "body"
             )
-        return await request.read()  # client_max_size enforces the limit on chunked bodies
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:  # a chunked body, past client_max_size
+            raise Rejected(
+                413, f"the body exceeds the limit of {self._max_body_bytes} bytes", "body"
+            ) from None
 
     def _active(self) -> frozenset[str]:
         return frozenset(self._audiences())
