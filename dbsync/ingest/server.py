@@ -117,6 +117,8 @@ class IngestServer:
         self._audiences = audiences
         self._host = host
         self._port = port
+        if token == "":
+            raise ValueError("an empty ingest token would let anyone in")
         self._token = token.encode() if token is not None else None
         self._max_body_bytes = max_body_bytes
         self._aep_mapping = aep_mapping
@@ -255,16 +257,26 @@ class IngestServer:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         self._requests += 1
+        started = self._clock.monotonic()
         try:
             if self._token is not None and request.path != "/v1/health":
                 self._authorize(request)
-            return await handler(request)
+            response = await handler(request)
         except Rejected as rejection:
             return self._refuse(request, rejection)
         except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
             # The router's refusals get the same JSON body as ours.
             field = "path" if exc.status == 404 else "method"
             return self._refuse(request, Rejected(exc.status, exc.reason.lower(), field))
+        log.debug(
+            "ingest_answered",
+            extra={
+                "route": _route(request),
+                "status": response.status,
+                "seconds": round(self._clock.monotonic() - started, 6),
+            },
+        )
+        return response
 
     def _authorize(self, request: web.Request) -> None:
         assert self._token is not None
@@ -315,12 +327,11 @@ class IngestServer:
 
     def _refuse(self, request: web.Request, rejection: Rejected) -> web.Response:
         self._rejected[rejection.status] += 1
-        route = request.match_info.route.resource
         log.log(
             logging.WARNING if rejection.status >= 500 else logging.INFO,
             "ingest_rejected",
             extra={
-                "route": route.canonical if route is not None else "unknown",
+                "route": _route(request),
                 "status": rejection.status,
                 "field": rejection.field,
                 "error": rejection.error,
@@ -330,6 +341,11 @@ class IngestServer:
         if rejection.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="dbsync ingest"'
         return response
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unknown"
 
 
 def _store_failed(exc: StoreError) -> Rejected:

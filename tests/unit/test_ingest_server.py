@@ -6,6 +6,7 @@ nothing of the request.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -467,3 +468,21 @@ async def test_stats_count_requests_changes_and_refusals(
         3,
     )
     assert stats.rejected == {400: 1}
+
+
+async def test_a_refusal_is_logged_as_an_event_with_its_field(
+    http: aiohttp.ClientSession, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dbsync.ingest")
+
+    await call(http, "POST", f"{url}/v1/changes", lines(change(member="yes")), **NDJSON)
+
+    (record,) = [r for r in caplog.records if r.getMessage() == "ingest_rejected"]
+    assert record.__dict__["route"] == "/v1/changes"
+    assert record.__dict__["status"] == 400
+    assert record.__dict__["field"] == "line 1: member"
+
+
+def test_an_empty_token_is_refused_at_construction(store: FakeStore) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        IngestServer(store, audiences=frozenset, token="")
