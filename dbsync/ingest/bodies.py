@@ -107,8 +107,6 @@ class Items(Generic[T]):
 
 _AT = re.compile(r"(?P<error>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.DOTALL)
 _NAMED = re.compile(r"Object (?:missing required|contains unknown) field `(?P<name>[^`]*)`")
-
-
 _DECODERS: dict[Any, tuple[Any, Any]] = {}
 
 
@@ -116,7 +114,8 @@ def _decoders(item: type[T]) -> tuple[msgspec.json.Decoder[list[T]], msgspec.jso
     """Decoders of one ``item`` and of an array of them, made once per type."""
     found = _DECODERS.get(item)
     if found is None:
-        found = _DECODERS[item] = (msgspec.json.Decoder(list[item]), msgspec.json.Decoder(item))  # type: ignore[valid-type]
+        many = msgspec.json.Decoder(list[item])  # type: ignore[valid-type]
+        found = _DECODERS[item] = (many, msgspec.json.Decoder(item))
     return found
 
 

@@ -15,7 +15,8 @@ field, 404 for an audience not activated) before the store is called once. A req
 is therefore applied whole or not at all, and 202 is answered only once the store
 says the transaction committed; a :class:`~dbsync.errors.StoreError` answers 503 and
 nothing of the request was applied. Group commit, many concurrent requests sharing
-one transaction, happens inside the store; the server only never splits a request.
+one transaction, happens inside the store; the server's part is never to split a
+request.
 
 The activated audiences are asked for on every request, so a reload takes effect for
 the next request. Each rejection is one ``ingest_rejected`` event; the counters in
