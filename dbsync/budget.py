@@ -300,7 +300,7 @@ class DestinationBudget:
         if self._pace >= configured or now - self._last_recovery < 60.0:
             return
         minutes = (now - self._last_recovery) // 60.0
-        self._last_recovery = now
+        self._last_recovery += minutes * 60.0  # whole minutes only: wakes do not drift it
         self._set_pace(
             min(configured, self._pace + configured * _RECOVERY_SHARE_PER_MINUTE * minutes)
         )

@@ -1,0 +1,195 @@
+"""The destination budget: daily windows, job slots, fairness, AIMD pace."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dbsync.budget import BudgetLimits, DestinationBudget
+from dbsync.clock import FakeClock
+from dbsync.demandbase.wire import Endpoint
+
+DAY = 100.0
+
+
+class MemoryQuotaStore:
+    """The store's quota methods, kept in dicts (the real ones are tested with SQLite)."""
+
+    def __init__(self) -> None:
+        self.used: dict[tuple[str, str, int], int] = {}
+        self.pace: dict[str, float] = {}
+
+    async def quota_usage(self, destination: str, window: int) -> dict[str, int]:
+        return {e: n for (d, e, w), n in self.used.items() if d == destination and w == window}
+
+    async def spend_quota(
+        self, destination: str, endpoint: str, window: int, count: int = 1
+    ) -> None:
+        key = (destination, endpoint, window)
+        self.used[key] = self.used.get(key, 0) + count
+
+    async def load_pace(self, destination: str) -> float | None:
+        return self.pace.get(destination)
+
+    async def save_pace(self, destination: str, requests_per_minute: float) -> None:
+        self.pace[destination] = requests_per_minute
+
+
+def limits(**overrides: object) -> BudgetLimits:
+    values: dict[str, object] = {
+        "requests_per_minute": 10_000.0,
+        "daily": {Endpoint.IMPORT_CREATE_JOB: 5, Endpoint.IMPORT_UPLOAD: 5},
+        "concurrent_import_jobs": 2,
+        "day_seconds": DAY,
+        "quota_safety_margin": 0.0,
+    }
+    values.update(overrides)
+    return BudgetLimits(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    # 10 s into a window, so that the edge of the window is far.
+    return FakeClock(start=1_000 * DAY + 10.0)
+
+
+async def opened(budget: DestinationBudget) -> DestinationBudget:
+    await budget.open()
+    return budget
+
+
+async def test_spending_stops_at_the_daily_quota_and_resumes_next_window(clock: FakeClock) -> None:
+    store = MemoryQuotaStore()
+    budget = await opened(DestinationBudget("d", limits(), store, clock))
+    for _ in range(5):
+        await budget.spend(Endpoint.IMPORT_CREATE_JOB)
+    sixth = asyncio.create_task(budget.spend(Endpoint.IMPORT_CREATE_JOB))
+    keeper = asyncio.create_task(budget.run())
+    await clock.wait_for_sleepers(1)
+    assert not sixth.done()
+    assert store.used[("d", "import.create_job", 1000)] == 5
+    await clock.advance(DAY - 10.0 + 0.1)  # into the next window
+    await asyncio.wait_for(sixth, 1)
+    assert store.used[("d", "import.create_job", 1001)] == 1
+    keeper.cancel()
+    await asyncio.gather(keeper, return_exceptions=True)
+
+
+async def test_spending_is_persisted_before_the_request_and_survives_a_restart(
+    clock: FakeClock,
+) -> None:
+    store = MemoryQuotaStore()
+    first = await opened(DestinationBudget("d", limits(), store, clock))
+    for _ in range(3):
+        await first.spend(Endpoint.IMPORT_UPLOAD)
+    second = await opened(DestinationBudget("d", limits(), store, clock))
+    assert second.snapshot().used["import.upload"] == 3
+    await second.spend(Endpoint.IMPORT_UPLOAD)
+    await second.spend(Endpoint.IMPORT_UPLOAD)
+    blocked = asyncio.create_task(second.spend(Endpoint.IMPORT_UPLOAD))
+    await asyncio.sleep(0)
+    assert not blocked.done()  # 3 + 2 = the quota of 5, across the "restart"
+    blocked.cancel()
+    await asyncio.gather(blocked, return_exceptions=True)
+
+
+async def test_safety_margin_keeps_a_share_in_reserve(clock: FakeClock) -> None:
+    budget = await opened(
+        DestinationBudget(
+            "d",
+            limits(daily={Endpoint.IMPORT_UPLOAD: 100}, quota_safety_margin=0.05),
+            MemoryQuotaStore(),
+            clock,
+        )
+    )
+    assert budget.snapshot().allowed["import.upload"] == 95
+
+
+async def test_a_request_at_the_edge_of_a_window_is_charged_to_the_next(clock: FakeClock) -> None:
+    store = MemoryQuotaStore()
+    budget = await opened(DestinationBudget("d", limits(), store, clock))
+    await clock.advance(DAY - 10.0 - 0.5)  # 0.5 s before the window ends (edge = 1 s)
+    await budget.spend(Endpoint.IMPORT_UPLOAD)
+    assert store.used == {("d", "import.upload", 1001): 1}
+
+
+async def test_job_slots_are_capped_and_go_to_the_oldest_backlog_first(clock: FakeClock) -> None:
+    budget = await opened(DestinationBudget("d", limits(), MemoryQuotaStore(), clock))
+    granted: list[str] = []
+    release = asyncio.Event()
+
+    async def job(name: str, priority: float) -> None:
+        async with budget.job(priority=priority):
+            granted.append(name)
+            await release.wait()
+
+    holders = [asyncio.create_task(job(f"holder{i}", 0.0)) for i in range(2)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert budget.snapshot().jobs_in_flight == 2
+    young = asyncio.create_task(job("young", 500.0))
+    old = asyncio.create_task(job("old", 100.0))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert granted == ["holder0", "holder1"]
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*holders, young, old), 1)
+    assert granted[2:] == ["old", "young"]
+
+
+async def test_a_job_slot_needs_room_for_creation_and_upload(clock: FakeClock) -> None:
+    budget = await opened(
+        DestinationBudget(
+            "d",
+            limits(daily={Endpoint.IMPORT_CREATE_JOB: 5, Endpoint.IMPORT_UPLOAD: 1}),
+            MemoryQuotaStore(),
+            clock,
+        )
+    )
+    await budget.spend(Endpoint.IMPORT_UPLOAD)
+    waiting = asyncio.create_task(budget.job(priority=0.0).__aenter__())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+
+
+async def test_a_429_halves_the_pace_and_quiet_minutes_restore_it(clock: FakeClock) -> None:
+    store = MemoryQuotaStore()
+    budget = await opened(
+        DestinationBudget("d", limits(requests_per_minute=1000.0), store, clock)
+    )
+    await budget.on_throttled(None)
+    assert budget.snapshot().pace_per_minute == 500.0
+    assert store.pace["d"] == 500.0
+    # A burst: several 429s within a second halve once.
+    await budget.on_throttled(None)
+    assert budget.snapshot().pace_per_minute == 500.0
+    keeper = asyncio.create_task(budget.run())
+    await clock.wait_for_sleepers(1)
+    await clock.advance(61.0)
+    assert budget.snapshot().pace_per_minute == 600.0
+    await clock.advance(300.0)
+    assert budget.snapshot().pace_per_minute == 1000.0
+    keeper.cancel()
+    await asyncio.gather(keeper, return_exceptions=True)
+    assert budget.throttled == 2
+
+
+async def test_the_learned_pace_survives_a_restart(clock: FakeClock) -> None:
+    store = MemoryQuotaStore()
+    first = await opened(DestinationBudget("d", limits(requests_per_minute=1000.0), store, clock))
+    await first.on_throttled(None)
+    second = await opened(DestinationBudget("d", limits(requests_per_minute=1000.0), store, clock))
+    assert second.snapshot().pace_per_minute == 500.0
+
+
+async def test_retry_after_holds_every_request(clock: FakeClock) -> None:
+    budget = await opened(DestinationBudget("d", limits(), MemoryQuotaStore(), clock))
+    await budget.on_throttled(30.0)
+    held = asyncio.create_task(budget.spend(Endpoint.IMPORT_JOB_STATUS))
+    await clock.wait_for_sleepers(1)
+    assert not held.done()
+    await clock.advance(30.0)
+    await asyncio.wait_for(held, 1)
