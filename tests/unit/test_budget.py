@@ -157,9 +157,7 @@ async def test_a_job_slot_needs_room_for_creation_and_upload(clock: FakeClock) -
 
 async def test_a_429_halves_the_pace_and_quiet_minutes_restore_it(clock: FakeClock) -> None:
     store = MemoryQuotaStore()
-    budget = await opened(
-        DestinationBudget("d", limits(requests_per_minute=1000.0), store, clock)
-    )
+    budget = await opened(DestinationBudget("d", limits(requests_per_minute=1000.0), store, clock))
     await budget.on_throttled(None)
     assert budget.snapshot().pace_per_minute == 500.0
     assert store.pace["d"] == 500.0
