@@ -17,17 +17,20 @@ import enum
 import msgspec
 
 __all__ = [
-    "Endpoint",
     "EXPORT_RESULT_COLUMNS",
     "IMPORT_COLUMNS",
     "LIST_ACTIONS",
     "AccountListExportRequest",
     "CreateImportJob",
+    "Endpoint",
     "ErrorDto",
     "ExportJobDetails",
     "ExportJobStatus",
+    "ExportJobSummary",
+    "ExportJobs",
     "ImportJob",
     "ImportJobs",
+    "ImportSources",
     "MessageBody",
     "StatusBody",
     "TokenRequest",
@@ -108,6 +111,12 @@ class ImportJobs(_Wire, kw_only=True):
     data: list[ImportJob] = msgspec.field(default_factory=list)
 
 
+class ImportSources(_Wire, kw_only=True):
+    """``GET /import/v1/{entityType}/sources``: the sources a job may name (``["CSV"]``)."""
+
+    data: list[str] = msgspec.field(default_factory=list)
+
+
 class MessageBody(_Wire, kw_only=True):
     """Import API 400 / 404 / 500 body."""
 
@@ -151,6 +160,26 @@ class ExportJobStatus(_Wire, kw_only=True):
     updated_at: str
     results_url: str = ""  # empty until finished (the definition requires a string)
     message: str | None = None
+
+
+class ExportJobSummary(_Wire, kw_only=True):
+    """One job in ``GET /data/export/v1/jobs``."""
+
+    job_id: str
+    job_name: str
+    entity_type: str
+    job_status: str
+    created_at: str
+    updated_at: str
+
+
+class ExportJobs(_Wire, kw_only=True):
+    """``GET /data/export/v1/jobs`` (the definition's JobDetailsList)."""
+
+    page_no: int
+    page_size: int
+    total_count: int
+    data: list[ExportJobSummary] = msgspec.field(default_factory=list)
 
 
 class ErrorDto(_Wire, kw_only=True):
