@@ -328,6 +328,8 @@ class DemandbaseClient:
         """
         if list_action not in wire.LIST_ACTIONS:
             raise ValueError(f"list_action must be one of {wire.LIST_ACTIONS}, not {list_action!r}")
+        if not data:
+            raise ValueError("data is empty; an import file has at least its header")
         return await self._call(
             Endpoint.IMPORT_UPLOAD,
             "PUT",
