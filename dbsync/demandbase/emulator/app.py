@@ -381,13 +381,17 @@ class Emulator:
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port).start()
-            bound_host, bound_port = runner.addresses[0][:2]
-            url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-            url = f"http://{url_host}:{bound_port}"
-            _log.info(
-                "emulator_listening",
-                extra={"url": url, "accounts": self.settings.accounts, "seed": self.settings.seed},
-            )
+        except BaseException:
+            await runner.cleanup()
+            raise
+        bound_host, bound_port = runner.addresses[0][:2]
+        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        url = f"http://{url_host}:{bound_port}"
+        _log.info(
+            "emulator_listening",
+            extra={"url": url, "accounts": self.settings.accounts, "seed": self.settings.seed},
+        )
+        try:
             yield url
         finally:
             await runner.cleanup()
@@ -404,6 +408,8 @@ class Emulator:
         ``expire_tokens`` revokes every API Key Set token minted so far, now.
         """
         faults = checked(faults)
+        # Jobs that fell due before now complete under the faults they were due under.
+        self.tenant.catch_up()
         self._faults.replace(faults)
         revoked = self._tokens.expire_all() if faults.expire_tokens else 0
         _log.info(
