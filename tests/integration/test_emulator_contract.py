@@ -71,6 +71,11 @@ async def drive_import(api: EmulatorApi, rec: Recorder, clock: FakeClock) -> Non
     no_type = await api.request("POST", "/import/v1/job", json={"dataImportName": "x"})
     assert no_type.status == 400
     rec.mark_last_invalid()
+    not_json = await api.request(
+        "POST", "/import/v1/job", data=b"dataImportName=x", content_type="application/json"
+    )
+    assert not_json.json() == {"message": "the body must be a JSON object"}
+    rec.mark_last_invalid()
     no_token = await api.request(
         "POST", "/import/v1/job", token=None, json={"dataImportName": "x", "entityType": "Account"}
     )

@@ -1,0 +1,147 @@
+"""The tenant without HTTP: upload rules, list history, and jobs falling due on a fake clock."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from dbsync.clock import FakeClock
+from dbsync.demandbase.csvfile import encode_rows, read_rows
+from dbsync.demandbase.emulator import EmulatorSettings
+from dbsync.demandbase.emulator.faults import FaultState
+from dbsync.demandbase.emulator.tenant import (
+    AccountList,
+    ExportState,
+    ImportRow,
+    ImportState,
+    Tenant,
+    UploadRejected,
+    read_import_file,
+)
+
+HEADER = ("Account Name", "Account Domain", "External Account ID")
+
+
+def test_an_import_file_gives_its_rows_numbered_from_one() -> None:
+    body = b"\xef\xbb\xbf" + encode_rows(
+        HEADER, [("Acme, Inc.", "acme.com", "A-1"), ("B", "b.io", "")]
+    )
+    assert read_import_file(body, reject_external_ids=frozenset()) == [
+        ImportRow(1, "A-1", "Acme, Inc.", "acme.com"),
+        ImportRow(2, "", "B", "b.io"),
+    ]
+    assert read_import_file(encode_rows(HEADER[:2], []), reject_external_ids=frozenset()) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"Account Name,Account Domain\r\n\xc3(,x\r\n", "not a UTF-8 CSV file"),
+        (b"", "the file is empty"),
+        (b"\r\n", "the file is empty"),
+        (encode_rows(("Account Name",), []), "lacks the column 'Account Domain'"),
+        (encode_rows(("Name", "Account Domain"), [("a", "b")]), "lacks the column 'Account Name'"),
+        (
+            encode_rows(HEADER, [("a", "a.com", "1"), ("b", "", "2")]),
+            "row 2: column 'Account Domain'",
+        ),
+        (encode_rows(HEADER, [("a", "a.com", "X-9")]), "row 1: account 'X-9' cannot be imported"),
+    ],
+)
+def test_an_import_file_demandbase_would_refuse_names_the_problem(
+    body: bytes, message: str
+) -> None:
+    with pytest.raises(UploadRejected, match=message):
+        read_import_file(body, reject_external_ids=frozenset({"X-9"}))
+
+
+def test_a_list_remembers_recent_changes_to_answer_as_of_an_earlier_time() -> None:
+    account_list = AccountList(1, "L", created_at=0.0)
+    account_list.change(10.0, joined=["a", "b"])
+    account_list.change(20.0, left=["a"], joined=["c"])
+    account_list.change(20.0, joined=["b"])  # already a member: no change recorded
+    assert account_list.members == {"b", "c"}
+    assert account_list.members_at(5.0) == set()
+    assert account_list.members_at(10.0) == {"a", "b"}
+    assert account_list.members_at(19.9) == {"a", "b"}
+    assert account_list.members_at(20.0) == {"b", "c"}
+    account_list.forget_before(10.0)
+    assert account_list.members_at(15.0) == {"a", "b"}  # still answerable after forgetting
+
+
+def tenant(clock: FakeClock, **settings: object) -> Tenant:
+    chosen = msgspec.convert(
+        {"accounts": 20, "job_delay_seconds": 10.0, **settings}, EmulatorSettings
+    )
+    faults = FaultState(chosen.start_faults, chosen.seed)
+    return Tenant(chosen, clock, faults, export_finished=lambda at, size: None)
+
+
+def rows(state: Tenant, *indexes: int) -> list[ImportRow]:
+    accounts = state.accounts
+    return [
+        ImportRow(n, accounts.external_id(i), accounts.name(i), accounts.domain(i))
+        for n, i in enumerate(indexes, start=1)
+    ]
+
+
+async def test_jobs_fall_due_lazily_and_are_stamped_with_their_own_due_time() -> None:
+    clock = FakeClock()
+    state = tenant(clock)
+    job = state.create_import_job("L", "Account", "CSV")
+    state.start_import(job, rows(state, 0, 1), "insert")
+    uploaded = clock.time()
+    await clock.advance(9.0)
+    assert state.import_job(job.id) is job
+    assert job.state is ImportState.PROCESSING
+    assert state.imports_processing() == 1
+    await clock.advance(50.0)
+    assert job.state is ImportState.PROCESSING  # nobody looked yet: nothing ran
+    assert state.lists["L"].members == {"ACC-0000001", "ACC-0000002"}
+    assert job.state is ImportState.COMPLETED
+    assert job.updated_at == uploaded + 10.0
+    assert job.account_list_id == 1
+
+
+async def test_an_export_snapshots_the_lists_as_they_were_lag_seconds_before_it_finished() -> None:
+    clock = FakeClock()
+    state = tenant(clock, visibility_lag_seconds=30.0)
+    job = state.create_import_job("L", "Account", "CSV")
+    state.start_import(job, rows(state, 0, 1, 2), "insert")
+    await clock.advance(10.0)
+    export = state.create_export_job("read", (state.lists["L"].id,))
+    await clock.advance(5.0)
+    assert state.exports_running() == 1
+    assert export.state is ExportState.PROCESSING
+    await clock.advance(5.0)
+    assert state.export_job(export.job_id) is export
+    assert export.state is ExportState.FINISHED
+    assert list(read_rows(export.result)) == []  # completed 10 s before: younger than 30 s
+
+    await clock.advance(20.0)
+    later = state.create_export_job("read", (1,))
+    await clock.advance(10.0)
+    assert state.export_job(later.job_id) is later
+    assert [r["External Account ID"] for r in read_rows(later.result)] == [
+        "ACC-0000001",
+        "ACC-0000002",
+        "ACC-0000003",
+    ]
+    assert later.rows == 3
+
+
+async def test_drops_and_failures_follow_the_faults_in_force_when_the_job_completes() -> None:
+    clock = FakeClock()
+    state = tenant(clock, drop_ratio=1.0)
+    dropped = state.create_import_job("L", "Account", "CSV")
+    state.start_import(dropped, rows(state, 0, 1), "insert")
+    await clock.advance(10.0)
+    assert state.dropped == [(dropped.id, "ACC-0000001"), (dropped.id, "ACC-0000002")]
+    assert state.lists["L"].members == frozenset()
+    assert state.row_counts().dropped == 2
+
+    noop = state.create_import_job("L", "Account", "CSV")
+    state.start_import(noop, rows(state, 3), "noop")
+    await clock.advance(10.0)
+    assert state.import_job(noop.id) is noop
+    assert noop.dropped == []  # a noop changes no list, so nothing is lost
