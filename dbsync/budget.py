@@ -14,9 +14,10 @@ itself (ARCHITECTURE invariant 5, quotas are spent, never overdrawn):
 * **Concurrent import jobs.** An actor holds a job slot from job creation until the
   job is completed or failed.
 * **Per-minute pace**, an aiolimiter bucket whose rate follows AIMD: a 429 halves it,
-  every quiet minute gives back a tenth of the configured rate, and the learned rate
-  is persisted so that a restart does not burst into 429s again. A Retry-After, if
-  Demandbase ever sends one, holds every request of the destination until it passes.
+  every quiet period (a minute by default) gives back a tenth of the configured rate,
+  and the learned rate is persisted so that a restart does not burst into 429s
+  again. A Retry-After, if Demandbase ever sends one, holds every request of the
+  destination until it passes.
 
 Fairness: when several actors wait for a job slot or for tomorrow's quota, the one
 whose backlog is oldest goes first (``priority`` is the epoch time of its oldest
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 # 429s slows delivery down without stopping it.
 _MIN_PACE_SHARE = 0.02
 _DECREASE_FACTOR = 0.5
-_RECOVERY_SHARE_PER_MINUTE = 0.1
+_RECOVERY_SHARE = 0.1
 
 
 class BudgetLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,6 +60,7 @@ class BudgetLimits(msgspec.Struct, frozen=True, kw_only=True):
     concurrent_import_jobs: int
     day_seconds: float = 86_400.0
     quota_safety_margin: float = 0.02
+    pace_recovery_seconds: float = 60.0
 
 
 class BudgetSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -150,7 +152,9 @@ class DestinationBudget:
         while True:
             now = self._clock.time()
             window_end = (self._window + 1) * self.limits.day_seconds
-            await self._clock.sleep(min(max(window_end - now, 0.0), 60.0))
+            await self._clock.sleep(
+                min(max(window_end - now, 0.0), self.limits.pace_recovery_seconds)
+            )
             self._maybe_roll()
             await self._recover_pace()
             async with self._changed:
@@ -297,13 +301,12 @@ class DestinationBudget:
     async def _recover_pace(self) -> None:
         now = self._clock.monotonic()
         configured = self.limits.requests_per_minute
-        if self._pace >= configured or now - self._last_recovery < 60.0:
+        period = self.limits.pace_recovery_seconds
+        if self._pace >= configured or now - self._last_recovery < period:
             return
-        minutes = (now - self._last_recovery) // 60.0
-        self._last_recovery += minutes * 60.0  # whole minutes only: wakes do not drift it
-        self._set_pace(
-            min(configured, self._pace + configured * _RECOVERY_SHARE_PER_MINUTE * minutes)
-        )
+        periods = (now - self._last_recovery) // period
+        self._last_recovery += periods * period  # whole periods only: wakes do not drift it
+        self._set_pace(min(configured, self._pace + configured * _RECOVERY_SHARE * periods))
         await self._store.save_pace(self.destination, self._pace)
         log.info(
             "pace_recovered",

@@ -56,6 +56,18 @@ def _check_config(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _run(args: argparse.Namespace) -> int:
+    from dbsync.daemon import run
+
+    return run(_config_path(args))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dbsync.demo import run
+
+    return run(args)
+
+
 def _emulator(args: argparse.Namespace) -> int:
     from dbsync.demandbase.emulator.cli import run
 
@@ -70,9 +82,23 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dbsync {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    run = commands.add_parser("run", help="run the daemon in the foreground (systemd runs this)")
+    run.add_argument("--config", help="config file (default: $DBSYNC_CONFIG or ./config.toml)")
+    run.set_defaults(handler=_run)
+
     check = commands.add_parser("check-config", help="validate the configuration and exit")
     check.add_argument("--config", help="config file (default: $DBSYNC_CONFIG or ./config.toml)")
     check.set_defaults(handler=_check_config)
+
+    demo = commands.add_parser(
+        "demo", help="one command: emulator + daemon + a synthetic feed, then a report"
+    )
+    demo.add_argument("--accounts", type=int, default=600, help="accounts per audience")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the synthetic feed")
+    demo.add_argument(
+        "--timeout-seconds", type=float, default=120.0, help="give up waiting after this"
+    )
+    demo.set_defaults(handler=_demo)
 
     from dbsync.demandbase.emulator.cli import add_arguments as add_emulator_arguments
 

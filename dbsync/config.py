@@ -46,6 +46,7 @@ __all__ = [
     "CredentialRefs",
     "Credentials",
     "DaemonSettings",
+    "DeliverySettings",
     "Destination",
     "FlushPolicy",
     "IngestSettings",
@@ -263,6 +264,26 @@ class Limits(_Table, frozen=True):
     Demandbase and for calls made by hand; 2% of 1,200 keeps 24 calls back."""
 
 
+class DeliverySettings(_Table, frozen=True):
+    """``[destinations.delivery]``: how actors pace their import jobs."""
+
+    job_poll_initial_seconds: Seconds = 5.0
+    """Seconds before the first status read of an uploaded job. Each later read waits
+    twice as long, and the wait learns how long jobs really take: status reads have a
+    daily quota too (3,600, for 1,200 jobs)."""
+
+    job_poll_max_seconds: Seconds = 300.0
+    """Longest wait between two status reads of one job."""
+
+    max_jobs_in_flight_per_audience: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
+    """Import jobs one audience may have open at once, within the destination's
+    ``concurrent_import_jobs``; never two jobs for the same account."""
+
+    pace_recovery_seconds: Seconds = 60.0
+    """After a 429 halved the request pace, each quiet period of this many seconds
+    gives back a tenth of ``requests_per_minute``."""
+
+
 class ReconcileSettings(_Table, frozen=True):
     """``[destinations.reconcile]``: reading lists back to prove what Demandbase holds."""
 
@@ -353,6 +374,9 @@ class Destination(_Table, frozen=True):
 
     limits: Limits = Limits()
     """Demandbase's limits for this tenant."""
+
+    delivery: DeliverySettings = DeliverySettings()
+    """How actors pace their import jobs."""
 
     reconcile: ReconcileSettings = ReconcileSettings()
     """Read-back scheduling."""

@@ -29,9 +29,7 @@ def encode_rows(header: Sequence[str], rows: Iterable[Sequence[str]]) -> bytes:
 
 def encode_accounts(accounts: Iterable[Account]) -> bytes:
     """An import file: ``Account Name, Account Domain, External Account ID``."""
-    return encode_rows(
-        IMPORT_COLUMNS, ((a.name, a.domain, a.external_id) for a in accounts)
-    )
+    return encode_rows(IMPORT_COLUMNS, ((a.name, a.domain, a.external_id) for a in accounts))
 
 
 def read_rows(data: bytes) -> Iterator[dict[str, str]]:
@@ -56,4 +54,3 @@ def read_rows(data: bytes) -> Iterator[dict[str, str]]:
             yield {name: (row[i] if i < len(row) else "") for i, name in enumerate(header)}
     except csv.Error as exc:
         raise ValueError(f"malformed CSV at line {reader.line_num}: {exc}") from exc
-

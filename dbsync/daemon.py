@@ -1,0 +1,303 @@
+"""``dbsync run``: wiring, signals, the drain deadline and exit codes.
+
+Start, in order: configuration and credentials (a bad one exits 78 before anything
+opens), the store (migrated), one HTTP session, the supervisor with its actors,
+then the ingest server; only then ``READY=1`` to systemd. Readiness never depends on
+Demandbase answering: an outage there is reported in logs and ``STATUS=``, not
+turned into a restart loop.
+
+Stop (SIGTERM or SIGINT): stop intake (ingest answers 503), let every actor finish
+the jobs it has in flight and checkpoint, for at most ``drain_seconds``; a second
+signal cuts the drain short. Whatever was cut is still in flight in the store and is
+resumed or re-sent at the next start, so the exit is 0 either way. SIGHUP re-reads
+the configuration; a rejected one is logged and the running one kept.
+
+Exit codes: 0 clean stop; 78 invalid configuration at start; 1 the daemon failed
+(store or another shared part), so that systemd's ``Restart=on-failure`` acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+
+from dbsync import __version__, logs, systemd
+from dbsync.actor import ActorSettings, ImportClient
+from dbsync.budget import BudgetLimits
+from dbsync.clock import Clock, SystemClock
+from dbsync.config import (
+    Config,
+    Credentials,
+    load_config,
+    load_credentials,
+    load_ingest_token,
+)
+from dbsync.demandbase.auth import ApiKeyTokenSource, LegacyToken, TokenSource
+from dbsync.demandbase.client import DemandbaseClient
+from dbsync.demandbase.wire import Endpoint
+from dbsync.errors import ConfigError
+from dbsync.exitcodes import ExitCode
+from dbsync.ingest import IngestServer
+from dbsync.store import Store
+from dbsync.supervisor import DestinationPlan, Supervisor
+
+__all__ = ["Daemon", "build_plans", "run"]
+
+log = logging.getLogger(__name__)
+
+DATABASE_NAME = "dbsync.sqlite3"
+
+
+def build_plans(config: Config, credentials: dict[str, Credentials]) -> list[DestinationPlan]:
+    """What the supervisor runs, derived from a validated configuration."""
+    plans = []
+    for destination in config.destinations:
+        limits = destination.limits
+        delivery = destination.delivery
+        # The credentials' fingerprint, never the secret: it only tells the supervisor
+        # on reload that they changed, so that the client is rebuilt.
+        connection = "|".join(
+            (
+                destination.base_url,
+                str(destination.request_timeout_seconds),
+                credentials[destination.name].fingerprint,
+            )
+        )
+        plans.append(
+            DestinationPlan(
+                name=destination.name,
+                connection=connection,
+                limits=BudgetLimits(
+                    requests_per_minute=limits.requests_per_minute,
+                    daily={
+                        Endpoint.IMPORT_CREATE_JOB: limits.import_jobs_per_day,
+                        Endpoint.IMPORT_UPLOAD: limits.import_uploads_per_day,
+                        Endpoint.IMPORT_JOB_STATUS: limits.import_status_per_day,
+                        Endpoint.IMPORT_JOB_LIST: limits.import_list_per_day,
+                        Endpoint.EXPORT_CREATE_JOB: limits.export_jobs_per_day,
+                        Endpoint.EXPORT_JOB_STATUS: limits.export_status_per_day,
+                    },
+                    concurrent_import_jobs=limits.concurrent_import_jobs,
+                    day_seconds=limits.day_seconds,
+                    quota_safety_margin=limits.quota_safety_margin,
+                    pace_recovery_seconds=delivery.pace_recovery_seconds,
+                ),
+                audiences=tuple(
+                    ActorSettings(
+                        audience_id=audience.id,
+                        destination=destination.name,
+                        name=audience.name,
+                        list_name=audience.list_name,
+                        requests_per_minute=audience.requests_per_minute,
+                        max_records=audience.flush.max_records,
+                        max_age_seconds=audience.flush.max_age_seconds,
+                        max_jobs_in_flight=delivery.max_jobs_in_flight_per_audience,
+                        job_poll_initial_seconds=delivery.job_poll_initial_seconds,
+                        job_poll_max_seconds=delivery.job_poll_max_seconds,
+                        paused=audience.paused,
+                    )
+                    for audience in destination.audiences
+                ),
+            )
+        )
+    return plans
+
+
+class Daemon:
+    """One running daemon; :meth:`run` returns its exit code."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        clock: Clock | None = None,
+        on_config: Callable[[Config], None] | None = None,
+    ) -> None:
+        self._config_path = config_path
+        self._clock = clock or SystemClock()
+        self._on_config = on_config
+        self._shutdown = asyncio.Event()
+        self._signals = 0
+        self._drain_deadline: asyncio.Timeout | None = None
+        self.ready = asyncio.Event()
+        self.ingest_address: tuple[str, int] | None = None
+        self.supervisor: Supervisor | None = None
+        self.store: Store | None = None
+
+    def request_shutdown(self) -> None:
+        """First call: drain. Second call: cut the drain short."""
+        self._signals += 1
+        if self._signals == 1:
+            log.info("shutdown_requested", extra={"drain": True})
+            systemd.notify("STOPPING=1", "STATUS=draining")
+            self._shutdown.set()
+        elif self._drain_deadline is not None:
+            log.warning("drain_cut_short")
+            self._drain_deadline.reschedule(asyncio.get_running_loop().time())
+
+    async def run(self) -> int:
+        try:
+            config = load_config(self._config_path)
+            credentials = _load_all_credentials(config)
+            ingest_token = load_ingest_token(config.ingest)
+        except ConfigError as exc:
+            log.error("config_invalid", extra={"path": str(self._config_path), "error": str(exc)})
+            return ExitCode.CONFIG
+        if self._on_config is not None:
+            self._on_config(config)
+        log.info(
+            "daemon_starting",
+            extra={"version": __version__, "config": str(self._config_path)},
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            store = self.store = await stack.enter_async_context(
+                Store.open(config.daemon.state_dir / DATABASE_NAME, clock=self._clock)
+            )
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            supervisor = self.supervisor = Supervisor(
+                build_plans(config, credentials),
+                store=store,
+                clock=self._clock,
+                client_factory=_client_factory(session, config, credentials, self._clock),
+                summary_interval_seconds=config.daemon.summary_interval_seconds,
+            )
+            ingest = IngestServer(
+                store,
+                audiences=supervisor.audience_ids,
+                host=config.ingest.host,
+                port=config.ingest.port,
+                token=ingest_token,
+                max_body_bytes=config.ingest.max_body_bytes,
+                aep_mapping=config.ingest.aep_mapping,
+                clock=self._clock,
+            )
+            self._install_signals()
+            async with asyncio.TaskGroup() as group:
+                supervising = group.create_task(supervisor.run(), name="supervisor")
+                await supervisor.started()
+                self.ingest_address = await ingest.start()
+                stack.push_async_callback(ingest.close)
+                systemd.notify(
+                    "READY=1", f"STATUS=delivering {len(supervisor.audience_ids())} audiences"
+                )
+                log.info(
+                    "daemon_ready",
+                    extra={
+                        "ingest": f"http://{self.ingest_address[0]}:{self.ingest_address[1]}",
+                        "audiences": len(supervisor.audience_ids()),
+                    },
+                )
+                self.ready.set()
+                reloads = group.create_task(self._reloads(supervisor), name="reloads")
+                await self._shutdown.wait()
+                reloads.cancel()
+                ingest.stop_accepting()
+                supervisor.drain()
+                try:
+                    async with asyncio.timeout(config.daemon.drain_seconds) as deadline:
+                        self._drain_deadline = deadline
+                        await asyncio.shield(supervising)
+                except TimeoutError:
+                    log.warning(
+                        "drain_deadline_exceeded",
+                        extra={
+                            "in_flight": [
+                                s.audience_id for s in supervisor.statuses() if s.jobs_in_flight
+                            ]
+                        },
+                    )
+                    supervising.cancel()
+        log.info("daemon_stopped")
+        return ExitCode.OK
+
+    # --- signals and reload --------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        self._reload_requested = asyncio.Event()
+
+    def _request_reload(self) -> None:
+        self._reload_requested.set()
+
+    async def _reloads(self, supervisor: Supervisor) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            await self.reload(supervisor)
+
+    async def reload(self, supervisor: Supervisor) -> bool:
+        """Re-read the configuration and apply it; False (old one kept) if rejected."""
+        systemd.reloading()
+        try:
+            config = load_config(self._config_path)
+            credentials = _load_all_credentials(config)
+        except ConfigError as exc:
+            log.error("config_reload_rejected", extra={"error": str(exc)})
+            systemd.notify("READY=1")
+            return False
+        await supervisor.reload(build_plans(config, credentials))
+        log.info("config_reloaded", extra={"audiences": len(supervisor.audience_ids())})
+        systemd.notify("READY=1", f"STATUS=delivering {len(supervisor.audience_ids())} audiences")
+        return True
+
+
+def _load_all_credentials(config: Config) -> dict[str, Credentials]:
+    return {d.name: load_credentials(d, i) for i, d in enumerate(config.destinations)}
+
+
+def _client_factory(
+    session: aiohttp.ClientSession,
+    config: Config,
+    credentials: dict[str, Credentials],
+    clock: Clock,
+) -> Callable[[DestinationPlan], ImportClient]:
+    destinations = {d.name: d for d in config.destinations}
+
+    def build(plan: DestinationPlan) -> ImportClient:
+        destination = destinations[plan.name]
+        secret = credentials[plan.name]
+        auth: TokenSource
+        if secret.token is not None:
+            auth = LegacyToken(secret.token)
+        else:
+            assert secret.client_id is not None
+            assert secret.client_secret is not None
+            auth = ApiKeyTokenSource(
+                session,
+                destination.base_url,
+                secret.client_id,
+                secret.client_secret,
+                clock=clock,
+                timeout_seconds=destination.request_timeout_seconds,
+            )
+        return DemandbaseClient(
+            session,
+            destination.base_url,
+            auth,
+            timeout_seconds=destination.request_timeout_seconds,
+        )
+
+    return build
+
+
+def run(config_path: Path) -> int:
+    """The ``dbsync run`` entry point: JSON logs on stdout, uvloop, then :class:`Daemon`."""
+    import uvloop
+
+    logs.configure()
+
+    def configure_logs(config: Config) -> None:
+        logs.configure(config.logging.level, config.logging.format)
+
+    daemon = Daemon(config_path, on_config=configure_logs)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(daemon.run())
