@@ -18,7 +18,9 @@ sits behind one named constant or setting that cites the contract
 Modules, from the bottom up: ``settings`` (what it is started with, the faults),
 ``accounts`` (the generated companies and matching), ``tenant`` (lists and jobs on
 the clock), ``limits`` (quota windows), ``faults`` (the draws), ``auth`` (tokens),
-``app`` (routes and the gate), ``cli`` (``dbsync emulator``).
+``answers`` (error envelopes per API), ``routes`` (what Demandbase does with a
+request), ``control`` (the ``/_emulator/`` routes), ``app`` (the :class:`Emulator` and
+the gate every request passes), ``cli`` (``dbsync emulator``).
 
 The names below are imported lazily: ``dbsync`` imports ``emulator.cli`` at every
 start to build its argument parser, and that must not pull in aiohttp.

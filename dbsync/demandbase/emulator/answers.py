@@ -81,7 +81,8 @@ class ApiError(Exception):
     """An error answer: ``status``, Demandbase's ``code`` (ErrorDto bodies), ``message``.
 
     ``code`` defaults to ``<status>-100``, whose first three digits are the status as
-    in every documented code; ``kind`` says why a 429 was answered, for the statistics.
+    in every documented code; ``kind``, given with every 429, says why it was answered,
+    for the statistics.
     """
 
     def __init__(

@@ -273,9 +273,8 @@ class Emulator:
     async def _demandbase(
         self, request: web.Request, handler: Handler, api: Api
     ) -> web.StreamResponse:
-        name = request.match_info.route.name
-        found = request.match_info.http_exception is None and name is not None
-        endpoint = Endpoint[name] if found and name is not None else None
+        name = request.match_info.route.name  # None when no route matched
+        endpoint = Endpoint[name] if name is not None else None
         traffic = self._traffic
         traffic.requests += 1
         if endpoint is not None:
@@ -360,8 +359,8 @@ class Emulator:
     def _error_response(
         self, api: Api, error: ApiError, endpoint: Endpoint | None = None
     ) -> web.Response:
-        if error.status == 429:
-            self._traffic.throttled_by_kind[error.kind or ThrottleKind.INJECTED] += 1
+        if error.kind is not None:
+            self._traffic.throttled_by_kind[error.kind] += 1
             if endpoint is not None:
                 self._traffic.throttled_by_endpoint[endpoint.value] += 1
         return web.Response(

@@ -27,9 +27,18 @@ Visibility lag [ASSUMED A4]
     forgotten at the end of each catch-up.
 
 Uploads
-    :func:`read_import_file` holds every rule an upload must pass ([ASSUMED]: the
-    documentation gives the columns but no validation rules), so that they can change
-    in one place.
+    :func:`read_import_file` holds every rule an upload's file must pass ([ASSUMED]:
+    the documentation gives the columns but no validation rules), so that they can
+    change in one place. An accepted file's rows are matched to accounts at once (the
+    account database never changes); rows that match none are kept on the job as
+    unmatched. Whether a job fails, and which matched rows a ``drop_ratio`` fault
+    drops, is drawn when it falls due, under the faults in force then.
+
+Exports
+    An account-list export is ``accepted`` for the first half of ``job_delay_seconds``,
+    ``processing`` for the second, then ``finished`` with its results file [ASSUMED
+    A3]: a CSV of :data:`~dbsync.demandbase.wire.EXPORT_RESULT_COLUMNS`, one row per
+    member of the lists it names, in Account ID order.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import enum
 import heapq
 import io
 import itertools
+import logging
 import random
 import uuid
 from collections import deque
@@ -69,6 +79,8 @@ __all__ = [
     "UploadRejected",
     "read_import_file",
 ]
+
+_log = logging.getLogger(__name__)
 
 # [ASSUMED A1] the list actions that create the job's list when it does not exist:
 # "insert" [DOC], and "replace", which is "empty it, then insert".
@@ -428,26 +440,42 @@ class Tenant:
         job.updated_at = at
         if self._faults.import_fails(job.id):
             job.state = ImportState.FAILED
-            return
+        else:
+            self._change_list(job, at)
+            job.state = ImportState.COMPLETED
+        _log.debug(
+            "emulator_import_job_done",
+            extra={
+                "job_id": job.id,
+                "state": job.state.value,
+                "list_action": job.list_action,
+                "account_list_id": job.account_list_id,
+                "rows": job.rows,
+                "matched": len(job.matched),
+                "dropped": len(job.dropped),
+            },
+        )
+
+    def _change_list(self, job: ImportJob, at: float) -> None:
+        """Apply a completing job's matched rows, less the dropped ones, to its list [A1]."""
         action = job.list_action
-        kept = job.matched
-        if action != "noop":
-            drops = self._faults.dropped(job.id, len(job.matched))
-            kept = [a for a, drop in zip(job.matched, drops, strict=True) if not drop]
-            job.dropped = [a for a, drop in zip(job.matched, drops, strict=True) if drop]
-            self._rows_dropped += len(job.dropped)
         account_list = self._lists.get(job.data_import_name)
-        if account_list is None and action in LIST_CREATING_ACTIONS:
+        if action == "noop" or (account_list is None and action not in LIST_CREATING_ACTIONS):
+            return
+        if account_list is None:
             account_list = self._create_list(job.data_import_name, at)
-        if account_list is not None and action != "noop":
-            if action == "replace":
-                account_list.change(at, left=account_list.members - set(kept), joined=kept)
-            elif action == "insert":
+        drops = self._faults.dropped(job.id, len(job.matched))
+        kept = [a for a, drop in zip(job.matched, drops, strict=True) if not drop]
+        job.dropped = [a for a, drop in zip(job.matched, drops, strict=True) if drop]
+        self._rows_dropped += len(job.dropped)
+        match action:
+            case "insert":
                 account_list.change(at, joined=kept)
-            else:
+            case "replace":
+                account_list.change(at, left=account_list.members - set(kept), joined=kept)
+            case "delete":
                 account_list.change(at, left=kept)
-            job.account_list_id = account_list.id
-        job.state = ImportState.COMPLETED
+        job.account_list_id = account_list.id
 
     def _create_list(self, name: str, at: float) -> AccountList:
         account_list = AccountList(next(self._next_list_id), name, at)
@@ -459,7 +487,22 @@ class Tenant:
         job.updated_at = at
         if self._faults.export_fails(job.job_id):
             job.state, job.message = ExportState.FAILED, _EXPORT_FAILED_MESSAGE
-            return
+        else:
+            self._write_results(job, at)
+            job.state, job.finished_at = ExportState.FINISHED, at
+            self._export_finished(at, len(job.result))
+        _log.debug(
+            "emulator_export_job_done",
+            extra={
+                "job_id": job.job_id,
+                "state": job.state.value,
+                "list_ids": list(job.list_ids),
+                "rows": job.rows,
+            },
+        )
+
+    def _write_results(self, job: ExportJob, at: float) -> None:
+        """The members of the job's lists as they were ``visibility_lag_seconds`` ago [A4]."""
         seen = at - self._settings.visibility_lag_seconds
         members: set[str] = set()
         for list_id in job.list_ids:
@@ -479,5 +522,3 @@ class Tenant:
             ),
         )
         job.rows = len(indexes)
-        job.state, job.finished_at = ExportState.FINISHED, at
-        self._export_finished(at, len(job.result))
