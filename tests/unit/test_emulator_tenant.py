@@ -97,7 +97,10 @@ async def test_jobs_fall_due_lazily_and_are_stamped_with_their_own_due_time() ->
     assert state.imports_processing() == 1
     await clock.advance(50.0)
     assert job.state is ImportState.PROCESSING  # nobody looked yet: nothing ran
-    assert state.lists["L"].members == {"ACC-0000001", "ACC-0000002"}
+    account_list = state.lists["L"]
+    assert account_list.members == {"ACC-0000001", "ACC-0000002"}
+    assert "ACC-0000002" in account_list
+    assert len(account_list) == 2
     assert job.state is ImportState.COMPLETED
     assert job.updated_at == uploaded + 10.0
     assert job.account_list_id == 1

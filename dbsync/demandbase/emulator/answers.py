@@ -32,7 +32,6 @@ from dbsync.demandbase import wire
 from dbsync.demandbase.emulator.limits import ThrottleKind
 
 __all__ = [
-    "CONTROL_PREFIX",
     "RATE_LIMITED",
     "SERVER_ERROR",
     "Api",
@@ -51,7 +50,7 @@ _T = TypeVar("_T")
 
 RATE_LIMITED: Final = "Rate limit exceeded."  # 429-100 [DOC]
 SERVER_ERROR: Final = "Error while communicating with internal service."  # 500-100 [DOC]
-CONTROL_PREFIX: Final = "/_emulator/"
+_CONTROL_PREFIX: Final = "/_emulator/"
 
 _encoder = msgspec.json.Encoder(order="deterministic")
 
@@ -72,7 +71,7 @@ def api_of(path: str) -> Api | None:
         return Api.IMPORT
     if path.startswith("/data/export/"):
         return Api.EXPORT
-    if path.startswith(CONTROL_PREFIX):
+    if path.startswith(_CONTROL_PREFIX):
         return Api.CONTROL
     return None
 

@@ -342,6 +342,9 @@ class Emulator:
     def _authorize(self, request: web.Request, api: Api) -> None:
         check = self._tokens.check(bearer_token(request.headers.get("Authorization")))
         if check is not TokenCheck.VALID:
+            _log.debug(
+                "emulator_token_refused", extra={"path": request.path, "reason": check.value}
+            )
             raise ApiError(401, _UNAUTHENTICATED)
         if api == Api.IMPORT and "import" not in self.settings.permissions:
             raise ApiError(403, _IMPORT_FORBIDDEN)

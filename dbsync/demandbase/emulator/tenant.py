@@ -179,7 +179,6 @@ class ImportJob(msgspec.Struct, kw_only=True):
     created_at: float
     updated_at: float
     list_action: str | None = None
-    due_at: float | None = None
     rows: int = 0
     matched: list[str] = msgspec.field(default_factory=list)  # external ids, file order
     unmatched: list[ImportRow] = msgspec.field(default_factory=list)
@@ -392,11 +391,10 @@ class Tenant:
         job.list_action = list_action
         job.state = ImportState.PROCESSING
         job.updated_at = now
-        job.due_at = now + self._settings.job_delay_seconds
         self._rows_received += len(rows)
         self._rows_matched += len(job.matched)
         self._rows_unmatched += len(job.unmatched)
-        self._schedule(job.due_at, _Event.IMPORT_DONE, job.id)
+        self._schedule(now + self._settings.job_delay_seconds, _Event.IMPORT_DONE, job.id)
 
     def create_export_job(self, job_name: str, list_ids: tuple[int, ...]) -> ExportJob:
         """An account-list export of ``list_ids`` (all known): accepted, processing, finished."""
