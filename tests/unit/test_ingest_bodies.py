@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import msgspec
@@ -91,6 +92,27 @@ async def test_ndjson_decodes_every_line_across_chunks() -> None:
         f"{i:06d}" for i in range(count)
     ]
     assert batches[1].field(0, "ts") == f"line {CHUNK_LINES + 1}: ts"
+
+
+async def test_ndjson_gives_the_loop_a_turn_between_chunks() -> None:
+    body = b"\n".join(line(f"{i:06d}") for i in range(3 * CHUNK_LINES))
+    turns = 0
+    decoding = True
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while decoding:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_turns())
+    await asyncio.sleep(0)
+    batches = await ndjson(body)
+    decoding = False
+    await counter
+
+    assert len(batches) == 3
+    assert turns >= 3
 
 
 async def test_ndjson_skips_blank_lines_and_crlf_but_counts_them() -> None:
