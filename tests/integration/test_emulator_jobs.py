@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import random
 import time
@@ -240,6 +241,15 @@ async def test_uploads_that_demandbase_would_refuse_answer_400_naming_the_proble
         # A header with no rows is a valid, empty import.
         empty_job = await api.create_import_job("Empty")
         assert (await api.upload(empty_job, encode_rows(header, []))).status == 200
+
+
+async def test_two_uploads_racing_to_one_job_leave_one_accepted() -> None:
+    async with running_emulator(INSTANT) as api:
+        job_id = await api.create_import_job("Race")
+        files = [encode_accounts(api.accounts(i * 50, 50)) for i in range(2)]
+        answers = await asyncio.gather(*(api.upload(job_id, file) for file in files))
+        assert sorted(a.status for a in answers) == [200, 400]
+        assert len(await members(api, "Race") or []) == 50
 
 
 async def test_the_results_url_is_signed_and_expires() -> None:

@@ -193,6 +193,9 @@ class DemandbaseRoutes:
         return json_response(200, _import_job_body(job))  # 200, not 201 [DOC]
 
     async def upload(self, request: web.Request) -> web.Response:
+        # Read first: from here to start_import nothing awaits, so two uploads to one
+        # job cannot both find it new.
+        data = await request.read()
         job = self._import_job(request)
         list_action = request.query.get("listAction", "replace")  # Demandbase's default [DOC]
         if list_action not in wire.LIST_ACTIONS:
@@ -208,9 +211,7 @@ class DemandbaseRoutes:
                 kind=ThrottleKind.CONCURRENT,
             )
         try:
-            rows = read_import_file(
-                await request.read(), reject_external_ids=self._faults.reject_external_ids
-            )
+            rows = read_import_file(data, reject_external_ids=self._faults.reject_external_ids)
         except UploadRejected as rejected:
             raise ApiError(400, rejected.message) from None
         self._tenant.start_import(job, rows, list_action)
