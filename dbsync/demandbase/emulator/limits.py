@@ -9,12 +9,13 @@ Windows
 
 What counts
     Every request that reaches a Demandbase route counts toward the per-minute rate,
-    refused ones included, so a client that hammers a throttled API stays throttled.
-    A daily quota is *reserved* before the route runs and given back if the answer is
-    a 429, because [ASSUMED] a request refused with 429 does not spend the daily
-    quota (:data:`REFUSED_REQUESTS_SPEND_QUOTA`); reserving first keeps concurrent
-    requests from overdrawing it. Export volume is the size of the result files that
-    exports produced in the day window.
+    refused ones included [ASSUMED], so a client that hammers a throttled API stays
+    throttled. A daily quota is *reserved* before the route runs and given back if the
+    answer is a 429, because [ASSUMED] a request refused with 429 does not spend the
+    daily quota (:data:`REFUSED_REQUESTS_SPEND_QUOTA`); reserving first keeps
+    concurrent requests from overdrawing it. Export volume [ASSUMED: Demandbase
+    documents the 10 GB a day, not how it is measured] is the size of the result files
+    that exports produced in the day window, checked when an export is created.
 """
 
 from __future__ import annotations
