@@ -8,7 +8,8 @@ values are checked by the settings' own constraints, and a bad one exits 2 with 
 message naming the flag.
 
 :func:`run` serves on uvloop until SIGINT or SIGTERM, logs ``emulator_listening`` with
-the URL as one JSON line on stdout once bound, and returns 0 after a clean stop.
+the URL as one JSON line on stdout once bound, and returns 0 after a clean stop (1,
+after an ``emulator_bind_failed`` event, when the address is taken).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def _port(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT or SIGTERM; 0 after a clean stop, 2 for a bad flag value."""
+    """Serve until SIGINT or SIGTERM: 0 after a clean stop, 1 when the address cannot be
+    bound, 2 for a bad flag value."""
     import asyncio
 
     import uvloop
