@@ -117,8 +117,7 @@ def _port(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT or SIGTERM: 0 after a clean stop, 1 when the address cannot be
-    bound, 2 for a bad flag value."""
+    """Serve until SIGINT/SIGTERM: 0 on a clean stop, 1 if the address is taken, 2: bad flag."""
     import asyncio
 
     import uvloop
