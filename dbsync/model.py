@@ -118,7 +118,7 @@ class LedgerCounts(msgspec.Struct, frozen=True, kw_only=True):
     """Per-audience account accounting (ARCHITECTURE invariant 4); counts are rows.
 
     received      changes accepted by ingest (committed)
-    unchanged     changes that left desired state as it was (a repeat of the same state)
+    superseded    changes replaced by a later change to the same account before folding
     exported      rows uploaded with a 2xx
     acknowledged  rows of jobs Demandbase completed
     failed        rows of jobs Demandbase failed (sent again)
@@ -130,7 +130,7 @@ class LedgerCounts(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     received: int = 0
-    unchanged: int = 0
+    superseded: int = 0
     exported: int = 0
     acknowledged: int = 0
     failed: int = 0
