@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -67,8 +66,7 @@ class AudienceStatus(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str
 
 
-class ClientFactory(Protocol):
-    def __call__(self, plan: DestinationPlan) -> ImportClient: ...
+ClientFactory = Callable[[DestinationPlan], ImportClient]
 
 
 class _Running(msgspec.Struct, kw_only=True):
