@@ -868,6 +868,22 @@ class Store:
         fields = set(LedgerCounts.__struct_fields__)
         return LedgerCounts(**{counter: value for counter, value in rows if counter in fields})
 
+    async def ledger_imbalance(self, audience_id: str) -> int:
+        """exported - (acknowledged + failed + rows of jobs still processing); 0 balances.
+
+        One statement, so one snapshot: a batch moving between states cannot make a
+        balanced ledger look unbalanced.
+        """
+        rows = await self._read(
+            "SELECT"
+            " (SELECT TOTAL(value) FROM ledger WHERE audience_id = ?1 AND counter = 'exported')"
+            " - (SELECT TOTAL(value) FROM ledger WHERE audience_id = ?1"
+            "    AND counter IN ('acknowledged', 'failed'))"
+            " - (SELECT TOTAL(rows) FROM batches WHERE audience_id = ?1 AND state = 'uploaded')",
+            (audience_id,),
+        )
+        return int(rows[0][0])
+
     async def add_to_ledger(self, audience_id: str, **deltas: int) -> None:
         await self._in_transaction(lambda db: _count(db, audience_id, **deltas))
 

@@ -302,6 +302,14 @@ class Supervisor:
         for status in self.statuses():
             backlog = await self._store.backlog(status.audience_id)
             ledger = await self._store.ledger(status.audience_id)
+            imbalance = await self._store.ledger_imbalance(status.audience_id)
+            if imbalance:
+                # Rows uploaded that are neither acknowledged, failed nor still
+                # processing: something lost track of them. Never silence.
+                log.error(
+                    "ledger_imbalance",
+                    extra={"audience": status.audience_id, "unaccounted_rows": imbalance},
+                )
             log.info(
                 "audience_summary",
                 extra={
@@ -319,6 +327,7 @@ class Supervisor:
                     "rejected": backlog.rejected,
                     "jobs_in_flight": status.jobs_in_flight,
                     "ledger": msgspec.structs.asdict(ledger),
+                    "ledger_balanced": imbalance == 0,
                 },
             )
         for name, destination in sorted(self._destinations.items()):

@@ -312,3 +312,19 @@ async def test_the_folder_wakes_the_audiences_it_touched(store: Store) -> None:
     folder.cancel()
     await asyncio.gather(folder, return_exceptions=True)
     assert await store.pending_journal_rows() == 0
+
+
+async def test_the_ledger_balances_through_a_batch_life(store: Store) -> None:
+    await store.append_changes([change(k, True) for k in "ABC"])
+    await store.fold_pending()
+    batch = await store.plan_batch(AUDIENCE, ListAction.INSERT, 2)
+    assert batch is not None
+    await store.mark_created(batch.batch_id, 1)
+    await store.mark_uploaded(batch.batch_id)
+    assert await store.ledger_imbalance(AUDIENCE) == 0  # 2 exported, 2 processing
+    await store.fail_batch(batch.batch_id, "failed")
+    assert await store.ledger_imbalance(AUDIENCE) == 0  # 2 exported, 2 failed
+    await deliver(store, ListAction.INSERT)
+    assert await store.ledger_imbalance(AUDIENCE) == 0
+    await store.add_to_ledger(AUDIENCE, exported=1)  # a row nobody accounts for
+    assert await store.ledger_imbalance(AUDIENCE) == 1
