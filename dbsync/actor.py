@@ -68,6 +68,8 @@ T = TypeVar("T")
 _FAILED_AFTER = 8
 _BACKOFF_BASE_SECONDS = 1.0
 _BACKOFF_MAX_SECONDS = 300.0
+# A stopped destination (401/403) is tried again this often, in case it was fixed.
+_STOPPED_PROBE_SECONDS = 900.0
 # Learned job duration: exponentially weighted moving average of completed jobs.
 _JOB_SECONDS_WEIGHT = 0.3
 
@@ -122,12 +124,32 @@ class DeliveryStore(Protocol):
     ) -> None: ...
 
 
+async def wait_event(event: asyncio.Event, clock: Clock, seconds: float | None) -> bool:
+    """Wait until ``event`` is set or ``seconds`` pass on ``clock``; True if it was set."""
+    if event.is_set():
+        return True
+    if seconds is None or seconds == float("inf"):
+        await event.wait()
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (waiter, sleeper):
+            pending.cancel()
+        await asyncio.gather(waiter, sleeper, return_exceptions=True)
+    return event.is_set()
+
+
 class Destination:
     """What one destination's actors share: its client, its budget and whether it runs.
 
     A 401 that a fresh token does not cure, or a 403, *stops* the destination: every
-    actor of it holds its work (nothing is dropped) until the operator fixes the
-    credentials and reloads, which builds a new Destination.
+    actor of it holds its work (nothing is dropped). A reload with new credentials
+    builds a new Destination; without one, each actor probes again every
+    ``_STOPPED_PROBE_SECONDS`` (a permission granted in Demandbase's UI needs no
+    change on our side), and the first call that succeeds restarts the destination.
     """
 
     def __init__(self, name: str, client: ImportClient, budget: DestinationBudget) -> None:
@@ -159,8 +181,9 @@ class Destination:
         self.stopped_reason = ""
         self._running.set()
 
-    async def wait_running(self) -> None:
-        await self._running.wait()
+    async def wait_running(self, clock: Clock) -> None:
+        """Until the destination runs, or until it is time to probe it again."""
+        await wait_event(self._running, clock, _STOPPED_PROBE_SECONDS)
 
 
 class AudienceActor:
@@ -294,20 +317,7 @@ class AudienceActor:
 
     async def _wait(self, seconds: float | None) -> None:
         """Until woken, or ``seconds`` on the injected clock (None: until woken)."""
-        if self._wakeup.is_set():
-            self._wakeup.clear()
-            return
-        waiter = asyncio.ensure_future(self._wakeup.wait())
-        if seconds is None or seconds == float("inf"):
-            await waiter
-        else:
-            sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-            try:
-                await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for pending in (waiter, sleeper):
-                    pending.cancel()
-                await asyncio.gather(waiter, sleeper, return_exceptions=True)
+        await wait_event(self._wakeup, self._clock, seconds)
         self._wakeup.clear()
 
     # --- one delivery ----------------------------------------------------------------
@@ -317,7 +327,7 @@ class AudienceActor:
         return self._backlog.oldest_changed_at or self._clock.time()
 
     async def _deliver_next(self) -> None:
-        await self._destination.wait_running()
+        await self._destination.wait_running(self._clock)
         async with self._destination.budget.job(priority=self._priority()):
             task = asyncio.current_task()
             assert task is not None
@@ -480,7 +490,7 @@ class AudienceActor:
         """
         attempt = 0
         while True:
-            await self._destination.wait_running()
+            await self._destination.wait_running(self._clock)
             await self._destination.budget.spend(endpoint, priority=self._priority())
             await self._limiter.acquire()
             try:
@@ -528,6 +538,7 @@ class AudienceActor:
 
     async def _succeeded_call(self) -> None:
         self._failures = 0
+        self._destination.restart()  # a probe of a stopped destination went through
         if self.state in (AudienceState.FAILED, AudienceState.STOPPED):
             await self._set_state(AudienceState.PAUSED if self._paused else AudienceState.ACTIVE)
 

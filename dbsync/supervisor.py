@@ -200,6 +200,10 @@ class Supervisor:
             rebuilt = old is None or old.connection != plan.connection or old.limits != plan.limits
             if rebuilt:
                 await self._build_destination(plan)
+            else:
+                # A reload is the operator saying "try again": a destination stopped by
+                # a 401/403 may have been fixed on Demandbase's side.
+                self._destinations[plan.name].restart()
             for settings in plan.audiences:
                 # The list an audience feeds is fixed when it is first activated.
                 settings = msgspec.structs.replace(
