@@ -237,6 +237,8 @@ class Store:
         self._write_db: sqlite3.Connection | None = None
         self._read_db: aiosqlite.Connection | None = None
         self._appended = asyncio.Event()
+        # Audiences whose journal rows a snapshot folded: the folder wakes them.
+        self._folded_elsewhere: set[str] = set()
         self._commit_queue: list[tuple[list[tuple[Any, ...]], asyncio.Future[int]]] = []
         self._committer: asyncio.Task[None] | None = None
         self.transactions = 0  # write transactions committed, for tests and stats
@@ -502,9 +504,11 @@ class Store:
         journal is folded first, so that "current" includes changes not folded yet.
         """
 
+        folded: set[str] = set()
+
         def work(db: sqlite3.Connection) -> SnapshotResult:
-            while _fold_chunk(db, FOLD_CHUNK_ROWS):
-                pass
+            while chunk := _fold_chunk(db, FOLD_CHUNK_ROWS):
+                folded.update(chunk)
             current = {
                 row[0]: row
                 for row in db.execute(
@@ -529,6 +533,9 @@ class Store:
             )
 
         result = await self._in_transaction(work)
+        # Changes of other audiences folded here never reach the folder's fold: it must
+        # still wake their actors, or an idle one would not see them until its next change.
+        self._folded_elsewhere |= folded
         self._appended.set()
         return result
 
@@ -543,6 +550,9 @@ class Store:
             self._appended.clear()
             while folded := await self.fold_pending():
                 on_folded(set(folded))
+            if self._folded_elsewhere:
+                elsewhere, self._folded_elsewhere = self._folded_elsewhere, set()
+                on_folded(elsewhere)
 
     # --- delivery ------------------------------------------------------------------------
 
