@@ -273,7 +273,9 @@ class AudienceActor:
             # Batches left open by a previous run go first: their accounts are in
             # flight and would otherwise never be planned again.
             for batch in await self._store.open_batches(self.settings.audience_id):
-                self._spawn(deliveries, self._resume(batch), batch.batch_id)
+                # One Demandbase already processes is in flight: a stop lets it finish.
+                uploaded = batch.state is BatchState.UPLOADED
+                self._spawn(deliveries, self._resume(batch), batch.batch_id, carrying=uploaded)
             while not self._stopping:
                 if self._paused:
                     await self._set_state(AudienceState.PAUSED)
@@ -291,7 +293,14 @@ class AudienceActor:
                 await asyncio.sleep(0)
         self._log.info("actor_stopped", extra={"jobs_completed": self.jobs_completed})
 
-    def _spawn(self, group: asyncio.TaskGroup, work: Awaitable[None], label: object) -> None:
+    def _spawn(
+        self,
+        group: asyncio.TaskGroup,
+        work: Awaitable[None],
+        label: object,
+        *,
+        carrying: bool = False,
+    ) -> None:
         async def tracked() -> None:
             try:
                 await work
@@ -302,6 +311,8 @@ class AudienceActor:
 
         task = group.create_task(tracked(), name=f"delivery:{self.settings.audience_id}:{label}")
         self._deliveries.add(task)
+        if carrying:
+            self._carrying.add(task)
 
     async def _due_in(self) -> float:
         """Seconds until the backlog is due (0: now; inf: nothing pending)."""
