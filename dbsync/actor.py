@@ -419,8 +419,12 @@ class AudienceActor:
                 lambda: client.upload_import_data(job_id, data, list_action=batch.action),
             )
         except BadRequestError as exc:
-            await self._bisect(batch, exc)
-            return
+            # An attempt whose answer was lost (retried by us, or by aiohttp on a dropped
+            # kept-alive connection) may have been taken: the job then refuses the repeat
+            # ("data goes to a new job, once"), which says nothing of the rows.
+            if not await self._job_has_data(job_id):
+                await self._bisect(batch, exc)
+                return
         except NotFoundError:
             await self._store.abandon_batch(batch.batch_id, "job vanished before upload")
             return
@@ -430,6 +434,16 @@ class AudienceActor:
             extra={"batch_id": batch.batch_id, "job_id": job_id, "rows": len(batch.accounts)},
         )
         await self._finish(msgspec.structs.replace(batch, job_id=job_id))
+
+    async def _job_has_data(self, job_id: int) -> bool:
+        try:
+            job = await self._call(
+                Endpoint.IMPORT_JOB_STATUS,
+                lambda: self._destination.client.get_import_job(job_id),
+            )
+        except NotFoundError:
+            return False
+        return job.state != "new"
 
     async def _bisect(self, batch: Batch, error: BadRequestError) -> None:
         """Find the rows Demandbase refuses: halve until the culprit stands alone."""
