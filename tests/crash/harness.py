@@ -530,6 +530,15 @@ def read_store(database: Path) -> StoreView:
     )
 
 
+def batch_states(database: Path) -> dict[int, str]:
+    """Every batch the store ever planned, and its state."""
+    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10.0)
+    try:
+        return dict(db.execute("SELECT batch_id, state FROM batches").fetchall())
+    finally:
+        db.close()
+
+
 async def wait_until(
     condition: Callable[[], Awaitable[bool]], timeout_seconds: float, what: Callable[[], str]
 ) -> None:
