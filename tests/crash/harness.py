@@ -57,7 +57,10 @@ HEALTH_TIMEOUT_SECONDS = 30.0
 _HIGH_QUOTA = 1_000_000
 
 
-def emulator_settings() -> EmulatorSettings:
+BASE_FAULTS = Faults(latency_ms=5.0)
+
+
+def emulator_settings(faults: Faults = BASE_FAULTS) -> EmulatorSettings:
     """A tenant whose jobs take long enough to be in flight when a kill comes."""
     return EmulatorSettings(
         accounts=1_000,
@@ -70,7 +73,7 @@ def emulator_settings() -> EmulatorSettings:
         import_list_per_day=_HIGH_QUOTA,
         # Jobs of a killed daemon keep processing while the next one starts its own.
         concurrent_import_jobs=100,
-        faults=Faults(latency_ms=5.0),
+        faults=faults,
     )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiohttp
-import msgspec
 import pytest
 
 from dbsync.demandbase.emulator import Emulator, Faults
@@ -50,9 +49,7 @@ async def test_answers_dropped_after_the_upload_took_effect_reject_nothing(
     Result: no account is set aside as rejected, every removal reaches its list, exit
     0 with a settled store and a balanced ledger.
     """
-    settings = msgspec.structs.replace(
-        emulator_settings(), faults=Faults(latency_ms=5.0, reset_ratio=0.25)
-    )
+    settings = emulator_settings(Faults(latency_ms=5.0, reset_ratio=0.25))
     emulator = Emulator(settings)
     pool = tenant_accounts(emulator, 12)
     ingest_port = free_port()
