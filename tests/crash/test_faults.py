@@ -40,7 +40,7 @@ CONVERGE_SECONDS = 25.0
 async def test_answers_dropped_after_the_upload_took_effect_reject_nothing(
     tmp_path: Path,
 ) -> None:
-    """1. Demandbase drops the connection of 25 % of requests after they took effect
+    """1. Demandbase drops the connection of 15 % of requests after they took effect
        (job created, upload taken, status read), without an answer.
     2. The daemon sends one account per job (max_records 1): 12 joins per audience;
        wait until every list holds them.
@@ -49,7 +49,7 @@ async def test_answers_dropped_after_the_upload_took_effect_reject_nothing(
     Result: no account is set aside as rejected, every removal reaches its list, exit
     0 with a settled store and a balanced ledger.
     """
-    settings = emulator_settings(Faults(latency_ms=5.0, reset_ratio=0.25))
+    settings = emulator_settings(Faults(latency_ms=5.0, reset_ratio=0.15))
     emulator = Emulator(settings)
     pool = tenant_accounts(emulator, 12)
     ingest_port = free_port()
