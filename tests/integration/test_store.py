@@ -12,7 +12,7 @@ import pytest
 from dbsync.clock import FakeClock
 from dbsync.errors import StoreError
 from dbsync.model import Account, AudienceState, BatchState, Change, ListAction
-from dbsync.store import AudienceSpec, Store
+from dbsync.store import _MIGRATIONS, AudienceSpec, Store
 
 AUDIENCE = "aud-1"
 
@@ -51,7 +51,7 @@ async def test_a_new_file_is_created_and_migrated(tmp_path: Path, clock: FakeClo
     async with Store.open(path, clock=clock):
         pass
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS)
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     async with Store.open(path, clock=clock):  # opening an existing v1 file works
         pass
