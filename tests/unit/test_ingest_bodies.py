@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from dbsync.ingest.bodies import (
-    CHUNK_LINES,
+    CHUNK_BYTES,
     ChangeIn,
     Items,
     Rejected,
@@ -82,20 +82,22 @@ def test_epoch_seconds_refuses_what_is_not_a_time(value: object) -> None:
 
 
 async def test_ndjson_decodes_every_line_across_chunks() -> None:
-    count = CHUNK_LINES + 5
+    count = 2 * CHUNK_BYTES // len(line("000000")) + 5
     body = b"\n".join(line(f"{i:06d}") for i in range(count)) + b"\n"
 
     batches = await ndjson(body)
 
-    assert len(batches) == 2
+    assert len(batches) == 3
     assert [item.account.external_id for b in batches for item in b.items] == [
         f"{i:06d}" for i in range(count)
     ]
-    assert batches[1].field(0, "ts") == f"line {CHUNK_LINES + 1}: ts"
+    first = len(batches[0].items)
+    assert batches[1].field(0, "ts") == f"line {first + 1}: ts"
+    assert batches[1].field(1, "ts") == f"line {first + 2}: ts"
 
 
 async def test_ndjson_gives_the_loop_a_turn_between_chunks() -> None:
-    body = b"\n".join(line(f"{i:06d}") for i in range(3 * CHUNK_LINES))
+    body = b"\n".join(line(f"{i:06d}") for i in range(3 * CHUNK_BYTES // len(line("000000"))))
     turns = 0
     decoding = True
 
@@ -111,8 +113,8 @@ async def test_ndjson_gives_the_loop_a_turn_between_chunks() -> None:
     decoding = False
     await counter
 
-    assert len(batches) == 3
-    assert turns >= 3
+    assert len(batches) >= 3
+    assert turns >= len(batches)
 
 
 async def test_ndjson_skips_blank_lines_and_crlf_but_counts_them() -> None:
