@@ -83,7 +83,9 @@ def measure_raw_upsert(rows: Sequence[Row], path: Path, *, batch: int = 10_000) 
         db.close()
 
 
-async def measure_store(rows: Sequence[Row], path: Path, *, batch: int, callers: int) -> None:
+async def measure_store(
+    rows: Sequence[Row], path: Path, *, batch: int, callers: int, fold_chunk: int
+) -> None:
     changes = [
         Change(
             audience_id=audience,
@@ -120,7 +122,7 @@ async def measure_store(rows: Sequence[Row], path: Path, *, batch: int, callers:
 
         started = time.perf_counter()
         chunks = 0
-        while await store.fold_pending():
+        while await store.fold_pending(max_rows=fold_chunk):
             chunks += 1
         fold_seconds = time.perf_counter() - started
         report("store fold_pending", len(rows) / fold_seconds)
@@ -157,6 +159,7 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=3_000_000)
     parser.add_argument("--batch", type=int, default=10_000, help="rows per transaction/request")
     parser.add_argument("--callers", type=int, default=4, help="concurrent append_changes callers")
+    parser.add_argument("--fold-chunk", type=int, default=50_000, help="rows per fold")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
 
@@ -166,7 +169,13 @@ def main() -> None:
         RAW.append(measure_raw_upsert(rows, Path(tmp) / "raw.db", batch=args.batch))
         report("raw sqlite3 upsert", RAW[0])
         uvloop.run(
-            measure_store(rows, Path(tmp) / "store.db", batch=args.batch, callers=args.callers)
+            measure_store(
+                rows,
+                Path(tmp) / "store.db",
+                batch=args.batch,
+                callers=args.callers,
+                fold_chunk=args.fold_chunk,
+            )
         )
 
 
