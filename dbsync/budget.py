@@ -216,8 +216,12 @@ class DestinationBudget:
         if retry_after is not None and retry_after > 0:
             self._hold_until = max(self._hold_until, now + retry_after)
         # Several requests in flight often meet the same burst; one halving per second
-        # keeps a single burst from collapsing the pace to its floor.
-        if now - self._last_throttle >= 1.0:
+        # keeps a single burst from collapsing the pace to its floor. Note the throttle
+        # before awaiting the store: the others of the burst arrive during that await.
+        decrease = now - self._last_throttle >= 1.0
+        self._last_throttle = now
+        self._last_recovery = now
+        if decrease:
             floor = self.limits.requests_per_minute * _MIN_PACE_SHARE
             self._set_pace(max(floor, self._pace * _DECREASE_FACTOR))
             await self._store.save_pace(self.destination, self._pace)
@@ -225,8 +229,6 @@ class DestinationBudget:
                 "pace_decreased",
                 extra={"destination": self.destination, "requests_per_minute": self._pace},
             )
-        self._last_throttle = now
-        self._last_recovery = now
 
     def snapshot(self) -> BudgetSnapshot:
         used = self._used
