@@ -411,8 +411,10 @@ class Store:
         db = self._read_db
         assert db is not None, "the store is closed"
         try:
-            async with db.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+            # One hop to the connection's thread: the statement runs to its end before
+            # another read starts. Executing and fetching in two hops would let other
+            # reads run while it is open, and they would all share its old snapshot.
+            return list(await db.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise StoreError(f"read failed: {exc}") from exc
 

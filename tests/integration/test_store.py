@@ -110,6 +110,31 @@ async def test_accepted_changes_survive_a_reopen(tmp_path: Path, clock: FakeCloc
         assert len(await store.desired_members(AUDIENCE)) == 50
 
 
+async def test_a_read_sees_every_commit_before_it_while_other_reads_overlap(
+    store: Store,
+) -> None:
+    """Every actor reads its backlog on the one read connection at once. A read that
+    starts after a commit must see it, however the other reads interleave: were a
+    read's statement left open between two hops to the connection's thread, the
+    others would share its old snapshot, and an actor woken for new changes would
+    find none and sleep on them."""
+    stop = asyncio.Event()
+
+    async def reader() -> None:
+        while not stop.is_set():
+            await store.backlog(AUDIENCE)
+
+    readers = [asyncio.create_task(reader()) for _ in range(8)]
+    try:
+        for i in range(30):
+            await store.append_changes([change(f"K{i}", True)])
+            await store.fold_pending()
+            assert (await store.backlog(AUDIENCE)).inserts == i + 1, f"stale after {i} commits"
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
+
+
 async def test_a_thousand_flips_fold_into_one_row(store: Store) -> None:
     flips = [change("FLIP", i % 2 == 1, ts=float(i)) for i in range(1000)]
     await store.append_changes(flips)

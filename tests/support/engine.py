@@ -441,9 +441,12 @@ class Engine:
     async def _state(self, lists: Mapping[str, str] | None) -> str:
         ids = list(lists) if lists is not None else [a.id for a in self.audiences]
         backlogs = {a: await self.store.backlog(a) for a in ids}
+        actors = {s.audience_id: s for s in self.supervisor.statuses() if s.audience_id in ids}
+        destination = self.supervisor.destination(DESTINATION)
+        budget = destination.budget.snapshot() if destination is not None else None
         return (
             f"journal={await self.store.pending_journal_rows()} backlogs={backlogs}"
-            f" differences={await self.differences(lists)}"
+            f" differences={await self.differences(lists)} actors={actors} budget={budget}"
         )
 
 
