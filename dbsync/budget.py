@@ -124,7 +124,9 @@ class DestinationBudget:
         self._clock = clock
         self._changed = asyncio.Condition()
         self._job_queue = _Queue(self._changed)
-        self._quota_queue = _Queue(self._changed)
+        # One queue per endpoint: a creation waiting for tomorrow's quota must not hold
+        # back the uploads and status reads of jobs already running, which have room.
+        self._quota_queues = {endpoint: _Queue(self._changed) for endpoint in limits.daily}
         self._window = self._current_window()
         self._used: dict[str, int] = {}
         self._next_used: dict[str, int] = {}
@@ -165,7 +167,9 @@ class DestinationBudget:
     async def spend(self, endpoint: Endpoint, *, priority: float = 0.0) -> None:
         """Wait for room in ``endpoint``'s daily quota and the pace, then charge one call."""
         if endpoint in self.limits.daily:
-            await self._quota_queue.wait_turn(priority, lambda: self._room(endpoint) > 0)
+            await self._quota_queues[endpoint].wait_turn(
+                priority, lambda: self._room(endpoint) > 0
+            )
             await self._charge(endpoint)
         await self._pace_gate()
 

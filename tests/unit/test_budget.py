@@ -76,6 +76,22 @@ async def test_spending_stops_at_the_daily_quota_and_resumes_next_window(clock: 
     await asyncio.gather(keeper, return_exceptions=True)
 
 
+async def test_an_endpoint_waiting_for_tomorrow_does_not_hold_back_another(
+    clock: FakeClock,
+) -> None:
+    """Job creations are spent for today; a status read of a running job must still
+    pass, or the job could never complete and free its slot."""
+    daily = {Endpoint.IMPORT_CREATE_JOB: 1, Endpoint.IMPORT_JOB_STATUS: 5}
+    budget = await opened(DestinationBudget("d", limits(daily=daily), MemoryQuotaStore(), clock))
+    await budget.spend(Endpoint.IMPORT_CREATE_JOB)
+    tomorrow = asyncio.create_task(budget.spend(Endpoint.IMPORT_CREATE_JOB, priority=0.0))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(budget.spend(Endpoint.IMPORT_JOB_STATUS, priority=1.0), 1)
+    assert not tomorrow.done()
+    tomorrow.cancel()
+    await asyncio.gather(tomorrow, return_exceptions=True)
+
+
 async def test_spending_is_persisted_before_the_request_and_survives_a_restart(
     clock: FakeClock,
 ) -> None:
