@@ -167,9 +167,7 @@ class DestinationBudget:
     async def spend(self, endpoint: Endpoint, *, priority: float = 0.0) -> None:
         """Wait for room in ``endpoint``'s daily quota and the pace, then charge one call."""
         if endpoint in self.limits.daily:
-            await self._quota_queues[endpoint].wait_turn(
-                priority, lambda: self._room(endpoint) > 0
-            )
+            await self._quota_queues[endpoint].wait_turn(priority, lambda: self._room(endpoint) > 0)
             await self._charge(endpoint)
         await self._pace_gate()
 

@@ -74,9 +74,9 @@ async def test_daily_quotas_are_spent_day_after_day_and_never_overdrawn(
             math.floor(job.created_at / DAY_SECONDS) for job in emulator.tenant.import_jobs
         )
         whole_days = {day: jobs_per_day[day] for day in range(first_day, first_day + days)}
-        assert all(
-            0.75 * ALLOWED_JOBS <= jobs <= JOBS_PER_DAY for jobs in whole_days.values()
-        ), whole_days
+        assert all(0.75 * ALLOWED_JOBS <= jobs <= JOBS_PER_DAY for jobs in whole_days.values()), (
+            whole_days
+        )
 
         destination = engine.supervisor.destination(DESTINATION)
         assert destination is not None
