@@ -664,35 +664,11 @@ class Store:
             ).fetchall()
             if not picked:
                 return None
-            batch_id = db.execute(
-                "INSERT INTO batches (audience_id, action, state, rows, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (audience_id, action, BatchState.PLANNED, len(picked), now, now),
-            ).lastrowid
-            assert batch_id is not None
-            db.executemany(
-                "INSERT INTO batch_items (batch_id, external_id, seq) VALUES (?, ?, ?)",
-                [(batch_id, key, seq) for key, _, _, seq in picked],
-            )
-            db.executemany(
-                "UPDATE membership SET in_flight = ? WHERE audience_id = ? AND external_id = ?",
-                [(batch_id, audience_id, key) for key, _, _, _ in picked],
-            )
             if action is ListAction.INSERT:
                 _queue(db, audience_id, inserts=-len(picked))
             else:
                 _queue(db, audience_id, deletes=-len(picked))
-            return Batch(
-                batch_id=batch_id,
-                audience_id=audience_id,
-                action=action,
-                state=BatchState.PLANNED,
-                accounts=tuple(
-                    Account(external_id=key, name=name, domain=domain)
-                    for key, name, domain, _ in picked
-                ),
-                created_at=now,
-            )
+            return _open_batch(db, audience_id, action, picked, now)
 
         return await self._in_transaction(work)
 
@@ -811,7 +787,7 @@ class Store:
                 "SELECT action FROM batches WHERE batch_id = ?", (batch_id,)
             ).fetchone()
             items = db.execute(
-                "SELECT i.external_id, i.seq, m.name, m.domain FROM batch_items i"
+                "SELECT i.external_id, m.name, m.domain, i.seq FROM batch_items i"
                 " JOIN membership m ON m.audience_id = ? AND m.external_id = i.external_id"
                 " WHERE i.batch_id = ? ORDER BY i.external_id",
                 (audience_id, batch_id),
@@ -821,35 +797,11 @@ class Store:
                 (BatchState.ABANDONED, now, batch_id),
             )
             middle = len(items) // 2
-            halves = []
-            for part in (items[:middle], items[middle:]):
-                new_id = db.execute(
-                    "INSERT INTO batches (audience_id, action, state, rows, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (audience_id, action, BatchState.PLANNED, len(part), now, now),
-                ).lastrowid
-                assert new_id is not None
-                db.executemany(
-                    "INSERT INTO batch_items (batch_id, external_id, seq) VALUES (?, ?, ?)",
-                    [(new_id, key, seq) for key, seq, _, _ in part],
-                )
-                db.executemany(
-                    "UPDATE membership SET in_flight = ? WHERE audience_id = ? AND external_id = ?",
-                    [(new_id, audience_id, key) for key, _, _, _ in part],
-                )
-                halves.append(
-                    Batch(
-                        batch_id=new_id,
-                        audience_id=audience_id,
-                        action=ListAction(action),
-                        state=BatchState.PLANNED,
-                        accounts=tuple(
-                            Account(external_id=k, name=n, domain=d) for k, _, n, d in part
-                        ),
-                        created_at=now,
-                    )
-                )
-            return halves[0], halves[1]
+            action = ListAction(action)
+            return (
+                _open_batch(db, audience_id, action, items[:middle], now),
+                _open_batch(db, audience_id, action, items[middle:], now),
+            )
 
         return await self._in_transaction(work)
 
@@ -1050,6 +1002,40 @@ class Store:
 
 
 # --- statements used inside writer transactions ----------------------------------------------
+
+
+def _open_batch(
+    db: sqlite3.Connection,
+    audience_id: str,
+    action: ListAction,
+    accounts: Sequence[tuple[str, str, str, int]],
+    now: float,
+) -> Batch:
+    """A new planned batch of ``accounts`` (external id, name, domain, seq), in flight."""
+    batch_id = db.execute(
+        "INSERT INTO batches (audience_id, action, state, rows, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (audience_id, action, BatchState.PLANNED, len(accounts), now, now),
+    ).lastrowid
+    assert batch_id is not None
+    db.executemany(
+        "INSERT INTO batch_items (batch_id, external_id, seq) VALUES (?, ?, ?)",
+        [(batch_id, key, seq) for key, _, _, seq in accounts],
+    )
+    db.executemany(
+        "UPDATE membership SET in_flight = ? WHERE audience_id = ? AND external_id = ?",
+        [(batch_id, audience_id, key) for key, _, _, _ in accounts],
+    )
+    return Batch(
+        batch_id=batch_id,
+        audience_id=audience_id,
+        action=action,
+        state=BatchState.PLANNED,
+        accounts=tuple(
+            Account(external_id=key, name=name, domain=domain) for key, name, domain, _ in accounts
+        ),
+        created_at=now,
+    )
 
 
 def _insert_changes(
