@@ -186,13 +186,8 @@ class DestinationBudget:
             )
 
         await self._job_queue.wait_turn(priority, ready)
-        self._jobs_in_flight += 1
-        try:
+        async with self._slot():
             yield
-        finally:
-            self._jobs_in_flight -= 1
-            async with self._changed:
-                self._changed.notify_all()
 
     @asynccontextmanager
     async def resumed_job(self) -> AsyncIterator[None]:
@@ -201,6 +196,11 @@ class DestinationBudget:
         It is taken without waiting (Demandbase already counts that job), so the
         destination may briefly hold more than its cap; new jobs wait until it drains.
         """
+        async with self._slot():
+            yield
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
         self._jobs_in_flight += 1
         try:
             yield
