@@ -245,15 +245,6 @@ class DestinationBudget:
             throttled=self.throttled,
         )
 
-    def wake(self) -> None:
-        """Re-check every waiter (called by the supervisor after a reload, for instance)."""
-
-        async def _notify() -> None:
-            async with self._changed:
-                self._changed.notify_all()
-
-        asyncio.get_running_loop().create_task(_notify(), name=f"budget-wake:{self.destination}")
-
     # --- internals -------------------------------------------------------------------
 
     def _current_window(self) -> int:
