@@ -272,8 +272,8 @@ async def test_kill9_at_random_moments_of_delivery_loses_nothing(tmp_path: Path,
     await _kill9_scenario(tmp_path, seed, iterations=8)
 
 
-# The long variant: `pytest -m slow`, DBSYNC_CRASH_ITERATIONS=200 for a soak. The
-# default run includes it (pyproject's addopts does not deselect slow), hence its size.
+# The long variant, out of the default run: `pytest -m slow`, with
+# DBSYNC_CRASH_ITERATIONS=200 for a soak.
 SLOW_ITERATIONS = int(os.environ.get("DBSYNC_CRASH_ITERATIONS", "20"))
 
 
