@@ -4,9 +4,10 @@ The integration tests of the engine run :class:`~dbsync.daemon.Daemon` in proces
 a task beside the test, against the emulator on loopback and a real SQLite file under
 ``tmp_path``. This module holds what they share:
 
-- :func:`write_config` writes the daemon's ``config.toml`` (and the token file) for an
-  emulator's base URL, a few audiences and the limits, delivery and flush settings a
-  scenario needs; everything not given is fast and far from any limit;
+- :func:`write_config` writes the daemon's ``config.toml`` (and the token file, or an
+  :class:`ApiKeySet`'s two files) for an emulator's base URL, a few audiences and the
+  limits, delivery and flush settings a scenario needs; everything not given is fast
+  and far from any limit;
 - :func:`running_daemon` starts ``Daemon.run()`` as a task, yields the daemon once it
   is ready, and on exit asks for a graceful stop and checks that it exited 0;
 - :class:`Cdp` sends changes the three ways a CDP can (native NDJSON, AEP profile
@@ -50,6 +51,7 @@ from tests.support.emulator import TOKEN, EmulatorApi, running_emulator
 
 __all__ = [
     "DESTINATION",
+    "ApiKeySet",
     "AudienceConfig",
     "Cdp",
     "Engine",
@@ -129,6 +131,14 @@ class AudienceConfig:
         return self.list_name or self.display_name
 
 
+@dataclass(frozen=True)
+class ApiKeySet:
+    """API Key Set credentials (``client_id`` and ``client_secret``); the emulator's defaults."""
+
+    client_id: str = "emulator-client"
+    client_secret: str = "emulator-secret"
+
+
 def write_config(
     directory: Path,
     base_url: str,
@@ -137,22 +147,23 @@ def write_config(
     limits: Mapping[str, float] | None = None,
     delivery: Mapping[str, float] | None = None,
     daemon: Mapping[str, float] | None = None,
+    api_key_set: ApiKeySet | None = None,
 ) -> Path:
-    """``directory/config.toml`` (and its token file) for the emulator at ``base_url``.
+    """``directory/config.toml`` (and its secret files) for the emulator at ``base_url``.
 
     ``limits``, ``delivery`` and ``daemon`` override keys of ``[destinations.limits]``,
-    ``[destinations.delivery]`` and ``[daemon]``, named exactly as in config.toml. State
+    ``[destinations.delivery]`` and ``[daemon]``, named exactly as in config.toml. The
+    credentials are the emulator's legacy token, or ``api_key_set`` when given. State
     goes to ``directory/state``; writing again (a reload) keeps it.
     """
-    token_file = directory / "emulator-token"
-    token_file.write_text(TOKEN + "\n")
+    credentials = _write_credentials(directory, api_key_set)
     daemon_keys = {"state_dir": str(directory / "state"), **DEFAULT_DAEMON, **(daemon or {})}
     tables = [
         _table("daemon", daemon_keys),
         _table("ingest", {"host": "127.0.0.1", "port": 0}),
         "[[destinations]]\n"
         + _keys({"name": DESTINATION, "base_url": base_url, "request_timeout_seconds": 10}),
-        _table("destinations.credentials", {"token": {"file": str(token_file)}}),
+        _table("destinations.credentials", credentials),
         _table("destinations.limits", {**DEFAULT_LIMITS, **(limits or {})}),
         _table("destinations.delivery", {**DEFAULT_DELIVERY, **(delivery or {})}),
     ]
@@ -178,6 +189,20 @@ def write_config(
     path = directory / "config.toml"
     path.write_text("\n".join(tables))
     return path
+
+
+def _write_credentials(directory: Path, api_key_set: ApiKeySet | None) -> dict[str, object]:
+    """Write the secret files; the ``[destinations.credentials]`` keys that refer to them."""
+    if api_key_set is None:
+        secrets = {"token": TOKEN}
+    else:
+        secrets = {"client_id": api_key_set.client_id, "client_secret": api_key_set.client_secret}
+    keys: dict[str, object] = {}
+    for key, secret in secrets.items():
+        path = directory / ("emulator-token" if key == "token" else f"emulator-{key}")
+        path.write_text(secret + "\n")
+        keys[key] = {"file": str(path)}
+    return keys
 
 
 def _table(name: str, keys: Mapping[str, object]) -> str:
@@ -464,11 +489,21 @@ async def running_engine(
     limits: Mapping[str, float] | None = None,
     delivery: Mapping[str, float] | None = None,
     daemon: Mapping[str, float] | None = None,
+    api_key_set: ApiKeySet | None = None,
 ) -> AsyncIterator[Engine]:
-    """An emulator (``tenant``, by default :func:`fast_tenant`), then a daemon feeding it."""
+    """An emulator (``tenant``, by default :func:`fast_tenant`), then a daemon feeding it.
+
+    The daemon authenticates with the legacy token, or with ``api_key_set`` when given.
+    """
     async with running_emulator(tenant or fast_tenant()) as emulator:
         config = write_config(
-            directory, emulator.url, audiences, limits=limits, delivery=delivery, daemon=daemon
+            directory,
+            emulator.url,
+            audiences,
+            limits=limits,
+            delivery=delivery,
+            daemon=daemon,
+            api_key_set=api_key_set,
         )
         async with running_daemon(config) as running:
             yield Engine(emulator, running, audiences)
