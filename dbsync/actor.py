@@ -124,22 +124,38 @@ class DeliveryStore(Protocol):
     ) -> None: ...
 
 
-async def wait_event(event: asyncio.Event, clock: Clock, seconds: float | None) -> bool:
-    """Wait until ``event`` is set or ``seconds`` pass on ``clock``; True if it was set."""
-    if event.is_set():
-        return True
-    if seconds is None or seconds == float("inf"):
-        await event.wait()
-        return True
-    waiter = asyncio.ensure_future(event.wait())
-    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+async def wait_event(
+    event: asyncio.Event,
+    clock: Clock,
+    seconds: float | None,
+    *,
+    unless: asyncio.Event | None = None,
+) -> bool:
+    """Wait until ``event`` (or ``unless``) is set or ``seconds`` pass on ``clock``.
+
+    True if ``event`` was set.
+    """
+    events = [e for e in (event, unless) if e is not None]
+    if any(e.is_set() for e in events):
+        return event.is_set()
+    waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(e.wait()) for e in events]
+    if seconds is not None and seconds != float("inf"):
+        waiters.append(asyncio.ensure_future(clock.sleep(seconds)))
     try:
-        await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for pending in (waiter, sleeper):
+        for pending in waiters:
             pending.cancel()
-        await asyncio.gather(waiter, sleeper, return_exceptions=True)
+        await asyncio.gather(*waiters, return_exceptions=True)
     return event.is_set()
+
+
+class _HeldBack(Exception):
+    """A delivery waited for a stopped destination when its actor was told to stop.
+
+    Nothing runs at Demandbase for it that a drain could wait for: its batch stays open
+    in the store, and the next start resumes it.
+    """
 
 
 class Destination:
@@ -181,9 +197,9 @@ class Destination:
         self.stopped_reason = ""
         self._running.set()
 
-    async def wait_running(self, clock: Clock) -> None:
-        """Until the destination runs, or until it is time to probe it again."""
-        await wait_event(self._running, clock, _STOPPED_PROBE_SECONDS)
+    async def wait_running(self, clock: Clock, *, unless: asyncio.Event | None = None) -> None:
+        """Until the destination runs, it is time to probe it again, or ``unless`` is set."""
+        await wait_event(self._running, clock, _STOPPED_PROBE_SECONDS, unless=unless)
 
 
 class AudienceActor:
@@ -210,7 +226,7 @@ class AudienceActor:
         self._wakeup = asyncio.Event()
         self._flush_requested = False
         self._paused = settings.paused
-        self._stopping = False
+        self._stopping = asyncio.Event()
         self._deliveries: set[asyncio.Task[None]] = set()
         # Deliveries past their job slot: they carry (or are planning) a batch and are
         # let finish on stop; the others only wait in the queue and are cancelled.
@@ -244,7 +260,7 @@ class AudienceActor:
 
     def stop(self) -> None:
         """Finish the jobs in flight, start no new one, and return from :meth:`run`."""
-        self._stopping = True
+        self._stopping.set()
         for task in self._deliveries - self._carrying:
             task.cancel()
         self._wakeup.set()
@@ -276,7 +292,7 @@ class AudienceActor:
                 # One Demandbase already processes is in flight: a stop lets it finish.
                 uploaded = batch.state is BatchState.UPLOADED
                 self._spawn(deliveries, self._resume(batch), batch.batch_id, carrying=uploaded)
-            while not self._stopping:
+            while not self._stopping.is_set():
                 if self._paused:
                     await self._set_state(AudienceState.PAUSED)
                     await self._wait(None)
@@ -304,6 +320,8 @@ class AudienceActor:
         async def tracked() -> None:
             try:
                 await work
+            except _HeldBack:
+                pass
             finally:
                 self._deliveries.discard(task)
                 self._carrying.discard(task)
@@ -343,7 +361,7 @@ class AudienceActor:
             task = asyncio.current_task()
             assert task is not None
             self._carrying.add(task)
-            if self._stopping:
+            if self._stopping.is_set():
                 return
             batch = await self._plan()
             if batch is None:
@@ -515,7 +533,9 @@ class AudienceActor:
         """
         attempt = 0
         while True:
-            await self._destination.wait_running(self._clock)
+            await self._destination.wait_running(self._clock, unless=self._stopping)
+            if self._stopping.is_set() and not self._destination.is_running:
+                raise _HeldBack
             await self._destination.budget.spend(endpoint, priority=self._priority())
             await self._limiter.acquire()
             try:

@@ -30,9 +30,6 @@ from tests.support.engine import (
 
 AUDIENCE = AudienceConfig("failures", max_records=100, max_age_seconds=0.05)
 TIMEOUT = 10.0
-# A stopped destination's actor holds its planned batch until the drain deadline; a
-# short one keeps the daemon's stop at the end of a test quick.
-SHORT_DRAIN = {"drain_seconds": 0.5}
 
 
 def delivered_rows(engine: Engine, tmp_path: Path) -> int:
@@ -46,6 +43,13 @@ def delivered_rows(engine: Engine, tmp_path: Path) -> int:
 
 def stopped_events(caplog: pytest.LogCaptureFixture) -> list[pytest.LogRecord]:
     return [r for r in caplog.records if r.getMessage() == "destination_stopped"]
+
+
+def assert_stopped_without_waiting_for_the_destination(caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon stopped gracefully (running_engine checked exit 0) without waiting out
+    its drain: nothing runs at Demandbase while the destination is stopped, so a planned
+    batch stays open for the next start instead of holding the stop."""
+    assert "drain_deadline_exceeded" not in [r.getMessage() for r in caplog.records]
 
 
 async def wait_stopped(engine: Engine) -> None:
@@ -153,7 +157,7 @@ async def test_a_refused_legacy_token_stops_the_destination_and_keeps_the_backlo
     delivered or exported, and all 30 accounts are still pending or in flight; ingest
     still answers 202 (and health 200): the daemon runs on."""
     tenant = fast_tenant(token="a-token-the-daemon-does-not-have")
-    async with running_engine(tmp_path, [AUDIENCE], tenant=tenant, daemon=SHORT_DRAIN) as engine:
+    async with running_engine(tmp_path, [AUDIENCE], tenant=tenant) as engine:
         accounts = await engine.tenant_accounts(30)
         await engine.cdp.changes([(AUDIENCE.id, account, True) for account in accounts[:20]])
         await wait_stopped(engine)
@@ -185,6 +189,7 @@ async def test_a_refused_legacy_token_stops_the_destination_and_keeps_the_backlo
         assert await engine.lists() == {}
         assert engine.emulator.emulator.stats()["answers_by_status"].keys() == {"401"}
         assert len(stopped_events(caplog)) == 1
+    assert_stopped_without_waiting_for_the_destination(caplog)
 
 
 async def test_a_403_stops_the_destination_naming_the_missing_permission(
@@ -196,7 +201,7 @@ async def test_a_403_stops_the_destination_naming_the_missing_permission(
     event carries ``missing_permission = "Import Data"``; the 20 accounts are still
     pending or in flight, none delivered, none rejected."""
     tenant = fast_tenant(permissions=frozenset({"export"}))
-    async with running_engine(tmp_path, [AUDIENCE], tenant=tenant, daemon=SHORT_DRAIN) as engine:
+    async with running_engine(tmp_path, [AUDIENCE], tenant=tenant) as engine:
         accounts = await engine.tenant_accounts(20)
         await engine.cdp.changes([(AUDIENCE.id, account, True) for account in accounts])
         await wait_stopped(engine)
@@ -218,3 +223,4 @@ async def test_a_403_stops_the_destination_naming_the_missing_permission(
         assert (ledger.exported, ledger.acknowledged, ledger.rejected) == (0, 0, 0)
         assert await engine.lists() == {}
         assert engine.emulator.emulator.stats()["answers_by_status"].keys() == {"403"}
+    assert_stopped_without_waiting_for_the_destination(caplog)
