@@ -60,19 +60,12 @@ def build_plans(config: Config, credentials: dict[str, Credentials]) -> list[Des
     for destination in config.destinations:
         limits = destination.limits
         delivery = destination.delivery
-        # The credentials' fingerprint, never the secret: it only tells the supervisor
-        # on reload that they changed, so that the client is rebuilt.
-        connection = "|".join(
-            (
-                destination.base_url,
-                str(destination.request_timeout_seconds),
-                credentials[destination.name].fingerprint,
-            )
-        )
         plans.append(
             DestinationPlan(
                 name=destination.name,
-                connection=connection,
+                base_url=destination.base_url,
+                request_timeout_seconds=destination.request_timeout_seconds,
+                credentials=credentials[destination.name],
                 limits=BudgetLimits(
                     requests_per_minute=limits.requests_per_minute,
                     daily={
@@ -164,8 +157,9 @@ class Daemon:
                 build_plans(config, credentials),
                 store=store,
                 clock=self._clock,
-                client_factory=_client_factory(session, config, credentials, self._clock),
+                client_factory=_client_factory(session, self._clock),
                 summary_interval_seconds=config.daemon.summary_interval_seconds,
+                stop_timeout_seconds=config.daemon.drain_seconds,
             )
             ingest = IngestServer(
                 store,
@@ -255,16 +249,12 @@ def _load_all_credentials(config: Config) -> dict[str, Credentials]:
 
 
 def _client_factory(
-    session: aiohttp.ClientSession,
-    config: Config,
-    credentials: dict[str, Credentials],
-    clock: Clock,
+    session: aiohttp.ClientSession, clock: Clock
 ) -> Callable[[DestinationPlan], ImportClient]:
-    destinations = {d.name: d for d in config.destinations}
+    """Clients built from the plan alone, so that a reload's new URL or secret is used."""
 
     def build(plan: DestinationPlan) -> ImportClient:
-        destination = destinations[plan.name]
-        secret = credentials[plan.name]
+        secret = plan.credentials
         auth: TokenSource
         if secret.token is not None:
             auth = LegacyToken(secret.token)
@@ -273,17 +263,14 @@ def _client_factory(
             assert secret.client_secret is not None
             auth = ApiKeyTokenSource(
                 session,
-                destination.base_url,
+                plan.base_url,
                 secret.client_id,
                 secret.client_secret,
                 clock=clock,
-                timeout_seconds=destination.request_timeout_seconds,
+                timeout_seconds=plan.request_timeout_seconds,
             )
         return DemandbaseClient(
-            session,
-            destination.base_url,
-            auth,
-            timeout_seconds=destination.request_timeout_seconds,
+            session, plan.base_url, auth, timeout_seconds=plan.request_timeout_seconds
         )
 
     return build

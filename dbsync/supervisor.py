@@ -31,6 +31,7 @@ import msgspec
 from dbsync.actor import ActorSettings, AudienceActor, Destination, ImportClient
 from dbsync.budget import BudgetLimits, DestinationBudget
 from dbsync.clock import Clock
+from dbsync.config import Credentials
 from dbsync.errors import StoreError
 from dbsync.model import AudienceState
 from dbsync.store import AudienceSpec, Store
@@ -45,14 +46,23 @@ _RESTART_BACKOFF_SECONDS = (1.0, 5.0, 30.0, 120.0, 300.0)
 class DestinationPlan(msgspec.Struct, frozen=True, kw_only=True):
     """One destination as the supervisor runs it, derived from the configuration.
 
-    ``connection`` is anything that identifies the client (base URL, credentials
-    fingerprint, timeouts): when it changes on reload, the client is rebuilt.
+    The client factory builds the destination's client from ``base_url``,
+    ``request_timeout_seconds`` and ``credentials``; ``connection`` is their
+    fingerprint (never a secret): when it changes on reload, the client is rebuilt.
     """
 
     name: str
-    connection: str
+    base_url: str
+    request_timeout_seconds: float
+    credentials: Credentials
     limits: BudgetLimits
     audiences: tuple[ActorSettings, ...]
+
+    @property
+    def connection(self) -> str:
+        return "|".join(
+            (self.base_url, str(self.request_timeout_seconds), self.credentials.fingerprint)
+        )
 
 
 class AudienceStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,12 +93,14 @@ class Supervisor:
         clock: Clock,
         client_factory: ClientFactory,
         summary_interval_seconds: float = 60.0,
+        stop_timeout_seconds: float = 20.0,
     ) -> None:
         self._plans = {plan.name: plan for plan in plans}
         self._store = store
         self._clock = clock
         self._client_factory = client_factory
         self._summary_interval = summary_interval_seconds
+        self._stop_timeout = stop_timeout_seconds
         self._destinations: dict[str, Destination] = {}
         self._budget_tasks: dict[str, asyncio.Task[None]] = {}
         self._actors: dict[str, _Running] = {}
@@ -258,9 +270,23 @@ class Supervisor:
         )
 
     async def _stop_actor(self, audience_id: str, *, reason: str) -> None:
+        """Stop one actor for a reload, waiting at most ``stop_timeout_seconds``.
+
+        It finishes the jobs Demandbase is processing if they complete in time; past
+        that it is cancelled, which leaves their batches open for its successor.
+        """
         running = self._actors.pop(audience_id)
         running.actor.stop()
-        await asyncio.gather(running.task, return_exceptions=True)
+        timer = asyncio.ensure_future(self._clock.sleep(self._stop_timeout))
+        await asyncio.wait({running.task, timer}, return_when=asyncio.FIRST_COMPLETED)
+        timer.cancel()
+        if not running.task.done():
+            log.warning(
+                "actor_stop_cut_short",
+                extra={"audience": audience_id, "after_seconds": self._stop_timeout},
+            )
+            running.task.cancel()
+        await asyncio.gather(running.task, timer, return_exceptions=True)
         if reason == "deactivated":
             await self._store.set_audience_state(audience_id, AudienceState.DEACTIVATED)
 
