@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from dbsync.demandbase.emulator.tenant import ImportState
 from dbsync.model import Account, AudienceState
 from tests.support.emulator import running_emulator
 from tests.support.engine import (
@@ -343,26 +344,6 @@ async def test_an_actor_that_keeps_failing_reports_failed_while_the_others_deliv
         assert LOST.list not in await engine.lists()
 
 
-# Found by the scenario above; see the reasons. Both pass once dbsync is fixed, and
-# strict xfail then fails the suite, so that the markers get removed.
-STALE_CLIENT = (
-    "daemon._client_factory builds every client from the configuration read at"
-    " start (its `destinations` and `credentials` are captured once), not from the plan"
-    " being applied: a reload that changes a destination's base_url, timeout or"
-    " credentials rebuilds the client with the old ones"
-)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: reloading a destination whose actor is retrying never returns."
-        " Supervisor._stop_actor awaits the actor's task; AudienceActor.stop() lets a"
-        " delivery holding its job slot finish, and that delivery sits in"
-        " AudienceActor._call's retry loop, which never looks at _stopping, so it retries"
-        " the unreachable URL forever. Behind it, a second bug: " + STALE_CLIENT
-    ),
-)
 async def test_fixing_the_failing_destination_by_reload_delivers_its_backlog(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -380,16 +361,6 @@ async def test_fixing_the_failing_destination_by_reload_delivers_its_backlog(
         assert state(engine, LOST.id) is AudienceState.ACTIVE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason=(
-        "bug: " + STALE_CLIENT + "; a destination added by a reload is not in that configuration at"
-        " all: `destinations[plan.name]` (dbsync/daemon.py, _client_factory.build) raises"
-        " KeyError out of Daemon.reload, and under SIGHUP out of the daemon's TaskGroup,"
-        " which ends the daemon"
-    ),
-)
 async def test_a_destination_added_by_reload_delivers(tmp_path: Path) -> None:
     """1. The daemon runs one destination (the emulator) with A.
     2. The configuration gains a second destination (also the emulator, another name)
@@ -405,3 +376,38 @@ async def test_a_destination_added_by_reload_delivers(tmp_path: Path) -> None:
         await engine.cdp.changes([(LOST.id, a, True) for a in accounts])
         await engine.wait_settled({LOST.id: LOST.list}, timeout=TIMEOUT)
         assert (await engine.lists())[LOST.list] == ids(accounts)
+
+
+async def test_a_reload_does_not_wait_longer_than_a_drain_for_a_job_in_flight(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1. Demandbase takes 3 s per job; the daemon's drain_seconds is 0.3.
+    2. A gets 10 accounts; once their job is uploaded, A's flush settings change and the
+    configuration is reloaded, which restarts A's actor.
+    Result: the reload returns after about the drain time, not the job's: the old actor
+    is cut short (``actor_stop_cut_short``), its batch stays open, and the new actor
+    resumes it: A's list ends with the 10 accounts, sent in one job."""
+    drain = {"drain_seconds": 0.3}
+    tenant = fast_tenant(job_delay_seconds=3.0)
+    async with running_engine(tmp_path, [A], tenant=tenant, daemon=drain) as engine:
+        accounts = await engine.tenant_accounts(10)
+        await engine.cdp.changes([(A.id, a, True) for a in accounts])
+
+        tenant_state = engine.emulator.emulator.tenant
+
+        async def uploaded() -> bool:
+            return (await engine.store.backlog(A.id)).in_flight == 10 and any(
+                job.state is not ImportState.NEW for job in tenant_state.import_jobs
+            )
+
+        await wait_until(uploaded, TIMEOUT, what="A's job uploaded")
+        changed = AudienceConfig(A.id, A.name, max_records=A.max_records + 1)
+        write_config(tmp_path, engine.emulator.url, [changed], daemon=drain)
+        async with asyncio.timeout(2.0):
+            assert await engine.daemon.reload(engine.supervisor)
+        [cut] = records(caplog, "actor_stop_cut_short")
+        assert cut.__dict__["audience"] == A.id
+
+        await engine.wait_settled(timeout=TIMEOUT)
+        assert (await engine.lists())[A.list] == ids(accounts)
+        assert len(tenant_state.import_jobs) == 1
