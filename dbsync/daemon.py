@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Callable
@@ -41,9 +42,10 @@ from dbsync.config import (
 from dbsync.demandbase.auth import ApiKeyTokenSource, LegacyToken, TokenSource
 from dbsync.demandbase.client import DemandbaseClient
 from dbsync.demandbase.wire import Endpoint
-from dbsync.errors import ConfigError
+from dbsync.errors import ConfigError, StoreError
 from dbsync.exitcodes import ExitCode
 from dbsync.ingest import IngestServer
+from dbsync.model import AudienceState
 from dbsync.store import Store
 from dbsync.supervisor import DestinationPlan, Supervisor
 
@@ -189,8 +191,25 @@ class Daemon:
                 )
                 self.ready.set()
                 reloads = group.create_task(self._reloads(supervisor), name="reloads")
+                service = [
+                    reloads,
+                    group.create_task(
+                        self._status_lines(
+                            supervisor, store, config.daemon.summary_interval_seconds
+                        ),
+                        name="systemd-status",
+                    ),
+                ]
+                if (interval := systemd.watchdog_interval()) is not None:
+                    healthy = functools.partial(self._health, supervising, store, interval)
+                    service.append(
+                        group.create_task(
+                            systemd.run_watchdog(interval, healthy, self._clock),
+                            name="systemd-watchdog",
+                        )
+                    )
                 await self._shutdown.wait()
-                reloads.cancel()
+                reloads.cancel()  # no reload during the drain
                 ingest.stop_accepting()
                 supervisor.drain()
                 try:
@@ -207,8 +226,46 @@ class Daemon:
                         },
                     )
                     supervising.cancel()
+                for task in service:
+                    task.cancel()
         log.info("daemon_stopped")
         return ExitCode.OK
+
+    # --- systemd: watchdog and status ----------------------------------------------------
+
+    async def _health(
+        self, supervising: asyncio.Task[None], store: Store, within_seconds: float
+    ) -> str:
+        """What keeps the daemon from doing its job, or "" (gates the watchdog's pings)."""
+        if supervising.done():
+            return "the supervisor has stopped"
+        try:
+            async with asyncio.timeout(within_seconds):
+                await store.audiences()
+        except TimeoutError:
+            return f"the store did not answer a read within {within_seconds} s"
+        except StoreError as exc:
+            return f"the store cannot be read: {exc}"
+        return ""
+
+    async def _status_lines(
+        self, supervisor: Supervisor, store: Store, interval_seconds: float
+    ) -> None:
+        """``STATUS=`` for ``systemctl status``, from the figures of the summary lines."""
+        while True:
+            await self._clock.sleep(interval_seconds)
+            statuses = supervisor.statuses()
+            failed = sum(s.state is AudienceState.FAILED for s in statuses)
+            stopped = sorted({s.destination for s in statuses if s.state is AudienceState.STOPPED})
+            pending = 0
+            for status in statuses:
+                pending += (await store.backlog(status.audience_id)).pending
+            line = f"delivering {len(statuses)} audiences, {pending} accounts pending"
+            if failed:
+                line += f", {failed} failed"
+            if stopped:
+                line += f", destination stopped: {', '.join(stopped)}"
+            systemd.notify(f"STATUS={line}")
 
     # --- signals and reload --------------------------------------------------------------
 

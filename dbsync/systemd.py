@@ -14,8 +14,11 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
-__all__ = ["notify", "reloading", "watchdog_interval"]
+from dbsync.clock import Clock
+
+__all__ = ["notify", "reloading", "run_watchdog", "watchdog_interval"]
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +56,25 @@ def watchdog_interval() -> float | None:
         return int(usec) / 1_000_000 / 2
     except ValueError:
         return None
+
+
+async def run_watchdog(
+    interval_seconds: float, healthy: Callable[[], Awaitable[str]], clock: Clock
+) -> None:
+    """Send ``WATCHDOG=1`` every ``interval_seconds`` while ``healthy()`` finds nothing wrong.
+
+    The pings come from the event loop itself, so a loop blocked by a runaway
+    computation stops them too. ``healthy`` returns "" when all is well, else what is
+    wrong: the ping is then withheld (and the reason logged once per change), so that
+    systemd restarts a daemon that runs but can no longer do its job. Runs until
+    cancelled.
+    """
+    withheld = ""
+    while True:
+        await clock.sleep(interval_seconds)
+        problem = await healthy()
+        if not problem:
+            notify("WATCHDOG=1")
+        elif problem != withheld:
+            log.error("watchdog_withheld", extra={"reason": problem})
+        withheld = problem
