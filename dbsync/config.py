@@ -176,8 +176,9 @@ class LoggingSettings(_Table, frozen=True):
     """``[logging]``: the event lines written on stdout."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
-    """Lowest level written. ``info`` shows state changes, acknowledged batches and
-    summaries; ``debug`` adds each request."""
+    """Lowest level of dbsync's own events written. ``info`` shows state changes,
+    acknowledged batches and summaries; ``debug`` adds each request. Libraries'
+    messages are written from ``warning`` up, whatever this says."""
 
     format: Literal["json", "text"] = "json"
     """``json``: one object per line, for journald and monitoring; ``text``:

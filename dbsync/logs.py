@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-__all__ = ["AudienceLogger", "JsonFormatter", "TextFormatter", "configure"]
+__all__ = ["LIBRARY_EVENT", "AudienceLogger", "JsonFormatter", "TextFormatter", "configure"]
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_ATTRS = frozenset(
@@ -36,6 +36,17 @@ _PRIORITY = {
     logging.CRITICAL: 2,
 }
 _encode = msgspec.json.Encoder(enc_hook=str).encode
+# The event of a line that a library (aiohttp, asyncio, ...) logged; its text is in
+# ``message``.
+LIBRARY_EVENT = "library_log"
+
+
+def _event(record: logging.LogRecord) -> str:
+    # A library's message is text, not one of our event names: it gets a name of its
+    # own, so that every line has an event an alert can match.
+    if record.name == "dbsync" or record.name.startswith("dbsync."):
+        return record.getMessage()
+    return LIBRARY_EVENT
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -55,9 +66,11 @@ class JsonFormatter(logging.Formatter):
         doc: dict[str, Any] = {
             "ts": _timestamp(record),
             "level": record.levelname.lower(),
-            "event": record.getMessage(),
+            "event": _event(record),
             "logger": record.name,
         }
+        if doc["event"] == LIBRARY_EVENT:
+            doc["message"] = record.getMessage()
         doc.update(_fields(record))
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
@@ -97,7 +110,8 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper())
-    # aiohttp's access log would write one line per ingest request; the ingest server
-    # counts requests itself and reports them in the summary line.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # ``level`` is dbsync's own; libraries speak from warnings up only. At debug level
+    # aiosqlite would log every statement and aiohttp every request, and journald
+    # rate-limits a service that floods it.
+    root.setLevel(logging.WARNING)
+    logging.getLogger("dbsync").setLevel(level.upper())
