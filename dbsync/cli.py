@@ -62,6 +62,12 @@ def _run(args: argparse.Namespace) -> int:
     return run(_config_path(args))
 
 
+def _ctl(args: argparse.Namespace) -> int:
+    from dbsync.ctl import run
+
+    return run(args, config_path=default_config_path())
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dbsync.demo import run
 
@@ -89,6 +95,16 @@ def _build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate the configuration and exit")
     check.add_argument("--config", help="config file (default: $DBSYNC_CONFIG or ./config.toml)")
     check.set_defaults(handler=_check_config)
+
+    from dbsync.ctl import add_arguments as add_ctl_arguments
+
+    ctl = commands.add_parser(
+        "ctl",
+        help="talk to a running daemon: status, pause, flush, reload, drain ...",
+        description="Talk to a running daemon over its admin socket.",
+    )
+    add_ctl_arguments(ctl)
+    ctl.set_defaults(handler=_ctl)
 
     demo = commands.add_parser(
         "demo", help="one command: emulator + daemon + a synthetic feed, then a report"
