@@ -1,19 +1,22 @@
 """``dbsync run``: wiring, signals, the drain deadline and exit codes.
 
 Start, in order: configuration and credentials (a bad one exits 78 before anything
-opens), the store (migrated), one HTTP session, the supervisor with its actors,
-then the ingest server; only then ``READY=1`` to systemd. Readiness never depends on
-Demandbase answering: an outage there is reported in logs and ``STATUS=``, not
-turned into a restart loop.
+opens), the admin socket (exit 1 if another daemon answers on it: two daemons must
+not share a store), the store (migrated), one HTTP session, the supervisor with its
+actors, then the ingest server and the admin socket's answers; only then ``READY=1``
+to systemd. Readiness never depends on Demandbase answering: an outage there is
+reported in logs and ``STATUS=``, not turned into a restart loop.
 
-Stop (SIGTERM or SIGINT): stop intake (ingest answers 503), let every actor finish
-the jobs it has in flight and checkpoint, for at most ``drain_seconds``; a second
-signal cuts the drain short. Whatever was cut is still in flight in the store and is
-resumed or re-sent at the next start, so the exit is 0 either way. SIGHUP re-reads
-the configuration; a rejected one is logged and the running one kept.
+Stop (SIGTERM, SIGINT or ``dbsync ctl drain``): stop intake (ingest answers 503, the
+admin socket closes once it has answered), let every actor finish the jobs it has in
+flight and checkpoint, for at most ``drain_seconds``; a second signal cuts the drain
+short. Whatever was cut is still in flight in the store and is resumed or re-sent at
+the next start, so the exit is 0 either way. SIGHUP (or ``dbsync ctl reload``)
+re-reads the configuration; a rejected one is logged and the running one kept.
 
 Exit codes: 0 clean stop; 78 invalid configuration at start; 1 the daemon failed
-(store or another shared part), so that systemd's ``Restart=on-failure`` acts.
+(store or another shared part, or the admin socket is taken), so that systemd's
+``Restart=on-failure`` acts.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import aiohttp
 
 from dbsync import __version__, logs, systemd
 from dbsync.actor import ActorSettings, ImportClient
+from dbsync.admin.server import AdminServer, AdminSocketError
+from dbsync.admin.verbs import Controls
 from dbsync.budget import BudgetLimits
 from dbsync.clock import Clock, SystemClock
 from dbsync.config import (
@@ -124,6 +129,10 @@ class Daemon:
         self.ingest_address: tuple[str, int] | None = None
         self.supervisor: Supervisor | None = None
         self.store: Store | None = None
+        self.config: Config | None = None  # the configuration in force
+        # A SIGHUP and `dbsync ctl reload` may come together: one reload at a time.
+        self._reload_lock = asyncio.Lock()
+        self._reload_error = ""
 
     def request_shutdown(self) -> None:
         """First call: drain. Second call: cut the drain short."""
@@ -146,11 +155,18 @@ class Daemon:
             return ExitCode.CONFIG
         if self._on_config is not None:
             self._on_config(config)
+        self.config = config
         log.info(
             "daemon_starting",
             extra={"version": __version__, "config": str(self._config_path)},
         )
+        admin = AdminServer(config.daemon.admin_socket)
+        try:
+            admin.bind()
+        except AdminSocketError:
+            return ExitCode.FAULT  # admin_socket_in_use or admin_socket_failed says why
         async with contextlib.AsyncExitStack() as stack:
+            stack.callback(admin.close)
             store = self.store = await stack.enter_async_context(
                 Store.open(config.daemon.state_dir / DATABASE_NAME, clock=self._clock)
             )
@@ -179,6 +195,9 @@ class Daemon:
                 await supervisor.started()
                 self.ingest_address = await ingest.start()
                 stack.push_async_callback(ingest.close)
+                group.create_task(
+                    admin.serve(self._admin_controls(supervisor, store)), name="admin"
+                )
                 systemd.notify(
                     "READY=1", f"STATUS=delivering {len(supervisor.audience_ids())} audiences"
                 )
@@ -211,6 +230,7 @@ class Daemon:
                 await self._shutdown.wait()
                 reloads.cancel()  # no reload during the drain
                 ingest.stop_accepting()
+                admin.close()
                 supervisor.drain()
                 try:
                     async with asyncio.timeout(config.daemon.drain_seconds) as deadline:
@@ -226,6 +246,10 @@ class Daemon:
                         },
                     )
                     supervising.cancel()
+                finally:
+                    # A signal after the drain (one asked by `dbsync ctl drain`, say)
+                    # has nothing left to cut short.
+                    self._drain_deadline = None
                 for task in service:
                     task.cancel()
         log.info("daemon_stopped")
@@ -267,6 +291,29 @@ class Daemon:
                 line += f", destination stopped: {', '.join(stopped)}"
             systemd.notify(f"STATUS={line}")
 
+    # --- the admin socket ---------------------------------------------------------------
+
+    def _admin_controls(self, supervisor: Supervisor, store: Store) -> Controls:
+        def config() -> Config:
+            assert self.config is not None
+            return self.config
+
+        async def reload() -> str | None:
+            # Read at once after the reload, under no other await: it is this one's.
+            return None if await self.reload(supervisor) else self._reload_error
+
+        return Controls(
+            supervisor=supervisor,
+            store=store,
+            clock=self._clock,
+            config=config,
+            config_path=self._config_path,
+            started_at=self._clock.time(),
+            reload=reload,
+            drain=self.request_shutdown,
+            draining=self._shutdown.is_set,
+        )
+
     # --- signals and reload --------------------------------------------------------------
 
     def _install_signals(self) -> None:
@@ -287,15 +334,21 @@ class Daemon:
 
     async def reload(self, supervisor: Supervisor) -> bool:
         """Re-read the configuration and apply it; False (old one kept) if rejected."""
+        async with self._reload_lock:
+            return await self._reload(supervisor)
+
+    async def _reload(self, supervisor: Supervisor) -> bool:
         systemd.reloading()
         try:
             config = load_config(self._config_path)
             credentials = _load_all_credentials(config)
         except ConfigError as exc:
+            self._reload_error = str(exc)
             log.error("config_reload_rejected", extra={"error": str(exc)})
             systemd.notify("READY=1")
             return False
         await supervisor.reload(build_plans(config, credentials))
+        self.config = config
         log.info("config_reloaded", extra={"audiences": len(supervisor.audience_ids())})
         systemd.notify("READY=1", f"STATUS=delivering {len(supervisor.audience_ids())} audiences")
         return True

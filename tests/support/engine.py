@@ -146,17 +146,19 @@ def write_config(
     *,
     limits: Mapping[str, float] | None = None,
     delivery: Mapping[str, float] | None = None,
-    daemon: Mapping[str, float] | None = None,
+    daemon: Mapping[str, object] | None = None,
     api_key_set: ApiKeySet | None = None,
+    token: str = TOKEN,
 ) -> Path:
     """``directory/config.toml`` (and its secret files) for the emulator at ``base_url``.
 
     ``limits``, ``delivery`` and ``daemon`` override keys of ``[destinations.limits]``,
     ``[destinations.delivery]`` and ``[daemon]``, named exactly as in config.toml. The
-    credentials are the emulator's legacy token, or ``api_key_set`` when given. State
+    credentials are the legacy ``token`` (the emulator's default), or ``api_key_set``
+    when given. State
     goes to ``directory/state``; writing again (a reload) keeps it.
     """
-    credentials = _write_credentials(directory, api_key_set)
+    credentials = _write_credentials(directory, api_key_set, token)
     daemon_keys = {"state_dir": str(directory / "state"), **DEFAULT_DAEMON, **(daemon or {})}
     tables = [
         _table("daemon", daemon_keys),
@@ -191,10 +193,12 @@ def write_config(
     return path
 
 
-def _write_credentials(directory: Path, api_key_set: ApiKeySet | None) -> dict[str, object]:
+def _write_credentials(
+    directory: Path, api_key_set: ApiKeySet | None, token: str = TOKEN
+) -> dict[str, object]:
     """Write the secret files; the ``[destinations.credentials]`` keys that refer to them."""
     if api_key_set is None:
-        secrets = {"token": TOKEN}
+        secrets = {"token": token}
     else:
         secrets = {"client_id": api_key_set.client_id, "client_secret": api_key_set.client_secret}
     keys: dict[str, object] = {}
@@ -488,7 +492,7 @@ async def running_engine(
     tenant: EmulatorSettings | None = None,
     limits: Mapping[str, float] | None = None,
     delivery: Mapping[str, float] | None = None,
-    daemon: Mapping[str, float] | None = None,
+    daemon: Mapping[str, object] | None = None,
     api_key_set: ApiKeySet | None = None,
 ) -> AsyncIterator[Engine]:
     """An emulator (``tenant``, by default :func:`fast_tenant`), then a daemon feeding it.

@@ -1,0 +1,406 @@
+"""What each admin verb does to the running daemon, and what it answers.
+
+:func:`perform` takes a decoded request whose role was already checked and returns
+its reply, or raises :class:`AdminFault`. It reads and acts only through
+:class:`Controls` (the supervisor, its actors and destinations, the store's read and
+queue methods, and the daemon's reload and drain), so it holds no state of its own.
+
+Mutating verbs wait until their effect shows, within the request's
+``timeout_seconds``: ``pause`` until the actor reports ``paused``, ``resume`` until it
+no longer does, ``flush`` until a batch has been planned from the backlog. A wait
+that times out answers ``timeout`` and leaves the request in effect (the actor will
+pause, the flush stays asked for). These waits are on the event loop's real time,
+not the injected clock: they bound how long an operator waits. A reload that runs out
+of time is not cut: half a reload would be worse than a late one; it goes on and the
+answer says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import assert_never
+
+import msgspec
+
+from dbsync import __version__
+from dbsync.actor import AudienceActor
+from dbsync.admin.protocol import (
+    AnyRequest,
+    AudienceView,
+    BatchView,
+    DaemonView,
+    DestinationView,
+    Drain,
+    DrainReply,
+    FaultCode,
+    Flush,
+    FlushReply,
+    Pause,
+    PauseReply,
+    Quota,
+    QuotaLine,
+    QuotaReply,
+    Rejected,
+    RejectedReply,
+    RejectedView,
+    Reload,
+    ReloadReply,
+    Reply,
+    Requeue,
+    RequeueReply,
+    Resume,
+    ResumeReply,
+    Resync,
+    ResyncReply,
+    Role,
+    Status,
+    StatusReply,
+)
+from dbsync.clock import Clock
+from dbsync.config import Config
+from dbsync.model import AudienceState
+from dbsync.store import AudienceRecord, Store
+from dbsync.supervisor import Supervisor
+
+__all__ = ["AdminFault", "Controls", "perform"]
+
+# How often a waiting verb looks again at the state it waits for.
+_POLL_SECONDS = 0.01
+
+
+class AdminFault(Exception):
+    """A request that was not done: its stable code and a message for the operator."""
+
+    def __init__(self, code: FaultCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, kw_only=True)
+class Controls:
+    """What the daemon lets the admin socket see and do."""
+
+    supervisor: Supervisor
+    store: Store
+    clock: Clock
+    config: Callable[[], Config]  # the configuration in force (a reload replaces it)
+    config_path: Path
+    started_at: float  # clock.time() at start
+    reload: Callable[[], Awaitable[str | None]]  # None: applied; else why it was rejected
+    drain: Callable[[], None]
+    draining: Callable[[], bool]
+
+
+async def perform(controls: Controls, request: AnyRequest) -> Reply:
+    """Do what ``request`` asks, within its ``timeout_seconds``."""
+    if request.role is Role.OPERATOR and controls.draining() and not isinstance(request, Drain):
+        raise AdminFault(FaultCode.DRAINING, "the daemon is draining: it changes nothing more")
+    try:
+        async with asyncio.timeout(request.timeout_seconds):
+            return await _perform(controls, request)
+    except TimeoutError:
+        raise AdminFault(
+            FaultCode.TIMEOUT, _timed_out(request) + f" within {request.timeout_seconds:g} s"
+        ) from None
+
+
+async def _perform(c: Controls, request: AnyRequest) -> Reply:
+    match request:
+        case Status(audience=audience):
+            return await _status(c, audience)
+        case Pause(audience=audience):
+            return await _pause(c, audience)
+        case Resume(audience=audience):
+            return await _resume(c, audience)
+        case Flush(audience=audience):
+            return await _flush(c, audience)
+        case Resync(audience=audience):
+            actor = _actor(c, audience)
+            count = await actor.resync()
+            return ResyncReply(audience=audience, accounts=count, paused=actor.is_paused)
+        case Rejected(audience=audience, limit=limit):
+            return await _rejected(c, audience, limit)
+        case Requeue(audience=audience):
+            _actor(c, audience)
+            count = await c.store.requeue(audience)
+            c.supervisor.wake([audience])
+            return RequeueReply(audience=audience, accounts=count)
+        case Quota():
+            return QuotaReply(destinations=_destinations(c))
+        case Drain():
+            c.drain()
+            return DrainReply(draining=True, drain_seconds=c.config().daemon.drain_seconds)
+        case Reload():
+            return await _reload(c)
+        case _:
+            assert_never(request)
+
+
+def _timed_out(request: AnyRequest) -> str:
+    match request:
+        case Pause(audience=audience):
+            return f"the pause of {audience} stays asked for; its actor did not report paused"
+        case Resume(audience=audience):
+            return f"the resume of {audience} stays asked for; its actor did not leave paused"
+        case Flush(audience=audience):
+            return (
+                f"the flush of {audience} stays asked for; no batch was planned (its jobs"
+                " in flight or the destination's budget hold it back)"
+            )
+        case Reload():
+            return (
+                "the reload goes on, and its outcome will be logged (config_reloaded or"
+                " config_reload_rejected); it did not finish"
+            )
+    return f"{type(request).__name__.lower()} did not complete"
+
+
+# --- the verbs -------------------------------------------------------------------------------
+
+
+def _actor(c: Controls, audience: str) -> AudienceActor:
+    actor = c.supervisor.actor(audience)
+    if actor is None:
+        raise AdminFault(
+            FaultCode.UNKNOWN_AUDIENCE,
+            f"no active audience {audience!r} (active: {', '.join(c.supervisor.audience_ids())})",
+        )
+    return actor
+
+
+async def _until(condition: Callable[[], bool | Awaitable[bool]]) -> float:
+    """Seconds until ``condition`` held (the caller's timeout bounds the wait)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while True:
+        held = condition()
+        if not isinstance(held, bool):
+            held = await held
+        if held:
+            return round(loop.time() - start, 3)
+        await asyncio.sleep(_POLL_SECONDS)
+
+
+async def _pause(c: Controls, audience: str) -> PauseReply:
+    actor = _actor(c, audience)
+    actor.pause()
+    waited = await _until(lambda: actor.state is AudienceState.PAUSED)
+    return PauseReply(audience=audience, state=actor.state, waited_seconds=waited)
+
+
+async def _resume(c: Controls, audience: str) -> ResumeReply:
+    actor = _actor(c, audience)
+    actor.resume()
+    waited = await _until(lambda: actor.state is not AudienceState.PAUSED)
+    return ResumeReply(audience=audience, state=actor.state, waited_seconds=waited)
+
+
+async def _flush(c: Controls, audience: str) -> FlushReply:
+    actor = _actor(c, audience)
+    if actor.is_paused:
+        raise AdminFault(
+            FaultCode.AUDIENCE_PAUSED, f"{audience} is paused: resume it first; nothing flushed"
+        )
+    destination = c.supervisor.destination(actor.settings.destination)
+    if destination is not None and not destination.is_running:
+        raise AdminFault(
+            FaultCode.DESTINATION_STOPPED,
+            f"destination {destination.name} is stopped ({destination.stopped_reason}):"
+            " nothing can be sent until it runs again; nothing flushed",
+        )
+    before = await c.store.backlog(audience)
+    if before.pending == 0:
+        return FlushReply(
+            audience=audience, pending_before=0, pending=0, in_flight=before.in_flight
+        )
+    actor.flush()
+
+    async def planned() -> bool:
+        return (await c.store.backlog(audience)).pending < before.pending
+
+    await _until(planned)
+    after = await c.store.backlog(audience)
+    return FlushReply(
+        audience=audience,
+        pending_before=before.pending,
+        pending=after.pending,
+        in_flight=after.in_flight,
+    )
+
+
+async def _rejected(c: Controls, audience: str | None, limit: int) -> RejectedReply:
+    if audience is not None:
+        await _record(c, audience)
+    rows = await c.store.rejected(audience)
+    return RejectedReply(
+        total=len(rows),
+        accounts=[
+            RejectedView(
+                audience=row.audience_id,
+                external_id=row.account.external_id,
+                name=row.account.name,
+                domain=row.account.domain,
+                member=row.member,
+                reason=row.reason,
+                rejected_at=row.rejected_at,
+                attempts=row.attempts,
+            )
+            for row in rows[:limit]
+        ],
+    )
+
+
+async def _reload(c: Controls) -> ReloadReply:
+    # Shielded: a reload cut half-way by the timeout would leave some actors on the old
+    # plan. The daemon serialises reloads, so one still running delays the next.
+    rejected = await asyncio.shield(c.reload())
+    if rejected is not None:
+        raise AdminFault(
+            FaultCode.REJECTED_CONFIG,
+            f"configuration rejected, the running one is kept: {rejected}",
+        )
+    return ReloadReply(accepted=True, audiences=c.supervisor.audience_ids())
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+async def _record(c: Controls, audience: str) -> AudienceRecord:
+    records = await c.store.audiences()
+    if audience not in records:
+        raise AdminFault(
+            FaultCode.UNKNOWN_AUDIENCE,
+            f"no audience {audience!r} (known: {', '.join(records)})",
+        )
+    return records[audience]
+
+
+async def _status(c: Controls, audience: str | None) -> StatusReply:
+    now = c.clock.time()
+    if audience is not None:
+        records = {audience: await _record(c, audience)}
+    else:
+        records = await c.store.audiences()
+    audiences = [
+        await _audience(c, record, now, batches=audience is not None) for record in records.values()
+    ]
+    destinations = _destinations(c)
+    if audience is not None:
+        destinations = [d for d in destinations if d.destination == records[audience].destination]
+    return StatusReply(
+        daemon=DaemonView(
+            version=__version__,
+            pid=os.getpid(),
+            config=str(c.config_path),
+            started_at=c.started_at,
+            uptime_seconds=round(now - c.started_at, 3),
+            draining=c.draining(),
+        ),
+        audiences=audiences,
+        destinations=destinations,
+    )
+
+
+async def _audience(
+    c: Controls, record: AudienceRecord, now: float, *, batches: bool
+) -> AudienceView:
+    audience = record.audience_id
+    backlog = await c.store.backlog(audience)
+    ledger = await c.store.ledger(audience)
+    imbalance = await c.store.ledger_imbalance(audience)
+    actor = c.supervisor.actor(audience)
+    state, reason = record.state, record.state_reason
+    requests_per_minute = pace = None
+    if actor is not None:
+        state = actor.state
+        reason = ""
+        destination = c.supervisor.destination(actor.settings.destination)
+        if state is AudienceState.FAILED:
+            reason = actor.last_error or record.state_reason
+        elif state is AudienceState.STOPPED and destination is not None:
+            reason = destination.stopped_reason
+        requests_per_minute = actor.settings.requests_per_minute
+        pace = requests_per_minute
+        if destination is not None:
+            pace = min(pace, destination.budget.snapshot().pace_per_minute)
+    open_batches = None
+    if batches:
+        open_batches = [
+            BatchView(
+                batch_id=b.batch_id,
+                action=b.action,
+                state=b.state,
+                rows=len(b.accounts),
+                job_id=b.job_id,
+                age_seconds=round(now - b.created_at, 3),
+            )
+            for b in await c.store.open_batches(audience)
+        ]
+    return AudienceView(
+        audience=audience,
+        name=record.name,
+        destination=record.destination,
+        list_name=record.list_name,
+        list_id=record.list_id,
+        state=state,
+        reason=reason,
+        paused=actor.is_paused if actor is not None else False,
+        pending_inserts=backlog.inserts,
+        pending_deletes=backlog.deletes,
+        oldest_pending_age_seconds=(
+            round(now - backlog.oldest_changed_at, 3)
+            if backlog.oldest_changed_at is not None
+            else None
+        ),
+        in_flight=backlog.in_flight,
+        rejected=backlog.rejected,
+        jobs_in_flight=actor.jobs_in_flight if actor is not None else 0,
+        jobs_completed=actor.jobs_completed if actor is not None else 0,
+        checkpoint_seq=record.checkpoint_seq,
+        requests_per_minute=requests_per_minute,
+        pace_per_minute=pace,
+        ledger=msgspec.structs.asdict(ledger),
+        ledger_balanced=imbalance == 0,
+        open_batches=open_batches,
+    )
+
+
+def _destinations(c: Controls) -> list[DestinationView]:
+    """Each configured destination's budget and auth state; never a credential."""
+    views = []
+    for configured in c.config().destinations:
+        destination = c.supervisor.destination(configured.name)
+        if destination is None:
+            continue
+        budget = destination.budget
+        snapshot = budget.snapshot()
+        limits = {str(endpoint): limit for endpoint, limit in budget.limits.daily.items()}
+        views.append(
+            DestinationView(
+                destination=configured.name,
+                auth_mode="token" if configured.credentials.token is not None else "api_key_set",
+                auth_state="ok" if destination.is_running else destination.stopped_reason,
+                running=destination.is_running,
+                pace_per_minute=snapshot.pace_per_minute,
+                jobs_in_flight=snapshot.jobs_in_flight,
+                job_slots=snapshot.job_slots,
+                throttled=snapshot.throttled,
+                window_ends_at=snapshot.window_ends_at,
+                quota=[
+                    QuotaLine(
+                        endpoint=endpoint,
+                        limit=limits[endpoint],
+                        allowed=snapshot.allowed[endpoint],
+                        used=used,
+                        left=max(0, snapshot.allowed[endpoint] - used),
+                    )
+                    for endpoint, used in snapshot.used.items()
+                ],
+            )
+        )
+    return views
