@@ -80,7 +80,10 @@ def _add_options(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument(
         "--config",
         default=default,
-        help="config naming the socket (default: $DBSYNC_CONFIG or ./config.toml)",
+        help=(
+            "config naming the socket (default: $DBSYNC_CONFIG, else"
+            " /etc/dbsync/config.toml if it exists, else ./config.toml)"
+        ),
     )
     parser.add_argument(
         "--json", action="store_true", default=default, help="print the reply as JSON"
