@@ -19,8 +19,11 @@ __all__ = [
     "Batch",
     "BatchState",
     "Change",
+    "LedgerCheck",
     "LedgerCounts",
     "ListAction",
+    "LossCause",
+    "RejectReason",
 ]
 
 AccountKey = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -122,11 +125,26 @@ class LedgerCounts(msgspec.Struct, frozen=True, kw_only=True):
     exported      rows uploaded with a 2xx
     acknowledged  rows of jobs Demandbase completed
     failed        rows of jobs Demandbase failed (sent again)
-    rejected      rows set aside with a reason (400 isolated by bisection)
+    rejected      rows set aside with a reason (``rejected_by_reason``)
     requeued      rejected rows put back by the operator
-    verified      rows seen as expected in a read-back
-    repaired      rows found wrong in a read-back and marked to send again
+    verified      acknowledged rows that a read-back found as acknowledged (each
+                  acknowledgment is judged once: verified, lost or overtaken)
+    lost          rows a read-back found wrong (``lost_by_cause``); each is repaired or,
+                  past the repair limit, set aside
+    repaired      lost rows marked to send again
+    extra         accounts found in a list that dbsync never put or kept there,
+                  marked for removal
+    overtaken     acknowledged rows that a later acknowledgment replaced before any
+                  read-back judged them (and those acknowledged before read-backs existed)
     throttled     429 answers met while delivering this audience
+
+    ``lost_by_cause``: ``dropped`` (an acknowledged insert missing from the list: what
+    Adobe calls throttling), ``not_removed`` (an acknowledged delete still there),
+    ``vanished`` (a member seen before, missing now: removed outside dbsync),
+    ``reported`` (marked wrong by hand, ``Store.mark_undelivered``).
+    ``rejected_by_reason``: ``refused`` (Demandbase answered 400 for the row),
+    ``unmatched`` (still missing after the repair limit: Demandbase has no account that
+    matches it), ``not_removable`` (still in the list after the repair limit).
     """
 
     received: int = 0
@@ -137,5 +155,52 @@ class LedgerCounts(msgspec.Struct, frozen=True, kw_only=True):
     rejected: int = 0
     requeued: int = 0
     verified: int = 0
+    lost: int = 0
     repaired: int = 0
+    extra: int = 0
+    overtaken: int = 0
     throttled: int = 0
+    lost_by_cause: dict[str, int] = msgspec.field(default_factory=dict)
+    rejected_by_reason: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class LossCause(enum.StrEnum):
+    """Why a read-back found an account wrong (``LedgerCounts.lost_by_cause``)."""
+
+    DROPPED = "dropped"
+    NOT_REMOVED = "not_removed"
+    VANISHED = "vanished"
+    REPORTED = "reported"
+
+
+class RejectReason(enum.StrEnum):
+    """Why an account was set aside (``LedgerCounts.rejected_by_reason``)."""
+
+    REFUSED = "refused"
+    UNMATCHED = "unmatched"
+    NOT_REMOVABLE = "not_removable"
+
+
+class LedgerCheck(msgspec.Struct, frozen=True, kw_only=True):
+    """The ledger of one audience and the sums that must balance, read in one snapshot.
+
+    ``imbalances`` names each sum that does not hold, with ``left - right``::
+
+        delivery   exported     = acknowledged + failed + processing
+        verdicts   acknowledged = verified + lost[dropped] + lost[not_removed]
+                                  + overtaken + awaiting
+        repairs    lost         = repaired + rejected[unmatched] + rejected[not_removable]
+        causes     lost         = sum of lost_by_cause
+        reasons    rejected     = sum of rejected_by_reason
+        pending    pending      = accounts that differ, not in flight, not set aside
+    """
+
+    counts: LedgerCounts
+    processing: int  # rows of jobs Demandbase is processing
+    awaiting: int  # acknowledged rows no read-back has judged yet
+    pending: int  # the queue's counter
+    imbalances: dict[str, int]
+
+    @property
+    def balanced(self) -> bool:
+        return not self.imbalances

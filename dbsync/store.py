@@ -26,11 +26,27 @@ Tables, and the invariant each one keeps::
     batch_items  ``seq`` each had when planned) and the Demandbase job id once created,
                  so that a restart resumes or re-sends what was open.
     audiences    the configured audiences, the list each feeds (fixed at first
-                 activation: the public API cannot rename a list), state, checkpoint.
-    ledger       per-audience counters (received, superseded, exported, acknowledged...).
-    rejected     accounts set aside with the reason Demandbase refused them.
+                 activation: the public API cannot rename a list), state, checkpoint,
+                 and when Demandbase first acknowledged one of its jobs.
+    ledger       per-audience counters (received, superseded, exported, acknowledged,
+                 verified, lost...; keyed ones such as ``lost.dropped``). The sums they
+                 must keep are :class:`~dbsync.model.LedgerCheck`'s.
+    rejected     accounts set aside with the reason: Demandbase refused them (400), or
+                 a read-back still found them wrong after the repair limit.
+    reconcile_runs  one read-back each (the Data Export job, its state, the report),
+                 so that a restart resumes an export instead of paying for another.
     quota_usage  calls charged per destination, endpoint and daily window; pace the
     pace         learned request rate. Both survive restarts (invariant 5).
+
+Read-back (migration 3). Each membership row also keeps when its last batch was
+acknowledged (``acked_at``: only rows acknowledged longer than the visibility lag ago
+are judged), the batch of an acknowledgment no read-back has judged yet (``ack_batch``;
+the verdict, verified or lost, is counted once per acknowledgment and on that batch,
+whose ``throttled`` flag says whether a 429 was met while it was open: the loss rate
+per thousand, throttled or not, is a sum over batches) and how many times a read-back
+had it sent again (``repairs``; past the repair limit it is set aside instead).
+:meth:`Store.apply_readback` judges a whole list in one transaction, so nothing moves
+between the comparison and the repair.
 
 *Folding* moves journal rows into ``membership`` behind ingest, in chunks, keeping the
 last change per account of each chunk, then deletes them, in one transaction. It
@@ -78,13 +94,20 @@ from dbsync.model import (
     Batch,
     BatchState,
     Change,
+    LedgerCheck,
     LedgerCounts,
     ListAction,
+    LossCause,
+    RejectReason,
 )
 
 __all__ = [
     "AudienceRecord",
     "AudienceSpec",
+    "LossTally",
+    "ReadbackVerdict",
+    "ReconcileFacts",
+    "ReconcileRun",
     "RejectedAccount",
     "SnapshotResult",
     "Store",
@@ -95,6 +118,7 @@ T = TypeVar("T")
 
 FOLD_CHUNK_ROWS = 50_000
 _QUOTA_WINDOWS_KEPT = 8
+_RECONCILE_RUNS_KEPT = 100  # per audience
 
 _MIGRATIONS: tuple[str, ...] = (
     """
@@ -229,6 +253,52 @@ _MIGRATIONS: tuple[str, ...] = (
         COALESCE((SELECT MAX(folded_seq) FROM audiences), 0),
         COALESCE((SELECT MAX(seq) FROM batch_items), 0))
     """,
+    # 3: read-back. Per row: when its last batch was acknowledged, the batch whose
+    # acknowledgment awaits a read-back's verdict, and the repairs so far. Rows delivered
+    # before this version count as acknowledged now (batch 0: none to credit), which only
+    # delays their first verdict by the visibility lag. The counters they never had are
+    # started so that the ledger's sums hold from the first check: what was acknowledged
+    # before is "overtaken" (no read-back will judge it), earlier repairs were losses
+    # "reported" by hand, earlier rejections were "refused".
+    """
+    ALTER TABLE membership ADD COLUMN acked_at REAL;
+    ALTER TABLE membership ADD COLUMN ack_batch INTEGER;
+    ALTER TABLE membership ADD COLUMN repairs INTEGER NOT NULL DEFAULT 0;
+    UPDATE membership SET acked_at = CAST(strftime('%s', 'now') AS REAL), ack_batch = 0
+        WHERE delivered = 1;
+    CREATE INDEX membership_awaiting ON membership (audience_id, ack_batch)
+        WHERE ack_batch IS NOT NULL;
+    ALTER TABLE audiences ADD COLUMN first_acked_at REAL;
+    UPDATE audiences SET first_acked_at = CAST(strftime('%s', 'now') AS REAL)
+        WHERE audience_id IN
+        (SELECT audience_id FROM ledger WHERE counter = 'acknowledged' AND value > 0);
+    ALTER TABLE batches ADD COLUMN throttled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE batches ADD COLUMN verified INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE batches ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
+    INSERT INTO ledger (audience_id, counter, value)
+        SELECT l.audience_id, 'overtaken', l.value - (SELECT COUNT(*) FROM membership m
+            WHERE m.audience_id = l.audience_id AND m.ack_batch IS NOT NULL)
+        FROM ledger l WHERE l.counter = 'acknowledged';
+    INSERT INTO ledger (audience_id, counter, value)
+        SELECT audience_id, 'lost', value FROM ledger WHERE counter = 'repaired';
+    INSERT INTO ledger (audience_id, counter, value)
+        SELECT audience_id, 'lost.reported', value FROM ledger WHERE counter = 'repaired';
+    INSERT INTO ledger (audience_id, counter, value)
+        SELECT audience_id, 'rejected.refused', value FROM ledger WHERE counter = 'rejected';
+    CREATE TABLE reconcile_runs (
+        run_id        INTEGER PRIMARY KEY,
+        audience_id   TEXT NOT NULL,
+        list_id       INTEGER NOT NULL,
+        export_job_id TEXT NOT NULL,
+        started_at    REAL NOT NULL,
+        state         TEXT NOT NULL,
+        reason        TEXT NOT NULL DEFAULT '',
+        finished_at   REAL,
+        report        BLOB
+    );
+    CREATE INDEX reconcile_runs_audience ON reconcile_runs (audience_id, run_id);
+    CREATE INDEX reconcile_runs_open ON reconcile_runs (state) WHERE state = 'exporting'
+    """,
 )
 
 # Where fold gathers a chunk, the last change per account (writer connection only).
@@ -283,6 +353,51 @@ class RejectedAccount(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
     rejected_at: float
     attempts: int
+
+
+class ReconcileRun(msgspec.Struct, frozen=True, kw_only=True):
+    """A read-back whose Data Export job was created and not yet judged."""
+
+    run_id: int
+    audience_id: str
+    list_id: int
+    export_job_id: str
+    started_at: float
+
+
+class ReadbackVerdict(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`Store.apply_readback` found in one list and did about it."""
+
+    listed: int  # accounts in the list
+    expected: int  # accounts judged that must be in the list
+    verified: int  # of those, in it
+    lost: dict[str, int]  # by cause (LossCause)
+    repaired: int  # lost accounts marked to send again
+    extra_removed: int  # accounts in the list that should not be: marked for removal
+    unmatched: tuple[Account, ...]  # set aside: still missing after the repair limit
+    not_removable: tuple[Account, ...]  # set aside: still there after the repair limit
+    too_young: int  # not judged: acknowledged (or changed) within the visibility lag
+    unsettled: int  # not judged: pending, in flight or already set aside
+
+
+class ReconcileFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What scheduling needs to know of one audience."""
+
+    audience_id: str
+    list_id: int | None
+    first_acked_at: float | None
+    last_started_at: float | None  # the last read-back attempt, whatever its outcome
+    last_completed_at: float | None
+
+
+class LossTally(msgspec.Struct, frozen=True, kw_only=True):
+    """Completed batches of a destination, throttled or not, and the verdicts on their rows."""
+
+    throttled: bool
+    batches: int
+    acknowledged: int
+    verified: int
+    lost: int
 
 
 # Literal in the SQL (not bound) so that SQLite can use the partial index on them.
@@ -741,18 +856,29 @@ class Store:
             delivered = action == ListAction.INSERT
             # Accounts whose desired state moved while the job ran go back to the queue.
             _requeue_in_flight(db, audience_id, batch_id, f"desired <> {int(delivered)}")
+            # An earlier acknowledgment no read-back judged is replaced by this one.
+            (overtaken,) = db.execute(
+                "SELECT COUNT(*) FROM membership WHERE in_flight = ? AND audience_id = ?"
+                " AND ack_batch IS NOT NULL",
+                (batch_id, audience_id),
+            ).fetchone()
             # Checkpoint only here, after the acknowledgment: a crash before this line
             # leaves the accounts in flight, and they are sent again.
             db.execute(
-                "UPDATE membership SET delivered = ?, in_flight = NULL"
-                " WHERE in_flight = ? AND audience_id = ?",
-                (delivered, batch_id, audience_id),
+                "UPDATE membership SET delivered = ?, in_flight = NULL, acked_at = ?,"
+                " ack_batch = ? WHERE in_flight = ? AND audience_id = ?",
+                (delivered, now, batch_id, batch_id, audience_id),
             )
             db.execute(
                 "UPDATE batches SET state = ?, updated_at = ? WHERE batch_id = ?",
                 (BatchState.COMPLETED, now, batch_id),
             )
-            _count(db, audience_id, acknowledged=rows)
+            db.execute(
+                "UPDATE audiences SET first_acked_at = COALESCE(first_acked_at, ?)"
+                " WHERE audience_id = ?",
+                (now, audience_id),
+            )
+            _count(db, audience_id, acknowledged=rows, overtaken=overtaken)
             if list_id is not None:
                 db.execute(
                     "UPDATE audiences SET list_id = COALESCE(list_id, ?) WHERE audience_id = ?",
@@ -830,7 +956,7 @@ class Store:
                 "UPDATE batches SET state = ?, reason = ?, updated_at = ? WHERE batch_id = ?",
                 (BatchState.ABANDONED, reason, now, batch_id),
             )
-            _count(db, audience_id, rejected=rows)
+            _count(db, audience_id, rejected=rows, **{_reason(RejectReason.REFUSED): rows})
 
         await self._in_transaction(work)
 
@@ -867,7 +993,8 @@ class Store:
             )
             _queue(db, audience_id, inserts=pending.get(1, 0), deletes=pending.get(0, 0))
             count = db.execute(
-                "UPDATE membership SET rejected = 0 WHERE audience_id = ? AND rejected = 1",
+                "UPDATE membership SET rejected = 0, repairs = 0"
+                " WHERE audience_id = ? AND rejected = 1",
                 (audience_id,),
             ).rowcount
             db.execute("DELETE FROM rejected WHERE audience_id = ?", (audience_id,))
@@ -904,7 +1031,11 @@ class Store:
     async def mark_undelivered(
         self, audience_id: str, external_ids: Iterable[str], *, member: bool
     ) -> int:
-        """A read-back found these accounts wrong: they are sent again; returns how many."""
+        """These accounts were found wrong (by hand): sent again; returns how many.
+
+        Counted as lost (cause ``reported``) and repaired. Their acknowledgment, if no
+        read-back judged it yet, still waits for one: the next send overtakes it.
+        """
         keys = list(external_ids)
 
         def work(db: sqlite3.Connection) -> int:
@@ -920,7 +1051,13 @@ class Store:
                 _queue(db, audience_id, inserts=changed)
             else:
                 _queue(db, audience_id, deletes=changed)
-            _count(db, audience_id, repaired=changed)
+            _count(
+                db,
+                audience_id,
+                lost=changed,
+                repaired=changed,
+                **{_cause(LossCause.REPORTED): changed},
+            )
             return changed
 
         return await self._in_transaction(work)
@@ -929,8 +1066,7 @@ class Store:
         rows = await self._read(
             "SELECT counter, value FROM ledger WHERE audience_id = ?", (audience_id,)
         )
-        fields = set(LedgerCounts.__struct_fields__)
-        return LedgerCounts(**{counter: value for counter, value in rows if counter in fields})
+        return _ledger_counts((str(counter), int(value)) for counter, value in rows)
 
     async def ledger_imbalance(self, audience_id: str) -> int:
         """exported - (acknowledged + failed + rows of jobs still processing); 0 balances.
@@ -949,7 +1085,78 @@ class Store:
         return int(rows[0][0])
 
     async def add_to_ledger(self, audience_id: str, **deltas: int) -> None:
-        await self._in_transaction(lambda db: _count(db, audience_id, **deltas))
+        """Add to the audience's counters.
+
+        ``throttled`` (a 429 met while delivering) also marks every open batch of the
+        audience's destination as sent while the destination was throttled: the loss
+        estimate compares those batches' losses with the others'.
+        """
+
+        def work(db: sqlite3.Connection) -> None:
+            _count(db, audience_id, **deltas)
+            if deltas.get("throttled"):
+                db.execute(
+                    "UPDATE batches INDEXED BY batches_open SET throttled = 1"
+                    f" WHERE state IN {_OPEN_STATES_SQL} AND audience_id IN"
+                    " (SELECT audience_id FROM audiences WHERE destination ="
+                    "  (SELECT destination FROM audiences WHERE audience_id = ?))",
+                    (audience_id,),
+                )
+
+        await self._in_transaction(work)
+
+    async def ledger_check(self, audience_id: str, *, recount: bool = True) -> LedgerCheck:
+        """The ledger and the sums it must keep (:class:`~dbsync.model.LedgerCheck`).
+
+        One statement, so one snapshot: nothing moving between counters can make a
+        balanced ledger look unbalanced. Recounting the pending accounts walks the
+        queue's index, O(pending): a reconciliation's price, not a summary's
+        (``recount=False`` leaves that sum out).
+        """
+        rows = await self._read(
+            "SELECT"
+            " (SELECT TOTAL(rows) FROM batches INDEXED BY batches_open"
+            f"  WHERE audience_id = ?1 AND state IN {_OPEN_STATES_SQL} AND state = 'uploaded'),"
+            " (SELECT COUNT(*) FROM membership INDEXED BY membership_awaiting"
+            "  WHERE audience_id = ?1 AND ack_batch IS NOT NULL),"
+            " (SELECT TOTAL(n) FROM backlog_counts WHERE audience_id = ?1),"
+            " CASE WHEN ?2 THEN (SELECT COUNT(*) FROM membership INDEXED BY membership_queue"
+            "  WHERE audience_id = ?1 AND desired <> delivered AND in_flight IS NULL"
+            "  AND rejected = 0) END,"
+            " (SELECT json_group_array(json_array(counter, value)) FROM ledger"
+            "  WHERE audience_id = ?1)",
+            (audience_id, recount),
+        )
+        processing, awaiting, pending, recounted, ledger = rows[0]
+        counts = _ledger_counts(msgspec.json.decode(ledger, type=list[tuple[str, int]]))
+        lost, rejected = counts.lost_by_cause, counts.rejected_by_reason
+        sums = {
+            "delivery": counts.exported - (counts.acknowledged + counts.failed + int(processing)),
+            "verdicts": counts.acknowledged
+            - (
+                counts.verified
+                + lost.get(LossCause.DROPPED, 0)
+                + lost.get(LossCause.NOT_REMOVED, 0)
+                + counts.overtaken
+                + int(awaiting)
+            ),
+            "repairs": counts.lost
+            - (
+                counts.repaired
+                + rejected.get(RejectReason.UNMATCHED, 0)
+                + rejected.get(RejectReason.NOT_REMOVABLE, 0)
+            ),
+            "causes": counts.lost - sum(lost.values()),
+            "reasons": counts.rejected - sum(rejected.values()),
+            "pending": int(pending) - int(recounted) if recount else 0,
+        }
+        return LedgerCheck(
+            counts=counts,
+            processing=int(processing),
+            awaiting=int(awaiting),
+            pending=int(pending),
+            imbalances={name: diff for name, diff in sums.items() if diff},
+        )
 
     async def checkpoint(self, audience_id: str) -> int:
         """Every change of the audience up to this sequence number is delivered."""
@@ -957,6 +1164,160 @@ class Store:
             "SELECT checkpoint_seq FROM audiences WHERE audience_id = ?", (audience_id,)
         )
         return int(rows[0][0]) if rows else 0
+
+    # --- read-back --------------------------------------------------------------------------
+
+    async def reconcile_facts(self, audience_ids: Iterable[str]) -> list[ReconcileFacts]:
+        """What scheduling the read-backs of these audiences needs, one row each."""
+        ids = sorted(set(audience_ids))
+        if not ids:
+            return []
+        marks = ", ".join("?" * len(ids))
+        rows = await self._read(
+            "SELECT a.audience_id, a.list_id, a.first_acked_at,"
+            " (SELECT MAX(started_at) FROM reconcile_runs r WHERE r.audience_id = a.audience_id),"
+            " (SELECT MAX(finished_at) FROM reconcile_runs r WHERE r.audience_id = a.audience_id"
+            "  AND r.state IN ('applied', 'completed'))"
+            f" FROM audiences a WHERE a.audience_id IN ({marks}) ORDER BY a.audience_id",
+            ids,
+        )
+        return [
+            ReconcileFacts(
+                audience_id=row[0],
+                list_id=row[1],
+                first_acked_at=row[2],
+                last_started_at=row[3],
+                last_completed_at=row[4],
+            )
+            for row in rows
+        ]
+
+    async def start_reconcile_run(
+        self, audience_id: str, list_id: int, export_job_id: str, started_at: float
+    ) -> ReconcileRun:
+        """Record a read-back whose export job Demandbase accepted."""
+
+        def work(db: sqlite3.Connection) -> int:
+            run_id = db.execute(
+                "INSERT INTO reconcile_runs (audience_id, list_id, export_job_id, started_at,"
+                " state) VALUES (?, ?, ?, ?, 'exporting')",
+                (audience_id, list_id, export_job_id, started_at),
+            ).lastrowid
+            assert run_id is not None
+            return run_id
+
+        run_id = await self._in_transaction(work)
+        return ReconcileRun(
+            run_id=run_id,
+            audience_id=audience_id,
+            list_id=list_id,
+            export_job_id=export_job_id,
+            started_at=started_at,
+        )
+
+    async def open_reconcile_runs(self, audience_ids: Iterable[str]) -> list[ReconcileRun]:
+        """Read-backs whose export was created and not judged (left by a stop or a crash)."""
+        wanted = set(audience_ids)
+        rows = await self._read(
+            "SELECT run_id, audience_id, list_id, export_job_id, started_at"
+            " FROM reconcile_runs INDEXED BY reconcile_runs_open WHERE state = 'exporting'"
+            " ORDER BY run_id"
+        )
+        return [
+            ReconcileRun(
+                run_id=row[0],
+                audience_id=row[1],
+                list_id=row[2],
+                export_job_id=row[3],
+                started_at=row[4],
+            )
+            for row in rows
+            if row[1] in wanted
+        ]
+
+    async def fail_reconcile_run(self, run_id: int, reason: str) -> None:
+        now = self._now()
+        await self._in_transaction(
+            lambda db: db.execute(
+                "UPDATE reconcile_runs SET state = 'failed', reason = ?, finished_at = ?"
+                " WHERE run_id = ? AND state = 'exporting'",
+                (reason, now, run_id),
+            )
+        )
+
+    async def finish_reconcile_run(self, run_id: int, report: bytes) -> None:
+        """Keep the report of a judged read-back; older runs of its audience are pruned."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE reconcile_runs SET state = 'completed', report = ? WHERE run_id = ?",
+                (report, run_id),
+            )
+            (audience_id,) = db.execute(
+                "SELECT audience_id FROM reconcile_runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            db.execute(
+                "DELETE FROM reconcile_runs WHERE audience_id = ?1 AND run_id <"
+                " (SELECT MIN(run_id) FROM (SELECT run_id FROM reconcile_runs"
+                "  WHERE audience_id = ?1 ORDER BY run_id DESC LIMIT ?2))",
+                (audience_id, _RECONCILE_RUNS_KEPT),
+            )
+
+        await self._in_transaction(work)
+
+    async def last_reconcile_reports(self, audience_ids: Iterable[str]) -> dict[str, bytes]:
+        """The report of each audience's last completed read-back, as it was kept."""
+        wanted = set(audience_ids)
+        rows = await self._read(
+            "SELECT audience_id, report FROM reconcile_runs r WHERE state = 'completed'"
+            " AND run_id = (SELECT MAX(run_id) FROM reconcile_runs s"
+            "  WHERE s.audience_id = r.audience_id AND s.state = 'completed')"
+        )
+        return {str(row[0]): bytes(row[1]) for row in rows if row[0] in wanted and row[1]}
+
+    async def apply_readback(
+        self,
+        run_id: int,
+        listed: Sequence[Account],
+        *,
+        judged_before: float,
+        repair_limit: int,
+    ) -> ReadbackVerdict | None:
+        """Judge the audience's accounts against ``listed``, its list's members, and repair.
+
+        One transaction. Only settled accounts (nothing pending, in flight or set aside)
+        acknowledged (else changed) before ``judged_before`` are judged; listed accounts
+        are matched to the audience's by external id, then by domain and name as
+        Demandbase matches import rows. A member missing, or an acknowledged removal
+        still listed, is lost: marked to send again, or set aside (``unmatched``,
+        ``not_removable``) once it was repaired ``repair_limit`` times. A listed account
+        nobody acknowledged there is extra: marked for removal. The run is marked
+        judged in the same transaction, so a resumed run is never judged twice (None).
+        """
+        now = self._now()
+        return await self._in_transaction(
+            lambda db: _judge(db, run_id, listed, judged_before, repair_limit, now)
+        )
+
+    async def loss_tallies(self, destination: str, since: float = 0.0) -> list[LossTally]:
+        """Completed batches of ``destination`` updated since ``since``, throttled or not."""
+        rows = await self._read(
+            "SELECT b.throttled, COUNT(*), TOTAL(b.rows), TOTAL(b.verified), TOTAL(b.lost)"
+            " FROM batches b JOIN audiences a USING (audience_id)"
+            " WHERE a.destination = ? AND b.state = 'completed' AND b.updated_at >= ?"
+            " GROUP BY b.throttled ORDER BY b.throttled",
+            (destination, since),
+        )
+        return [
+            LossTally(
+                throttled=bool(row[0]),
+                batches=int(row[1]),
+                acknowledged=int(row[2]),
+                verified=int(row[3]),
+                lost=int(row[4]),
+            )
+            for row in rows
+        ]
 
     # --- destination budget ----------------------------------------------------------------
 
@@ -1111,6 +1472,8 @@ def _fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
         " ON CONFLICT DO UPDATE SET"
         " rejected = CASE WHEN desired <> excluded.desired OR name <> excluded.name"
         "   OR domain <> excluded.domain THEN 0 ELSE rejected END,"
+        " repairs = CASE WHEN name <> excluded.name OR domain <> excluded.domain"
+        "   THEN 0 ELSE repairs END,"
         " changed_at = CASE WHEN desired <> excluded.desired"
         "   THEN excluded.changed_at ELSE changed_at END,"
         " name = excluded.name, domain = excluded.domain,"
@@ -1209,4 +1572,246 @@ def _count(db: sqlite3.Connection, audience_id: str, **deltas: int) -> None:
         "INSERT INTO ledger (audience_id, counter, value) VALUES (?, ?, ?)"
         " ON CONFLICT DO UPDATE SET value = value + excluded.value",
         [(audience_id, counter, value) for counter, value in deltas.items() if value],
+    )
+
+
+_CAUSE_PREFIX = "lost."
+_REASON_PREFIX = "rejected."
+
+
+def _cause(cause: LossCause) -> str:
+    return f"{_CAUSE_PREFIX}{cause}"
+
+
+def _reason(reason: RejectReason) -> str:
+    return f"{_REASON_PREFIX}{reason}"
+
+
+def _ledger_counts(rows: Iterable[tuple[str, int]]) -> LedgerCounts:
+    fields = set(LedgerCounts.__struct_fields__)
+    plain: dict[str, Any] = {}
+    causes: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for counter, value in rows:
+        if counter.startswith(_CAUSE_PREFIX):
+            causes[counter.removeprefix(_CAUSE_PREFIX)] = value
+        elif counter.startswith(_REASON_PREFIX):
+            reasons[counter.removeprefix(_REASON_PREFIX)] = value
+        elif counter in fields:
+            plain[counter] = value
+    return LedgerCounts(**plain, lost_by_cause=causes, rejected_by_reason=reasons)
+
+
+def _match_key(domain: str, name: str) -> tuple[str, str]:
+    """How Demandbase compares an account's domain and name: trimmed, case-insensitively."""
+    return domain.strip().casefold(), name.strip().casefold()
+
+
+_MembershipRow = tuple[
+    str, str, str, int, int, int | None, int, float | None, int | None, float, int
+]
+
+
+def _judge(
+    db: sqlite3.Connection,
+    run_id: int,
+    listed: Sequence[Account],
+    judged_before: float,
+    repair_limit: int,
+    now: float,
+) -> ReadbackVerdict | None:
+    """:meth:`Store.apply_readback`, inside its transaction."""
+    run = db.execute(
+        "SELECT audience_id, state FROM reconcile_runs WHERE run_id = ?", (run_id,)
+    ).fetchone()
+    if run is None:
+        raise StoreError(f"no reconcile run {run_id}")
+    audience_id, state = run
+    if state != "exporting":
+        return None
+    rows: list[_MembershipRow] = db.execute(
+        "SELECT external_id, name, domain, desired, delivered, in_flight, rejected, acked_at,"
+        " ack_batch, changed_at, repairs FROM membership WHERE audience_id = ?",
+        (audience_id,),
+    ).fetchall()
+
+    # Which of the audience's accounts the list holds, and the listed strangers.
+    known = {row[0] for row in rows}
+    present: set[str] = set()
+    strangers: dict[str, Account] = {}
+    by_key: dict[tuple[str, str], str] | None = None
+    for account in listed:
+        if account.external_id in known:
+            present.add(account.external_id)
+            continue
+        if by_key is None:
+            by_key = {_match_key(row[2], row[1]): row[0] for row in rows}
+        key = by_key.get(_match_key(account.domain, account.name))
+        if key is not None:
+            present.add(key)
+        else:
+            strangers.setdefault(account.external_id, account)
+
+    cleared: list[str] = []  # verdict given (verified), or seen right again: repairs reset
+    verified_acks = 0
+    expected = verified = too_young = unsettled = 0
+    lost: dict[str, int] = {}
+    batch_verified: dict[int, int] = {}
+    batch_lost: dict[int, int] = {}
+    resend_inserts: list[str] = []
+    resend_deletes: list[str] = []
+    extras: list[str] = []
+    unmatched: list[tuple[Account, int]] = []
+    not_removable: list[tuple[Account, int]] = []
+    for row in rows:
+        key, name, domain, desired, delivered, in_flight, rejected, acked_at, ack = row[:9]
+        changed_at, repairs = row[9:]
+        in_list = key in present
+        relevant = bool(desired or in_list or ack is not None)
+        if desired != delivered or in_flight is not None or rejected:
+            unsettled += relevant
+            continue
+        if (acked_at if acked_at is not None else changed_at) > judged_before:
+            too_young += relevant  # recent changes may not be visible yet: never lost
+            continue
+        if desired:
+            expected += 1
+            if in_list:
+                verified += 1
+                if ack is not None or repairs:
+                    cleared.append(key)
+                if ack is not None:
+                    verified_acks += 1
+                    batch_verified[ack] = batch_verified.get(ack, 0) + 1
+                continue
+            cause = LossCause.DROPPED if ack is not None else LossCause.VANISHED
+        else:
+            if not in_list:
+                if ack is not None:
+                    cleared.append(key)
+                    verified_acks += 1
+                    batch_verified[ack] = batch_verified.get(ack, 0) + 1
+                continue
+            if ack is None:
+                extras.append(key)
+                continue
+            cause = LossCause.NOT_REMOVED
+        lost[cause] = lost.get(cause, 0) + 1
+        if ack is not None:
+            batch_lost[ack] = batch_lost.get(ack, 0) + 1
+        if repairs >= repair_limit:
+            account = Account(external_id=key, name=name, domain=domain)
+            (unmatched if desired else not_removable).append((account, repairs))
+        else:
+            (resend_inserts if desired else resend_deletes).append(key)
+
+    def each(keys: Iterable[str]) -> list[tuple[str, str]]:
+        return [(audience_id, key) for key in keys]
+
+    where = " WHERE audience_id = ? AND external_id = ?"
+    db.executemany("UPDATE membership SET ack_batch = NULL, repairs = 0" + where, each(cleared))
+    db.executemany(
+        "UPDATE membership SET delivered = 0, ack_batch = NULL, repairs = repairs + 1" + where,
+        each(resend_inserts),
+    )
+    db.executemany(
+        "UPDATE membership SET delivered = 1, ack_batch = NULL, repairs = repairs + 1" + where,
+        each(resend_deletes),
+    )
+    db.executemany("UPDATE membership SET delivered = 1" + where, each(extras))
+    (folded_seq,) = db.execute(
+        "SELECT folded_seq FROM audiences WHERE audience_id = ?", (audience_id,)
+    ).fetchone()
+    db.executemany(
+        "INSERT INTO membership (audience_id, external_id, name, domain, desired, seq,"
+        " changed_at, delivered) VALUES (?, ?, ?, ?, 0, ?, ?, 1) ON CONFLICT DO NOTHING",
+        [
+            (audience_id, a.external_id, a.name, a.domain, folded_seq, now)
+            for a in strangers.values()
+        ],
+    )
+    _queue(
+        db,
+        audience_id,
+        inserts=len(resend_inserts),
+        deletes=len(resend_deletes) + len(extras) + len(strangers),
+    )
+    # Set aside: out of the queue (rejected = 1) and recorded with the reason; delivered
+    # says what the list holds, so that a requeue sends them again.
+    for accounts, reason, delivered_now, text in (
+        (
+            unmatched,
+            RejectReason.UNMATCHED,
+            0,
+            "still missing from the list after {} repairs: Demandbase has no account"
+            " matching its external id, domain or name",
+        ),
+        (
+            not_removable,
+            RejectReason.NOT_REMOVABLE,
+            1,
+            "still in the list after {} removals were acknowledged",
+        ),
+    ):
+        db.executemany(
+            "UPDATE membership SET delivered = ?, rejected = 1, ack_batch = NULL" + where,
+            [(delivered_now, audience_id, a.external_id) for a, _ in accounts],
+        )
+        db.executemany(
+            "INSERT INTO rejected (audience_id, external_id, name, domain, member, reason,"
+            " rejected_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT DO UPDATE SET name = excluded.name, domain = excluded.domain,"
+            " member = excluded.member, reason = excluded.reason,"
+            " rejected_at = excluded.rejected_at, attempts = excluded.attempts",
+            [
+                (
+                    audience_id,
+                    a.external_id,
+                    a.name,
+                    a.domain,
+                    int(not delivered_now),
+                    f"{reason}: {text.format(repairs)}",
+                    now,
+                    repairs + 1,
+                )
+                for a, repairs in accounts
+            ],
+        )
+    db.executemany(
+        "UPDATE batches SET verified = verified + ? WHERE batch_id = ?",
+        [(n, batch) for batch, n in batch_verified.items()],
+    )
+    db.executemany(
+        "UPDATE batches SET lost = lost + ? WHERE batch_id = ?",
+        [(n, batch) for batch, n in batch_lost.items()],
+    )
+    repaired = len(resend_inserts) + len(resend_deletes)
+    _count(
+        db,
+        audience_id,
+        verified=verified_acks,
+        lost=sum(lost.values()),
+        repaired=repaired,
+        extra=len(extras) + len(strangers),
+        rejected=len(unmatched) + len(not_removable),
+        **{_cause(LossCause(cause)): n for cause, n in lost.items()},
+        **{_reason(RejectReason.UNMATCHED): len(unmatched)},
+        **{_reason(RejectReason.NOT_REMOVABLE): len(not_removable)},
+    )
+    db.execute(
+        "UPDATE reconcile_runs SET state = 'applied', finished_at = ? WHERE run_id = ?",
+        (now, run_id),
+    )
+    _advance_checkpoint(db, audience_id)
+    return ReadbackVerdict(
+        listed=len(listed),
+        expected=expected,
+        verified=verified,
+        lost=lost,
+        repaired=repaired,
+        extra_removed=len(extras) + len(strangers),
+        unmatched=tuple(a for a, _ in unmatched),
+        not_removable=tuple(a for a, _ in not_removable),
+        too_young=too_young,
+        unsettled=unsettled,
     )
