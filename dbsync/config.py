@@ -286,7 +286,16 @@ class DeliverySettings(_Table, frozen=True):
 
 
 class ReconcileSettings(_Table, frozen=True):
-    """``[destinations.reconcile]``: reading lists back to prove what Demandbase holds."""
+    """``[destinations.reconcile]``: reading lists back to prove what Demandbase holds.
+
+    Each read-back is one Data Export job (``export_jobs_per_day`` and
+    ``concurrent_export_jobs`` in ``[destinations.limits]`` bound them), shared by every
+    audience of the destination in turn, the one read back longest ago first.
+    """
+
+    scheduled: bool = True
+    """Read lists back on schedule, every ``interval_seconds``. ``false``: only when
+    asked (``dbsync ctl reconcile AUDIENCE``)."""
 
     visibility_lag_seconds: NonNegativeSeconds = 86400.0
     """Age, in seconds, a change must reach before a read-back may judge it. Demandbase
@@ -294,7 +303,29 @@ class ReconcileSettings(_Table, frozen=True):
 
     interval_seconds: Seconds = 86400.0
     """Seconds between two read-backs of one audience. With 60 export jobs a day shared
-    by every audience of the destination, daily is what a tenant can afford."""
+    by every audience of the destination, daily is what a tenant can afford; with more
+    audiences than exports, each waits its turn (every ceil(audiences / exports) days)."""
+
+    repair_limit: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    """Times an account found missing is sent again. Found missing once more, it is set
+    aside as ``unmatched`` (Demandbase has no account that matches it) and listed by
+    ``dbsync ctl rejected`` instead of being sent forever."""
+
+    export_poll_initial_seconds: Seconds = 30.0
+    """Seconds before the first status read of an export job. Each later read waits
+    twice as long, and the wait learns how long exports take: 300 status reads a day
+    are shared by 60 exports."""
+
+    export_poll_max_seconds: Seconds = 1800.0
+    """Longest wait between two status reads of one export job; at least
+    ``export_poll_initial_seconds``."""
+
+    def __post_init__(self) -> None:
+        if self.export_poll_max_seconds < self.export_poll_initial_seconds:
+            raise ValueError(
+                f"export_poll_max_seconds ({self.export_poll_max_seconds:g}) is below"
+                f" export_poll_initial_seconds ({self.export_poll_initial_seconds:g})"
+            )
 
 
 class FlushPolicy(_Table, frozen=True):
