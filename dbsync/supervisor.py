@@ -2,13 +2,16 @@
 
 It owns one TaskGroup that holds everything long-running besides the servers: one
 task per actor (``actor:<audience id>``), the store's folder (journal -> desired
-state, waking the actors it touched), each destination budget's window keeper, and
-the summary logger. :meth:`drain` stops every actor (each finishes its jobs in
-flight and starts no new one); when the last actor has returned the helpers are
-cancelled and :meth:`run` returns.
+state, waking the actors it touched), each destination budget's window keeper, each
+destination's reconciler (``reconciler:<destination>``, reading lists back within the
+export quotas; see :mod:`dbsync.reconcile`), and the summary logger. :meth:`drain`
+cancels the reconcilers (an export they left running is resumed at the next start)
+and stops every actor (each finishes its jobs in flight and starts no new one); when
+the last actor has returned the helpers are cancelled and :meth:`run` returns.
 
 Failure containment (ARCHITECTURE invariant 6): an actor that raises is logged,
-marked ``failed`` and restarted after a capped backoff while the others go on; a
+marked ``failed`` and restarted after a capped backoff while the others go on, and so
+is a reconciler (``reconciler_crashed``), whose trouble never holds up delivery; a
 :class:`~dbsync.errors.StoreError` (shared infrastructure) is not contained and stops
 the daemon, which exits non-zero so that systemd restarts it.
 
@@ -34,6 +37,15 @@ from dbsync.clock import Clock
 from dbsync.config import Credentials
 from dbsync.errors import StoreError
 from dbsync.model import AudienceState
+from dbsync.reconcile import (
+    ExportClient,
+    LossEstimate,
+    ReconcileDeferred,
+    ReconcilePlan,
+    Reconciler,
+    ReconcileReport,
+    log_ledger_imbalance,
+)
 from dbsync.store import AudienceSpec, Store
 
 __all__ = ["AudienceStatus", "DestinationPlan", "Supervisor"]
@@ -49,6 +61,9 @@ class DestinationPlan(msgspec.Struct, frozen=True, kw_only=True):
     The client factory builds the destination's client from ``base_url``,
     ``request_timeout_seconds`` and ``credentials``; ``connection`` is their
     fingerprint (never a secret): when it changes on reload, the client is rebuilt.
+    ``reconcile`` is the destination's ``[destinations.reconcile]``, its export
+    concurrency and the list ids the configuration gives
+    (:meth:`ReconcilePlan.from_config <dbsync.reconcile.ReconcilePlan.from_config>`).
     """
 
     name: str
@@ -57,6 +72,7 @@ class DestinationPlan(msgspec.Struct, frozen=True, kw_only=True):
     credentials: Credentials
     limits: BudgetLimits
     audiences: tuple[ActorSettings, ...]
+    reconcile: ReconcilePlan = ReconcilePlan()
 
     @property
     def connection(self) -> str:
@@ -103,6 +119,8 @@ class Supervisor:
         self._stop_timeout = stop_timeout_seconds
         self._destinations: dict[str, Destination] = {}
         self._budget_tasks: dict[str, asyncio.Task[None]] = {}
+        self._reconcilers: dict[str, tuple[Reconciler, asyncio.Task[None]]] = {}
+        self._asked: set[asyncio.Task[None]] = set()  # read-backs asked by the operator
         self._actors: dict[str, _Running] = {}
         self._group: asyncio.TaskGroup | None = None
         self._draining = asyncio.Event()
@@ -122,6 +140,11 @@ class Supervisor:
             await self._apply(self._plans.values(), first=True)
             self._started.set()
             await self._draining.wait()
+            # Read-backs never hold up a drain: an export left running is resumed later.
+            for _, task in self._reconcilers.values():
+                task.cancel()
+            for task in self._asked:
+                task.cancel()
             for running in self._actors.values():
                 running.actor.stop()
             await asyncio.gather(*(r.task for r in self._actors.values()), return_exceptions=True)
@@ -159,6 +182,79 @@ class Supervisor:
     def audience_ids(self) -> list[str]:
         return sorted(self._actors)
 
+    async def reconcile_now(self, audience_id: str) -> ReconcileReport:
+        """Read the audience's list back now, within the export quota; the report.
+
+        Raises:
+            KeyError: no active audience has this id.
+            ReconcileDeferred: not possible now; ``retry_at`` (epoch seconds) says when
+                it can be, ``reason`` why (no list id yet, quota spent, an export
+                running, destination stopped, draining, the read-back failed).
+        """
+        running = self._actors.get(audience_id)
+        if running is None:
+            raise KeyError(audience_id)
+        destination = running.actor.settings.destination
+        entry = self._reconcilers.get(destination)
+        if self._draining.is_set() or entry is None:
+            reason = (
+                "the daemon is draining"
+                if self._draining.is_set()
+                else f"destination {destination}'s client cannot export lists"
+            )
+            raise ReconcileDeferred(reason, retry_at=self._clock.time() + 60.0)
+        # It runs in the supervisor's TaskGroup, so that the drain stops it like the
+        # rest; its outcome, errors included, reaches the caller through a future
+        # (an error escaping a task would bring the whole group down).
+        outcome: asyncio.Future[ReconcileReport] = asyncio.get_running_loop().create_future()
+        # Retrieved even when the caller went away, so that asyncio does not complain.
+        outcome.add_done_callback(lambda done: done.cancelled() or done.exception())
+        reconciler = entry[0]
+
+        async def read_back() -> None:
+            try:
+                outcome.set_result(await reconciler.reconcile_now(audience_id))
+            except asyncio.CancelledError:
+                outcome.cancel()
+                raise
+            except StoreError as exc:
+                outcome.set_exception(exc)
+                raise  # shared infrastructure: stop the daemon
+            except Exception as exc:
+                outcome.set_exception(exc)
+
+        assert self._group is not None
+        task = self._group.create_task(read_back(), name=f"reconcile-now:{audience_id}")
+        self._asked.add(task)
+        task.add_done_callback(self._asked.discard)
+        try:
+            return await asyncio.shield(outcome)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if outcome.cancelled() and (current is None or not current.cancelling()):
+                raise ReconcileDeferred(
+                    "the daemon is draining", retry_at=self._clock.time() + 60.0
+                ) from None
+            task.cancel()  # the caller went away
+            raise
+
+    def reconcile_state(self, audience_id: str) -> tuple[ReconcileReport | None, float | None]:
+        """The audience's last read-back report, and when the next is due (epoch seconds).
+
+        None for the report before its first read-back; None for the time when none
+        is planned (no list id or nothing acknowledged yet, ``scheduled = false``).
+        """
+        running = self._actors.get(audience_id)
+        if running is None:
+            return None, None
+        entry = self._reconcilers.get(running.actor.settings.destination)
+        return entry[0].state(audience_id) if entry is not None else (None, None)
+
+    async def loss_estimate(self, destination: str, since: float = 0.0) -> LossEstimate | None:
+        """Accounts lost per thousand sent by ``destination``, overall and while throttled."""
+        entry = self._reconcilers.get(destination)
+        return await entry[0].loss_estimate(since) if entry is not None else None
+
     def statuses(self) -> list[AudienceStatus]:
         return [
             AudienceStatus(
@@ -185,7 +281,7 @@ class Supervisor:
                     destination=plan.name,
                     name=a.name,
                     list_name=a.list_name,
-                    list_id=None,
+                    list_id=plan.reconcile.list_ids.get(a.audience_id),
                 )
                 for plan in plans
                 for a in plan.audiences
@@ -216,6 +312,8 @@ class Supervisor:
                 # A reload is the operator saying "try again": a destination stopped by
                 # a 401/403 may have been fixed on Demandbase's side.
                 self._destinations[plan.name].restart()
+            if rebuilt or old is None or old.reconcile != plan.reconcile:
+                self._start_reconciler(plan)
             for settings in plan.audiences:
                 # The list an audience feeds is fixed when it is first activated.
                 settings = msgspec.structs.replace(
@@ -235,6 +333,7 @@ class Supervisor:
         for name in list(self._destinations):
             if name not in self._plans:
                 self._budget_tasks.pop(name).cancel()
+                self._stop_reconciler(name)
                 del self._destinations[name]
         for audience_id, settings in wanted.items():
             if audience_id not in self._actors:
@@ -251,6 +350,66 @@ class Supervisor:
         self._budget_tasks[plan.name] = self._group.create_task(
             budget.run(), name=f"budget:{plan.name}"
         )
+
+    def _start_reconciler(self, plan: DestinationPlan) -> None:
+        """(Re)start the destination's reconciler, if its client can export lists."""
+        self._stop_reconciler(plan.name)
+        destination = self._destinations[plan.name]
+        client = destination.client
+        if not isinstance(client, ExportClient):
+            log.warning("reconcile_unavailable", extra={"destination": plan.name})
+            return
+        name = plan.name
+
+        def audience_ids() -> list[str]:
+            return [
+                audience_id
+                for audience_id, running in self._actors.items()
+                if running.actor.settings.destination == name
+            ]
+
+        reconciler = Reconciler(
+            destination,
+            client,
+            plan.reconcile,
+            store=self._store,
+            clock=self._clock,
+            audience_ids=audience_ids,
+            wake=self.wake,
+        )
+        assert self._group is not None
+        task = self._group.create_task(
+            self._keep_reconciling(reconciler), name=f"reconciler:{name}"
+        )
+        self._reconcilers[name] = (reconciler, task)
+
+    def _stop_reconciler(self, name: str) -> None:
+        entry = self._reconcilers.pop(name, None)
+        if entry is not None:
+            entry[1].cancel()
+
+    async def _keep_reconciling(self, reconciler: Reconciler) -> None:
+        """Run one reconciler; restart it after a crash, with a capped backoff."""
+        crashes = 0
+        while True:
+            try:
+                await reconciler.run()
+                return
+            except StoreError:
+                raise  # shared infrastructure: stop the daemon
+            except Exception as exc:
+                delay = _RESTART_BACKOFF_SECONDS[min(crashes, len(_RESTART_BACKOFF_SECONDS) - 1)]
+                crashes += 1
+                log.exception(
+                    "reconciler_crashed",
+                    extra={
+                        "destination": reconciler.name,
+                        "crashes": crashes,
+                        "restart_in_seconds": delay,
+                        "error": repr(exc),
+                    },
+                )
+                await self._clock.sleep(delay)
 
     def _start_actor(self, settings: ActorSettings) -> None:
         assert self._group is not None
@@ -331,15 +490,13 @@ class Supervisor:
         """One ``audience_summary`` line per audience, one ``destination_summary`` each."""
         for status in self.statuses():
             backlog = await self._store.backlog(status.audience_id)
-            ledger = await self._store.ledger(status.audience_id)
-            imbalance = await self._store.ledger_imbalance(status.audience_id)
-            if imbalance:
-                # Rows uploaded that are neither acknowledged, failed nor still
-                # processing: something lost track of them. Never silence.
-                log.error(
-                    "ledger_imbalance",
-                    extra={"audience": status.audience_id, "unaccounted_rows": imbalance},
-                )
+            # Without the pending recount: that one is a reconciliation's price.
+            check = await self._store.ledger_check(status.audience_id, recount=False)
+            if not check.balanced:
+                # Rows that no verdict, acknowledgment or failure accounts for: something
+                # lost track of them. Never silence.
+                log_ledger_imbalance(status.audience_id, check, checked_by="summary")
+            report, next_due = self.reconcile_state(status.audience_id)
             log.info(
                 "audience_summary",
                 extra={
@@ -356,8 +513,10 @@ class Supervisor:
                     "in_flight": backlog.in_flight,
                     "rejected": backlog.rejected,
                     "jobs_in_flight": status.jobs_in_flight,
-                    "ledger": msgspec.structs.asdict(ledger),
-                    "ledger_balanced": imbalance == 0,
+                    "ledger": msgspec.structs.asdict(check.counts),
+                    "ledger_balanced": check.balanced,
+                    "last_reconciled_at": report.finished_at if report is not None else None,
+                    "next_reconcile_at": next_due,
                 },
             )
         for name, destination in sorted(self._destinations.items()):
@@ -368,5 +527,10 @@ class Supervisor:
                     "running": destination.is_running,
                     "stopped_reason": destination.stopped_reason,
                     "budget": msgspec.structs.asdict(destination.budget.snapshot()),
+                    "loss_estimate": (
+                        msgspec.to_builtins(entry[0].last_estimate)
+                        if (entry := self._reconcilers.get(name)) is not None
+                        else None
+                    ),
                 },
             )
