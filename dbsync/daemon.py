@@ -51,6 +51,7 @@ from dbsync.errors import ConfigError, StoreError
 from dbsync.exitcodes import ExitCode
 from dbsync.ingest import IngestServer
 from dbsync.model import AudienceState
+from dbsync.reconcile import ReconcilePlan
 from dbsync.store import Store
 from dbsync.supervisor import DestinationPlan, Supervisor
 
@@ -73,6 +74,7 @@ def build_plans(config: Config, credentials: dict[str, Credentials]) -> list[Des
                 base_url=destination.base_url,
                 request_timeout_seconds=destination.request_timeout_seconds,
                 credentials=credentials[destination.name],
+                reconcile=ReconcilePlan.from_config(destination),
                 limits=BudgetLimits(
                     requests_per_minute=limits.requests_per_minute,
                     daily={

@@ -15,12 +15,11 @@ import pytest
 
 from dbsync.reconcile import ReconcileDeferred
 from tests.support.emulator import running_emulator
-from tests.support.engine import AudienceConfig, Engine, wait_until
+from tests.support.engine import AudienceConfig, Engine, running_daemon, wait_until
 from tests.support.reconcile import (
     FAST_RECONCILE,
     fast_export_tenant,
     last_report,
-    running_reconcile_daemon,
     write_reconcile_config,
 )
 
@@ -46,7 +45,7 @@ async def test_a_read_back_cut_by_a_stop_is_resumed_without_a_second_export(
             [AUDIENCE],
             reconcile={**FAST_RECONCILE, "scheduled": False, "visibility_lag_seconds": 0},
         )
-        async with running_reconcile_daemon(config) as daemon:
+        async with running_daemon(config) as daemon:
             engine = Engine(emulator, daemon, [AUDIENCE])
             accounts = await engine.tenant_accounts(10)
             await engine.cdp.changes([(AUDIENCE.id, a, True) for a in accounts])
@@ -58,7 +57,7 @@ async def test_a_read_back_cut_by_a_stop_is_resumed_without_a_second_export(
         [job] = tenant.export_jobs
         assert job.state != "finished", "the stop did not wait for the export"
 
-        async with running_reconcile_daemon(config) as daemon:
+        async with running_daemon(config) as daemon:
             engine = Engine(emulator, daemon, [AUDIENCE])
             await wait_until(
                 lambda: last_report(engine, AUDIENCE.id) is not None, 10, what="a report"

@@ -3,28 +3,18 @@
 :func:`running_reconcile_engine` is :func:`~tests.support.engine.running_engine` with
 the configuration's ``[destinations.reconcile]`` written from ``reconcile`` (keys named
 as in config.toml) and export quotas far from any limit unless given.
-
-The reconciler's settings reach the supervisor through the destination plans that
-``dbsync.daemon.build_plans`` derives from the configuration. Until that function
-passes ``reconcile=ReconcilePlan.from_config(destination)`` itself, :func:`reconcile_wired`
-adds it to the plans it returns (the daemon module is another team's); once it does,
-the wrapper changes nothing, since it derives the same plan from the same table.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
-import msgspec
-
-import dbsync.daemon
 from dbsync.demandbase.emulator import EmulatorSettings
 from dbsync.model import LedgerCheck
-from dbsync.reconcile import ReconcilePlan, ReconcileReport
+from dbsync.reconcile import ReconcileReport
 from tests.support.emulator import running_emulator
 from tests.support.engine import (
     HIGH,
@@ -41,8 +31,6 @@ __all__ = [
     "fast_export_tenant",
     "last_report",
     "ledger_check",
-    "reconcile_wired",
-    "running_reconcile_daemon",
     "running_reconcile_engine",
     "write_reconcile_config",
 ]
@@ -59,22 +47,6 @@ EXPORTS_UNLIMITED: Mapping[str, float] = {
     "export_jobs_per_day": HIGH,
     "export_status_per_day": HIGH,
 }
-
-
-@contextlib.contextmanager
-def reconcile_wired() -> Iterator[None]:
-    """``dbsync.daemon.build_plans`` with each plan's ``reconcile`` taken from the config."""
-    original = dbsync.daemon.build_plans
-
-    def build_plans(config: Any, *args: Any, **kwargs: Any) -> Any:
-        by_name = {destination.name: destination for destination in config.destinations}
-        return [
-            msgspec.structs.replace(plan, reconcile=ReconcilePlan.from_config(by_name[plan.name]))
-            for plan in original(config, *args, **kwargs)
-        ]
-
-    with mock.patch.object(dbsync.daemon, "build_plans", build_plans):
-        yield
 
 
 def _reconcile_table(keys: Mapping[str, object]) -> str:
@@ -109,14 +81,6 @@ def write_reconcile_config(
     return config
 
 
-@contextlib.asynccontextmanager
-async def running_reconcile_daemon(config: Path) -> AsyncIterator[dbsync.daemon.Daemon]:
-    """:func:`~tests.support.engine.running_daemon` with the reconcile settings wired."""
-    with reconcile_wired():
-        async with running_daemon(config) as daemon:
-            yield daemon
-
-
 def fast_export_tenant(**settings: Any) -> EmulatorSettings:
     """:func:`~tests.support.engine.fast_tenant` whose export quotas no scenario reaches."""
     quotas = {"export_jobs_per_day": HIGH, "export_status_per_day": HIGH}
@@ -143,7 +107,7 @@ async def running_reconcile_engine(
             limits=limits,
             delivery=delivery,
         )
-        async with running_reconcile_daemon(config) as running:
+        async with running_daemon(config) as running:
             yield Engine(emulator, running, audiences)
 
 
