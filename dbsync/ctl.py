@@ -39,6 +39,8 @@ from dbsync.admin.protocol import (
     FlushReply,
     PauseReply,
     QuotaReply,
+    ReconcileReply,
+    ReconcileView,
     RejectedReply,
     ReloadReply,
     RequeueReply,
@@ -187,6 +189,8 @@ def render(reply: AnyReply) -> str:
             return _rejected(reply)
         case QuotaReply(destinations=destinations):
             return _destinations(destinations)
+        case ReconcileReply(report=report):
+            return _report(report)
         case ReloadReply(audiences=audiences):
             return f"configuration reloaded: {len(audiences)} audiences active"
         case DrainReply(drain_seconds=seconds):
@@ -203,7 +207,12 @@ def _status(reply: StatusReply) -> str:
         f"dbsync {d.version}  pid {d.pid}  up {_duration(d.uptime_seconds)}  config {d.config}"
         + ("  DRAINING" if d.draining else "")
     )
-    parts = [head, _audiences(reply.audiences), _ledgers(reply.audiences)]
+    parts = [
+        head,
+        _audiences(reply.audiences),
+        _ledgers(reply.audiences),
+        _reconciles(reply.audiences),
+    ]
     reasons = [f"{a.audience}: {a.state}: {a.reason}" for a in reply.audiences if a.reason]
     if reasons:
         parts.append("\n".join(reasons))
@@ -281,6 +290,59 @@ def _ledgers(audiences: Sequence[AudienceView]) -> str:
     return "\n".join([table, *breakdowns])
 
 
+def _reconciles(audiences: Sequence[AudienceView]) -> str:
+    """When each list was last read back, what it found, and when the next read-back is."""
+    rows = []
+    for a in audiences:
+        last = a.last_reconcile
+        rows.append(
+            [
+                a.audience,
+                _timestamp(last.finished_at) if last else None,
+                last.verified if last else None,
+                last.lost_total if last else None,
+                last.repaired if last else None,
+                len(last.unmatched) if last else None,
+                last.too_young if last else None,
+                _timestamp(a.next_reconcile_at) if a.next_reconcile_at is not None else None,
+            ]
+        )
+    return _table(
+        ["READ BACK", "LAST", "VERIFIED", "LOST", "REPAIRED", "UNMATCHED", "TOO YOUNG", "NEXT"],
+        rows,
+    )
+
+
+def _report(r: ReconcileView) -> str:
+    """``reconcile``'s answer: the numbers, then every account set aside, by name."""
+    lines = [
+        f"{r.audience_id}: list {r.list_id} read back ({r.listed} accounts listed),"
+        f" export job {r.export_job_id}, {_timestamp(r.started_at)} to"
+        f" {_timestamp(r.finished_at)}",
+        f"judged {r.expected} members acknowledged before {_timestamp(r.judged_before)}:"
+        f" {r.verified} verified, {r.lost_total} lost, {r.repaired} sent again",
+        f"not judged: {r.too_young} within the visibility lag, {r.unsettled} pending or in flight",
+        f"listed but not desired: {r.extra_removed}, being removed",
+    ]
+    if r.lost:
+        lines.append("lost by cause: " + ", ".join(f"{k} {n}" for k, n in sorted(r.lost.items())))
+    lines.append("ledger balanced" if r.ledger_balanced else f"LEDGER IMBALANCE: {r.imbalances}")
+    set_aside = (
+        ("unmatched: Demandbase has no account that matches them", r.unmatched),
+        ("not removable: still listed after every repair", r.not_removable),
+    )
+    for reason, accounts in set_aside:
+        if accounts:
+            lines.append(f"\nset aside as {reason}")
+            lines.append(
+                _table(
+                    ["EXTERNAL ID", "DOMAIN", "NAME"],
+                    [[a.external_id, a.domain, a.name] for a in accounts],
+                )
+            )
+    return "\n".join(lines)
+
+
 def _destinations(destinations: Sequence[DestinationView]) -> str:
     if not destinations:
         return "no destinations"
@@ -307,7 +369,24 @@ def _destinations(destinations: Sequence[DestinationView]) -> str:
             for q in d.quota
         ],
     )
-    return f"{summary}\n\n{quota}"
+    losses = _table(
+        ["LOSSES", "SINCE", "JUDGED", "LOST", "PER 1000", "THROTTLED: PER 1000", "ELSE: PER 1000"],
+        [
+            [
+                d.destination,
+                _timestamp(e.since) if e.since > 0 else "first run",
+                e.overall.judged,
+                e.overall.lost,
+                e.overall.lost_per_thousand,
+                e.throttled.lost_per_thousand,
+                e.unthrottled.lost_per_thousand,
+            ]
+            for d in destinations
+            if (e := d.loss_estimate) is not None
+        ],
+    )
+    has_losses = any(d.loss_estimate is not None for d in destinations)
+    return f"{summary}\n\n{quota}" + (f"\n\n{losses}" if has_losses else "")
 
 
 def _rejected(reply: RejectedReply) -> str:

@@ -27,7 +27,9 @@ from dbsync.exitcodes import ExitCode
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
     "MAX_REQUEST_BYTES",
+    "RECONCILE_TIMEOUT_SECONDS",
     "REQUESTS",
+    "AccountView",
     "AnyReply",
     "AnyRequest",
     "AudienceView",
@@ -40,11 +42,16 @@ __all__ = [
     "FaultCode",
     "Flush",
     "FlushReply",
+    "LossEstimateView",
+    "LossRateView",
     "Pause",
     "PauseReply",
     "Quota",
     "QuotaLine",
     "QuotaReply",
+    "Reconcile",
+    "ReconcileReply",
+    "ReconcileView",
     "Rejected",
     "RejectedReply",
     "RejectedView",
@@ -69,6 +76,8 @@ __all__ = [
 # Long enough for a reload that stops actors (each waits at most drain_seconds, 20 s
 # by default) and well inside systemd's 90 s for an ExecReload.
 DEFAULT_TIMEOUT_SECONDS = 30.0
+# A read-back is an export job at Demandbase: it takes minutes there.
+RECONCILE_TIMEOUT_SECONDS = 1800.0
 MAX_REQUEST_BYTES = 64 * 1024
 
 AudienceId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -94,6 +103,7 @@ class FaultCode(enum.StrEnum):
     AUDIENCE_PAUSED = "audience_paused"  # flush of a paused audience: resume it first
     DESTINATION_STOPPED = "destination_stopped"  # flush while the destination's auth fails
     DRAINING = "draining"  # the daemon is stopping and changes nothing more
+    RECONCILE_DEFERRED = "reconcile_deferred"  # the export quota says later (and when)
     INTERNAL = "internal"  # the daemon failed to answer (its log says why)
     # Raised by the client itself, never sent by the daemon:
     UNREACHABLE = "unreachable"  # no daemon answers on the socket
@@ -108,6 +118,8 @@ _EXIT_CODES = {
     FaultCode.BAD_REQUEST: ExitCode.USAGE,
     FaultCode.PERMISSION_DENIED: ExitCode.NOPERM,
     FaultCode.TIMEOUT: ExitCode.TEMPFAIL,
+    # 75: try again later, at the time the message gives.
+    FaultCode.RECONCILE_DEFERRED: ExitCode.TEMPFAIL,
     # 78, not 1: the reload failed because of the file, exactly what check-config
     # reports with 78, and systemd's `reload` then tells the operator to look at it.
     FaultCode.REJECTED_CONFIG: ExitCode.CONFIG,
@@ -179,6 +191,13 @@ class Quota(Request, frozen=True, tag="quota"):
     role: ClassVar[Role] = Role.VIEWER
 
 
+class Reconcile(Request, frozen=True, kw_only=True, tag="reconcile"):
+    """read the list back now (within the export quota) and print the report"""
+
+    audience: AudienceId
+    timeout_seconds: TimeoutSeconds = RECONCILE_TIMEOUT_SECONDS
+
+
 class Reload(Request, frozen=True, tag="reload"):
     """re-read the config; non-zero (78) when the new one is rejected"""
 
@@ -187,7 +206,19 @@ class Drain(Request, frozen=True, tag="drain"):
     """graceful stop: answers, then the daemon drains and exits"""
 
 
-AnyRequest = Status | Pause | Resume | Flush | Resync | Rejected | Requeue | Quota | Reload | Drain
+AnyRequest = (
+    Status
+    | Pause
+    | Resume
+    | Flush
+    | Resync
+    | Rejected
+    | Requeue
+    | Reconcile
+    | Quota
+    | Reload
+    | Drain
+)
 # In the order ``dbsync ctl --help`` lists them.
 REQUESTS: tuple[type[Request], ...] = (
     Status,
@@ -197,6 +228,7 @@ REQUESTS: tuple[type[Request], ...] = (
     Resync,
     Rejected,
     Requeue,
+    Reconcile,
     Quota,
     Reload,
     Drain,
@@ -235,6 +267,54 @@ class BatchView(msgspec.Struct, frozen=True, kw_only=True):
     age_seconds: float
 
 
+class AccountView(msgspec.Struct, frozen=True, kw_only=True):
+    external_id: str
+    name: str
+    domain: str
+
+
+class ReconcileView(msgspec.Struct, frozen=True, kw_only=True):
+    """One read-back's report (see :class:`dbsync.reconcile.ReconcileReport`)."""
+
+    audience_id: str
+    destination: str
+    list_id: int
+    export_job_id: str
+    started_at: float
+    finished_at: float
+    judged_before: float  # only changes acknowledged before this were judged
+    listed: int  # accounts the list held
+    expected: int  # members judged
+    verified: int
+    lost: dict[str, int]  # by cause: dropped, not_removed, vanished, reported
+    lost_total: int
+    repaired: int  # sent again
+    extra_removed: int  # listed but not desired: being removed
+    unmatched: list[AccountView]  # set aside: Demandbase matches nothing to them
+    not_removable: list[AccountView]
+    too_young: int  # within the visibility lag: not judged
+    unsettled: int  # pending, in flight or set aside: not judged
+    ledger_balanced: bool
+    imbalances: dict[str, int]
+
+
+class LossRateView(msgspec.Struct, frozen=True, kw_only=True):
+    batches: int
+    acknowledged: int
+    judged: int
+    lost: int
+    lost_per_thousand: float | None
+
+
+class LossEstimateView(msgspec.Struct, frozen=True, kw_only=True):
+    """Accounts lost per thousand judged, overall and in batches that met a 429."""
+
+    since: float
+    overall: LossRateView
+    throttled: LossRateView
+    unthrottled: LossRateView
+
+
 class AudienceView(msgspec.Struct, frozen=True, kw_only=True):
     audience: str
     name: str
@@ -259,6 +339,8 @@ class AudienceView(msgspec.Struct, frozen=True, kw_only=True):
     ledger: dict[str, int | dict[str, int]]
     ledger_balanced: bool
     open_batches: list[BatchView] | None = None  # only for ``status AUDIENCE``
+    last_reconcile: ReconcileView | None = None
+    next_reconcile_at: float | None = None  # None: not scheduled (no list id yet, or off)
 
 
 class QuotaLine(msgspec.Struct, frozen=True, kw_only=True):
@@ -280,6 +362,7 @@ class DestinationView(msgspec.Struct, frozen=True, kw_only=True):
     throttled: int
     window_ends_at: float
     quota: list[QuotaLine]
+    loss_estimate: LossEstimateView | None = None  # None before the first read-back
 
 
 class StatusReply(Reply, frozen=True, tag="status"):
@@ -338,6 +421,10 @@ class QuotaReply(Reply, frozen=True, tag="quota"):
     destinations: list[DestinationView]
 
 
+class ReconcileReply(Reply, frozen=True, tag="reconcile"):
+    report: ReconcileView
+
+
 class ReloadReply(Reply, frozen=True, tag="reload"):
     accepted: bool
     audiences: list[str]
@@ -357,6 +444,7 @@ AnyReply = (
     | ResyncReply
     | RejectedReply
     | RequeueReply
+    | ReconcileReply
     | QuotaReply
     | ReloadReply
     | DrainReply

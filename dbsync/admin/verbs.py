@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +40,15 @@ from dbsync.admin.protocol import (
     FaultCode,
     Flush,
     FlushReply,
+    LossEstimateView,
     Pause,
     PauseReply,
     Quota,
     QuotaLine,
     QuotaReply,
+    Reconcile,
+    ReconcileReply,
+    ReconcileView,
     Rejected,
     RejectedReply,
     RejectedView,
@@ -63,6 +68,7 @@ from dbsync.admin.protocol import (
 from dbsync.clock import Clock
 from dbsync.config import Config
 from dbsync.model import AudienceState
+from dbsync.reconcile import ReconcileDeferred, ReconcileReport
 from dbsync.store import AudienceRecord, Store
 from dbsync.supervisor import Supervisor
 
@@ -130,8 +136,10 @@ async def _perform(c: Controls, request: AnyRequest) -> Reply:
             count = await c.store.requeue(audience)
             c.supervisor.wake([audience])
             return RequeueReply(audience=audience, accounts=count)
+        case Reconcile(audience=audience):
+            return await _reconcile(c, audience)
         case Quota():
-            return QuotaReply(destinations=_destinations(c))
+            return QuotaReply(destinations=await _destinations(c))
         case Drain():
             c.drain()
             return DrainReply(draining=True, drain_seconds=c.config().daemon.drain_seconds)
@@ -156,6 +164,11 @@ def _timed_out(request: AnyRequest) -> str:
             return (
                 "the reload goes on, and its outcome will be logged (config_reloaded or"
                 " config_reload_rejected); it did not finish"
+            )
+        case Reconcile(audience=audience):
+            return (
+                f"the read-back of {audience} goes on, and its report will be logged"
+                " (reconcile_completed) and shown by status; it did not finish"
             )
     return f"{type(request).__name__.lower()} did not complete"
 
@@ -255,6 +268,24 @@ async def _rejected(c: Controls, audience: str | None, limit: int) -> RejectedRe
     )
 
 
+async def _reconcile(c: Controls, audience: str) -> ReconcileReply:
+    _actor(c, audience)
+    # Shielded: the export job runs at Demandbase whatever the caller's patience; the
+    # read-back finishes and its report is logged and kept for status.
+    try:
+        report = await asyncio.shield(c.supervisor.reconcile_now(audience))
+    except ReconcileDeferred as exc:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(exc.retry_at))
+        raise AdminFault(
+            FaultCode.RECONCILE_DEFERRED, f"{audience}: {exc.reason}; it can run at {when}"
+        ) from None
+    return ReconcileReply(report=_report(report))
+
+
+def _report(report: ReconcileReport) -> ReconcileView:
+    return msgspec.convert(msgspec.to_builtins(report), ReconcileView)
+
+
 async def _reload(c: Controls) -> ReloadReply:
     # Shielded: a reload cut half-way by the timeout would leave some actors on the old
     # plan. The daemon serialises reloads, so one still running delays the next.
@@ -289,7 +320,7 @@ async def _status(c: Controls, audience: str | None) -> StatusReply:
     audiences = [
         await _audience(c, record, now, batches=audience is not None) for record in records.values()
     ]
-    destinations = _destinations(c)
+    destinations = await _destinations(c)
     if audience is not None:
         destinations = [d for d in destinations if d.destination == records[audience].destination]
     return StatusReply(
@@ -311,8 +342,8 @@ async def _audience(
 ) -> AudienceView:
     audience = record.audience_id
     backlog = await c.store.backlog(audience)
-    ledger = await c.store.ledger(audience)
-    imbalance = await c.store.ledger_imbalance(audience)
+    check = await c.store.ledger_check(audience, recount=False)
+    last_reconcile, next_reconcile_at = c.supervisor.reconcile_state(audience)
     actor = c.supervisor.actor(audience)
     state, reason = record.state, record.state_reason
     requests_per_minute = pace = None
@@ -364,13 +395,15 @@ async def _audience(
         checkpoint_seq=record.checkpoint_seq,
         requests_per_minute=requests_per_minute,
         pace_per_minute=pace,
-        ledger=msgspec.structs.asdict(ledger),
-        ledger_balanced=imbalance == 0,
+        ledger=msgspec.structs.asdict(check.counts),
+        ledger_balanced=check.balanced,
         open_batches=open_batches,
+        last_reconcile=_report(last_reconcile) if last_reconcile is not None else None,
+        next_reconcile_at=next_reconcile_at,
     )
 
 
-def _destinations(c: Controls) -> list[DestinationView]:
+async def _destinations(c: Controls) -> list[DestinationView]:
     """Each configured destination's budget and auth state; never a credential."""
     views = []
     for configured in c.config().destinations:
@@ -401,6 +434,14 @@ def _destinations(c: Controls) -> list[DestinationView]:
                     )
                     for endpoint, used in snapshot.used.items()
                 ],
+                loss_estimate=await _loss_estimate(c, configured.name),
             )
         )
     return views
+
+
+async def _loss_estimate(c: Controls, destination: str) -> LossEstimateView | None:
+    estimate = await c.supervisor.loss_estimate(destination)
+    if estimate is None or estimate.overall.judged == 0:
+        return None
+    return msgspec.convert(msgspec.to_builtins(estimate), LossEstimateView)

@@ -173,8 +173,8 @@ def test_values_the_daemon_would_refuse_are_refused_before_connecting(
 
 
 def test_every_verb_of_interfaces_is_a_subcommand() -> None:
-    """INTERFACES.md's verbs (but reconcile, which is not built yet) each have a request
-    Struct, with AUDIENCE required or optional as the document says."""
+    """INTERFACES.md's verbs each have a request Struct, with AUDIENCE required or
+    optional as the document says."""
     verbs = {str(r.__struct_config__.tag): r for r in REQUESTS}
     assert set(verbs) == {
         "status",
@@ -184,11 +184,12 @@ def test_every_verb_of_interfaces_is_a_subcommand() -> None:
         "resync",
         "rejected",
         "requeue",
+        "reconcile",
         "quota",
         "reload",
         "drain",
     }
-    for verb in ("pause", "resume", "flush", "resync", "requeue"):
+    for verb in ("pause", "resume", "flush", "resync", "requeue", "reconcile"):
         with pytest.raises(msgspec.ValidationError, match="audience"):
             decode_request(msgspec.json.encode({"verb": verb}))
     for verb in ("status", "rejected"):
@@ -218,6 +219,7 @@ def test_each_fault_has_its_fixed_exit_code() -> None:
         "audience_paused": 1,
         "destination_stopped": 1,
         "draining": 1,
+        "reconcile_deferred": 75,
         "internal": 1,
         "unreachable": 69,
         "config_invalid": 78,
