@@ -37,6 +37,7 @@ from dbsync.admin.protocol import (
     Fault,
     FaultCode,
     FlushReply,
+    LastBatchView,
     PauseReply,
     QuotaReply,
     ReconcileReply,
@@ -245,6 +246,7 @@ def _audiences(audiences: Sequence[AudienceView]) -> str:
             "JOBS",
             "REJECTED",
             "PACE/MIN",
+            "LAST BATCH",
             "LIST",
         ],
         [
@@ -258,11 +260,18 @@ def _audiences(audiences: Sequence[AudienceView]) -> str:
                 a.jobs_in_flight,
                 a.rejected,
                 a.pace_per_minute,
+                _last_batch(a.last_batch),
                 f"{a.destination}:{a.list_name}",
             ]
             for a in audiences
         ],
     )
+
+
+def _last_batch(batch: LastBatchView | None) -> str | None:
+    if batch is None:
+        return None
+    return f"{batch.state} {batch.action} {batch.rows} {_timestamp(batch.finished_at)}"
 
 
 def _ledgers(audiences: Sequence[AudienceView]) -> str:

@@ -104,6 +104,7 @@ from dbsync.model import (
 __all__ = [
     "AudienceRecord",
     "AudienceSpec",
+    "BatchSummary",
     "LossTally",
     "ReadbackVerdict",
     "ReconcileFacts",
@@ -299,6 +300,11 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX reconcile_runs_audience ON reconcile_runs (audience_id, run_id);
     CREATE INDEX reconcile_runs_open ON reconcile_runs (state) WHERE state = 'exporting'
     """,
+    # 4: an audience's newest finished batch, for status, without scanning them all.
+    """
+    CREATE INDEX batches_finished ON batches (audience_id, batch_id)
+        WHERE state IN ('completed', 'failed')
+    """,
 )
 
 # Where fold gathers a chunk, the last change per account (writer connection only).
@@ -330,6 +336,18 @@ class AudienceRecord(msgspec.Struct, frozen=True, kw_only=True):
     state_reason: str
     checkpoint_seq: int
     updated_at: float
+
+
+class BatchSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """A finished batch, as ``status`` shows the last one."""
+
+    batch_id: int
+    action: ListAction
+    state: BatchState  # completed or failed
+    rows: int
+    job_id: int | None
+    created_at: float
+    finished_at: float
 
 
 class SyncResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -786,6 +804,27 @@ class Store:
             return _open_batch(db, audience_id, action, picked, now)
 
         return await self._in_transaction(work)
+
+    async def last_batch(self, audience_id: str) -> BatchSummary | None:
+        """The audience's newest batch whose job Demandbase completed or failed."""
+        rows = await self._read(
+            "SELECT batch_id, action, state, rows, job_id, created_at, updated_at FROM batches"
+            " INDEXED BY batches_finished WHERE audience_id = ?"
+            " AND state IN ('completed', 'failed') ORDER BY batch_id DESC LIMIT 1",
+            (audience_id,),
+        )
+        if not rows:
+            return None
+        batch_id, action, state, count, job_id, created_at, finished_at = rows[0]
+        return BatchSummary(
+            batch_id=batch_id,
+            action=ListAction(action),
+            state=BatchState(state),
+            rows=count,
+            job_id=job_id,
+            created_at=created_at,
+            finished_at=finished_at,
+        )
 
     async def open_batches(self, audience_id: str) -> list[Batch]:
         batches = await self._read(

@@ -42,6 +42,7 @@ __all__ = [
     "FaultCode",
     "Flush",
     "FlushReply",
+    "LastBatchView",
     "LossEstimateView",
     "LossRateView",
     "Pause",
@@ -267,6 +268,17 @@ class BatchView(msgspec.Struct, frozen=True, kw_only=True):
     age_seconds: float
 
 
+class LastBatchView(msgspec.Struct, frozen=True, kw_only=True):
+    """The audience's newest batch whose job Demandbase completed or failed."""
+
+    batch_id: int
+    action: str
+    state: str  # completed or failed
+    rows: int
+    job_id: int | None
+    finished_at: float
+
+
 class AccountView(msgspec.Struct, frozen=True, kw_only=True):
     external_id: str
     name: str
@@ -339,6 +351,7 @@ class AudienceView(msgspec.Struct, frozen=True, kw_only=True):
     ledger: dict[str, int | dict[str, int]]
     ledger_balanced: bool
     open_batches: list[BatchView] | None = None  # only for ``status AUDIENCE``
+    last_batch: LastBatchView | None = None
     last_reconcile: ReconcileView | None = None
     next_reconcile_at: float | None = None  # None: not scheduled (no list id yet, or off)
 

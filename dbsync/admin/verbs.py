@@ -40,6 +40,7 @@ from dbsync.admin.protocol import (
     FaultCode,
     Flush,
     FlushReply,
+    LastBatchView,
     LossEstimateView,
     Pause,
     PauseReply,
@@ -343,6 +344,7 @@ async def _audience(
     audience = record.audience_id
     backlog = await c.store.backlog(audience)
     check = await c.store.ledger_check(audience, recount=False)
+    last_batch = await c.store.last_batch(audience)
     last_reconcile, next_reconcile_at = c.supervisor.reconcile_state(audience)
     actor = c.supervisor.actor(audience)
     state, reason = record.state, record.state_reason
@@ -398,6 +400,11 @@ async def _audience(
         ledger=msgspec.structs.asdict(check.counts),
         ledger_balanced=check.balanced,
         open_batches=open_batches,
+        last_batch=(
+            msgspec.convert(msgspec.to_builtins(last_batch), LastBatchView)
+            if last_batch is not None
+            else None
+        ),
         last_reconcile=_report(last_reconcile) if last_reconcile is not None else None,
         next_reconcile_at=next_reconcile_at,
     )

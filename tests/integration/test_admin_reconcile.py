@@ -60,6 +60,9 @@ async def test_reconcile_prints_the_report_and_status_shows_it(tmp_path: Path) -
         report = view["last_reconcile"]
         assert (report["expected"], report["verified"], report["lost"]) == (22, 20, {"dropped": 2})
         assert view["next_reconcile_at"] is None  # manual only
+        last_batch = view["last_batch"]  # the delivery, or the repair the read-back asked for
+        assert last_batch["state"] == "completed"
+        assert last_batch["action"] == "insert"
 
         human = await ctl(engine, "status")
         assert human.returncode == ExitCode.OK, human.stderr

@@ -353,3 +353,29 @@ async def test_the_ledger_balances_through_a_batch_life(store: Store) -> None:
     assert await store.ledger_imbalance(AUDIENCE) == 0
     await store.add_to_ledger(AUDIENCE, exported=1)  # a row nobody accounts for
     assert await store.ledger_imbalance(AUDIENCE) == 1
+
+
+async def test_the_last_batch_is_the_newest_finished_one(store: Store) -> None:
+    """status shows it: the newest batch whose job completed or failed, not one in flight."""
+    assert await store.last_batch(AUDIENCE) is None
+    await store.append_changes([change(f"K{i}", True) for i in range(3)])
+    await store.fold_pending()
+    await deliver(store, ListAction.INSERT)
+    await store.append_changes([change("K0", False)])
+    await store.fold_pending()
+    failing = await store.plan_batch(AUDIENCE, ListAction.DELETE, 10)
+    assert failing is not None
+    await store.mark_created(failing.batch_id, 2)
+    await store.mark_uploaded(failing.batch_id)
+    await store.fail_batch(failing.batch_id, "Demandbase failed the job")
+    await store.plan_batch(AUDIENCE, ListAction.DELETE, 10)  # in flight: not finished
+
+    last = await store.last_batch(AUDIENCE)
+    assert last is not None
+    assert (last.batch_id, last.action, last.state, last.rows, last.job_id) == (
+        failing.batch_id,
+        ListAction.DELETE,
+        BatchState.FAILED,
+        1,
+        2,
+    )
