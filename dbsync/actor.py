@@ -536,8 +536,11 @@ class AudienceActor:
             await self._destination.wait_running(self._clock, unless=self._stopping)
             if self._stopping.is_set() and not self._destination.is_running:
                 raise _HeldBack
-            await self._destination.budget.spend(endpoint, priority=self._priority())
+            # The audience's own pace first: between the destination's charge and the
+            # request nothing should wait, or a request charged to today could reach
+            # Demandbase tomorrow.
             await self._limiter.acquire()
+            await self._destination.budget.spend(endpoint, priority=self._priority())
             try:
                 result = await request()
             except (AuthError, PermissionDeniedError) as exc:
