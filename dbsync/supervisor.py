@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import msgspec
 
@@ -390,26 +390,9 @@ class Supervisor:
 
     async def _keep_reconciling(self, reconciler: Reconciler) -> None:
         """Run one reconciler; restart it after a crash, with a capped backoff."""
-        crashes = 0
-        while True:
-            try:
-                await reconciler.run()
-                return
-            except StoreError:
-                raise  # shared infrastructure: stop the daemon
-            except Exception as exc:
-                delay = _RESTART_BACKOFF_SECONDS[min(crashes, len(_RESTART_BACKOFF_SECONDS) - 1)]
-                crashes += 1
-                log.exception(
-                    "reconciler_crashed",
-                    extra={
-                        "destination": reconciler.name,
-                        "crashes": crashes,
-                        "restart_in_seconds": delay,
-                        "error": repr(exc),
-                    },
-                )
-                await self._clock.sleep(delay)
+        await self._restarting(
+            reconciler.run, "reconciler_crashed", {"destination": reconciler.name}
+        )
 
     def _start_actor(self, settings: ActorSettings) -> None:
         assert self._group is not None
@@ -451,30 +434,49 @@ class Supervisor:
 
     async def _keep_running(self, actor: AudienceActor) -> None:
         """Run one actor; restart it after a crash, with a capped backoff."""
+
+        async def failed(exc: Exception) -> None:
+            actor.state = AudienceState.FAILED
+            actor.last_error = repr(exc)
+            await self._store.set_audience_state(
+                actor.settings.audience_id, AudienceState.FAILED, repr(exc)
+            )
+
+        await self._restarting(
+            actor.run, "actor_crashed", {"audience": actor.settings.audience_id}, failed
+        )
+
+    async def _restarting(
+        self,
+        run: Callable[[], Awaitable[None]],
+        event: str,
+        fields: dict[str, object],
+        on_crash: Callable[[Exception], Awaitable[None]] | None = None,
+    ) -> None:
+        """``run`` until it returns; after a crash, log ``event`` and run it again after a
+        capped backoff, unless the daemon is draining by then. A StoreError is not a
+        crash of ``run`` but of the shared store: it stops the daemon."""
         crashes = 0
         while True:
             try:
-                await actor.run()
+                await run()
                 return
             except StoreError:
-                raise  # shared infrastructure: stop the daemon
+                raise
             except Exception as exc:
                 delay = _RESTART_BACKOFF_SECONDS[min(crashes, len(_RESTART_BACKOFF_SECONDS) - 1)]
                 crashes += 1
                 log.exception(
-                    "actor_crashed",
+                    event,
                     extra={
-                        "audience": actor.settings.audience_id,
+                        **fields,
                         "crashes": crashes,
                         "restart_in_seconds": delay,
                         "error": repr(exc),
                     },
                 )
-                actor.state = AudienceState.FAILED
-                actor.last_error = repr(exc)
-                await self._store.set_audience_state(
-                    actor.settings.audience_id, AudienceState.FAILED, repr(exc)
-                )
+                if on_crash is not None:
+                    await on_crash(exc)
                 await self._clock.sleep(delay)
                 if self._draining.is_set():
                     return
