@@ -22,6 +22,7 @@ __all__ = [
     "LedgerCheck",
     "LedgerCounts",
     "ListAction",
+    "ListedAccount",
     "LossCause",
     "RejectReason",
 ]
@@ -35,6 +36,19 @@ class Account(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     external_id: AccountKey
     name: str = ""
     domain: str = ""
+
+
+class ListedAccount(msgspec.Struct, frozen=True, kw_only=True):
+    """A member of a Demandbase list, as a read-back (an account-list export) gives it.
+
+    ``external_id`` is empty when Demandbase holds none for the account (it matched an
+    import row by domain and name, or was added in Demandbase): such a member can only
+    be matched to an audience's account by domain and name.
+    """
+
+    external_id: str
+    name: str
+    domain: str
 
 
 class Change(msgspec.Struct, frozen=True, kw_only=True):

@@ -65,7 +65,7 @@ from dbsync.errors import (
     PermissionDeniedError,
     ThrottledError,
 )
-from dbsync.model import Account, LedgerCheck
+from dbsync.model import Account, LedgerCheck, ListedAccount
 from dbsync.store import LossTally, ReconcileFacts, ReconcileRun, Store
 
 __all__ = [
@@ -196,7 +196,7 @@ class ExportClient(Protocol):
 
     async def get_export_job(self, job_id: str) -> wire.ExportJobStatus: ...
 
-    async def read_export_accounts(self, results_url: str) -> list[Account]: ...
+    async def read_export_accounts(self, results_url: str) -> list[ListedAccount]: ...
 
 
 # --- scheduling arithmetic (pure) -----------------------------------------------------------

@@ -97,6 +97,7 @@ from dbsync.model import (
     LedgerCheck,
     LedgerCounts,
     ListAction,
+    ListedAccount,
     LossCause,
     RejectReason,
 )
@@ -1317,7 +1318,7 @@ class Store:
     async def apply_readback(
         self,
         run_id: int,
-        listed: Sequence[Account],
+        listed: Sequence[ListedAccount],
         *,
         judged_before: float,
         repair_limit: int,
@@ -1654,7 +1655,7 @@ _MembershipRow = tuple[
 def _judge(
     db: sqlite3.Connection,
     run_id: int,
-    listed: Sequence[Account],
+    listed: Sequence[ListedAccount],
     judged_before: float,
     repair_limit: int,
     now: float,
@@ -1677,7 +1678,7 @@ def _judge(
     # Which of the audience's accounts the list holds, and the listed strangers.
     known = {row[0] for row in rows}
     present: set[str] = set()
-    strangers: dict[str, Account] = {}
+    strangers: dict[str, ListedAccount] = {}
     by_key: dict[tuple[str, str], str] | None = None
     for account in listed:
         if account.external_id in known:
@@ -1688,8 +1689,9 @@ def _judge(
         key = by_key.get(_match_key(account.domain, account.name))
         if key is not None:
             present.add(key)
-        else:
+        elif account.external_id:
             strangers.setdefault(account.external_id, account)
+        # else: not ours, and with no external id a delete row could not name it.
 
     cleared: list[str] = []  # verdict given (verified), or seen right again: repairs reset
     verified_acks = 0
@@ -1739,8 +1741,8 @@ def _judge(
         if ack is not None:
             batch_lost[ack] = batch_lost.get(ack, 0) + 1
         if repairs >= repair_limit:
-            account = Account(external_id=key, name=name, domain=domain)
-            (unmatched if desired else not_removable).append((account, repairs))
+            ours = Account(external_id=key, name=name, domain=domain)
+            (unmatched if desired else not_removable).append((ours, repairs))
         else:
             (resend_inserts if desired else resend_deletes).append(key)
 

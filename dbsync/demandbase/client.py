@@ -65,7 +65,7 @@ from dbsync.errors import (
     ThrottledError,
     TransientError,
 )
-from dbsync.model import Account
+from dbsync.model import ListedAccount
 
 if TYPE_CHECKING:
     from dbsync.demandbase.auth import TokenSource
@@ -408,11 +408,11 @@ class DemandbaseClient:
             observer=self._observer,
         )
 
-    async def read_export_accounts(self, results_url: str) -> list[Account]:
-        """The list members in a finished export's results file [A3].
+    async def read_export_accounts(self, results_url: str) -> list[ListedAccount]:
+        """The list members in a finished export's results file [A3], every row.
 
-        Members without an External Account ID (added in Demandbase, not by a CDP) have
-        no key to compare with an audience; they are left out and counted in a log line.
+        Members without an External Account ID (matched by domain and name, or added
+        in Demandbase) keep an empty one, and are counted in a log line.
         """
         data = await self.download_export_results(results_url)
         try:
@@ -428,18 +428,18 @@ class DemandbaseClient:
                 endpoint=Endpoint.EXPORT_DOWNLOAD,
             )
         accounts = [
-            Account(
+            ListedAccount(
                 external_id=row["External Account ID"],
                 name=row["Account Name"],
                 domain=row["Account Domain"],
             )
             for row in rows
-            if row["External Account ID"]
         ]
-        if len(accounts) < len(rows):
+        without = sum(1 for a in accounts if not a.external_id)
+        if without:
             _log.info(
                 "demandbase_export_rows_without_external_id",
-                extra={"rows": len(rows), "without_external_id": len(rows) - len(accounts)},
+                extra={"rows": len(rows), "without_external_id": without},
             )
         return accounts
 

@@ -142,10 +142,14 @@ async def import_accounts(
 
 
 async def read_back(client: DemandbaseClient, list_id: int, job_name: str) -> list[Account]:
+    """The list's members, as Accounts (the emulator keeps every member's external id)."""
     export = await client.create_account_list_export(job_name, list_id)
     assert export.job_status == "accepted"
     done = await finished(client, export.job_id)
-    return await client.read_export_accounts(done.results_url)
+    return [
+        Account(external_id=a.external_id, name=a.name, domain=a.domain)
+        for a in await client.read_export_accounts(done.results_url)
+    ]
 
 
 def awkward(emulator: Emulator, count: int) -> list[Account]:

@@ -8,13 +8,13 @@ judges what was acknowledged before 1500.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from dbsync.clock import FakeClock
-from dbsync.model import Account, Change, ListAction
+from dbsync.model import Account, Change, ListAction, ListedAccount
 from dbsync.store import _MIGRATIONS, AudienceSpec, ReadbackVerdict, Store
 
 AUDIENCE = "aud-1"
@@ -60,7 +60,9 @@ async def deliver(store: Store, action: ListAction) -> list[str]:
     return [a.external_id for a in batch.accounts]
 
 
-async def read_back(store: Store, listed: list[Account], repair_limit: int = 3) -> ReadbackVerdict:
+async def read_back(
+    store: Store, listed: Sequence[Account | ListedAccount], repair_limit: int = 3
+) -> ReadbackVerdict:
     run = await store.start_reconcile_run(AUDIENCE, 7, "job", CUTOFF)
     verdict = await store.apply_readback(
         run.run_id, listed, judged_before=CUTOFF, repair_limit=repair_limit
@@ -211,3 +213,25 @@ async def test_a_version_2_file_migrates_with_a_balanced_ledger(
         assert check.counts.rejected_by_reason == {"refused": 1}
         facts = await store.reconcile_facts([AUDIENCE])
         assert facts[0].first_acked_at is not None
+
+
+async def test_members_without_an_external_id_are_matched_by_domain_and_name(
+    store: Store, clock: FakeClock
+) -> None:
+    """Demandbase may hold a member with no External Account ID (it matched our row by
+    domain and name). The list holds A by id, B without one, and a stranger without one.
+    Result: A and B verified, nothing lost; the stranger, which no delete row could
+    name, is left alone (not extra)."""
+    await apply(store, [change(k, True) for k in "AB"])
+    await deliver(store, ListAction.INSERT)
+    b = account("B")
+    listed = [
+        ListedAccount(external_id="A", name=account("A").name, domain=account("A").domain),
+        ListedAccount(external_id="", name=b.name, domain=b.domain),
+        ListedAccount(external_id="", name="Someone Else", domain="else.example"),
+    ]
+    verdict = await read_back(store, listed)
+    assert (verdict.expected, verdict.verified, verdict.lost) == (2, 2, {})
+    assert verdict.extra_removed == 0
+    assert (await store.backlog(AUDIENCE)).pending == 0
+    assert (await store.ledger_check(AUDIENCE)).balanced

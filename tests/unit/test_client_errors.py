@@ -447,3 +447,24 @@ async def test_the_signed_results_url_is_requested_without_a_token(
     (call,) = [c for calls in api.requests.values() for c in calls]
     assert "Authorization" not in (call.kwargs.get("headers") or {})
     assert requests_made(api) == 1
+
+
+async def test_export_members_without_an_external_id_are_kept_with_an_empty_one(
+    client: DemandbaseClient, api: aioresponses
+) -> None:
+    """A read-back matches such a member by domain and name: the client must not drop it."""
+    url = f"{BASE}/results/ex-2.csv?X-Sig=x"
+    api.get(
+        url,
+        status=200,
+        body=(
+            b"Account ID,External Account ID,Account Name,Account Domain\r\n"
+            b"101,ACC-1,Acme,acme.example\r\n"
+            b"102,,Globex,globex.example\r\n"
+        ),
+    )
+    members = await client.read_export_accounts(url)
+    assert [(m.external_id, m.name, m.domain) for m in members] == [
+        ("ACC-1", "Acme", "acme.example"),
+        ("", "Globex", "globex.example"),
+    ]
