@@ -50,10 +50,9 @@ from dbsync.demandbase.wire import Endpoint
 from dbsync.errors import ConfigError, StoreError
 from dbsync.exitcodes import ExitCode
 from dbsync.ingest import IngestServer
-from dbsync.model import AudienceState
 from dbsync.reconcile import ReconcilePlan
 from dbsync.store import Store
-from dbsync.supervisor import DestinationPlan, Supervisor
+from dbsync.supervisor import DestinationPlan, SummaryTotals, Supervisor
 
 __all__ = ["Daemon", "build_plans", "run"]
 
@@ -180,6 +179,7 @@ class Daemon:
                 client_factory=_client_factory(session, self._clock),
                 summary_interval_seconds=config.daemon.summary_interval_seconds,
                 stop_timeout_seconds=config.daemon.drain_seconds,
+                on_summary=self._status_line,
             )
             ingest = IngestServer(
                 store,
@@ -212,15 +212,7 @@ class Daemon:
                 )
                 self.ready.set()
                 reloads = group.create_task(self._reloads(supervisor), name="reloads")
-                service = [
-                    reloads,
-                    group.create_task(
-                        self._status_lines(
-                            supervisor, store, config.daemon.summary_interval_seconds
-                        ),
-                        name="systemd-status",
-                    ),
-                ]
+                service = [reloads]
                 if (interval := systemd.watchdog_interval()) is not None:
                     healthy = functools.partial(self._health, supervising, store, interval)
                     service.append(
@@ -274,24 +266,15 @@ class Daemon:
             return f"the store cannot be read: {exc}"
         return ""
 
-    async def _status_lines(
-        self, supervisor: Supervisor, store: Store, interval_seconds: float
-    ) -> None:
-        """``STATUS=`` for ``systemctl status``, from the figures of the summary lines."""
-        while True:
-            await self._clock.sleep(interval_seconds)
-            statuses = supervisor.statuses()
-            failed = sum(s.state is AudienceState.FAILED for s in statuses)
-            stopped = sorted({s.destination for s in statuses if s.state is AudienceState.STOPPED})
-            pending = 0
-            for status in statuses:
-                pending += (await store.backlog(status.audience_id)).pending
-            line = f"delivering {len(statuses)} audiences, {pending} accounts pending"
-            if failed:
-                line += f", {failed} failed"
-            if stopped:
-                line += f", destination stopped: {', '.join(stopped)}"
-            systemd.notify(f"STATUS={line}")
+    @staticmethod
+    def _status_line(totals: SummaryTotals) -> None:
+        """``STATUS=`` for ``systemctl status``, from each round of summary lines."""
+        line = f"delivering {totals.audiences} audiences, {totals.pending} accounts pending"
+        if totals.failed:
+            line += f", {totals.failed} failed"
+        if totals.stopped_destinations:
+            line += f", destination stopped: {', '.join(totals.stopped_destinations)}"
+        systemd.notify(f"STATUS={line}")
 
     # --- the admin socket ---------------------------------------------------------------
 

@@ -48,7 +48,7 @@ from dbsync.reconcile import (
 )
 from dbsync.store import AudienceSpec, Store
 
-__all__ = ["AudienceStatus", "DestinationPlan", "Supervisor"]
+__all__ = ["AudienceStatus", "DestinationPlan", "SummaryTotals", "Supervisor"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,15 @@ class AudienceStatus(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str
 
 
+class SummaryTotals(msgspec.Struct, frozen=True, kw_only=True):
+    """What one round of summary lines adds up to."""
+
+    audiences: int
+    pending: int  # accounts waiting to be sent, all audiences
+    failed: int  # audiences whose actor reports failed
+    stopped_destinations: list[str]
+
+
 ClientFactory = Callable[[DestinationPlan], ImportClient]
 
 
@@ -110,12 +119,14 @@ class Supervisor:
         client_factory: ClientFactory,
         summary_interval_seconds: float = 60.0,
         stop_timeout_seconds: float = 20.0,
+        on_summary: Callable[[SummaryTotals], None] | None = None,
     ) -> None:
         self._plans = {plan.name: plan for plan in plans}
         self._store = store
         self._clock = clock
         self._client_factory = client_factory
         self._summary_interval = summary_interval_seconds
+        self._on_summary = on_summary
         self._stop_timeout = stop_timeout_seconds
         self._destinations: dict[str, Destination] = {}
         self._budget_tasks: dict[str, asyncio.Task[None]] = {}
@@ -486,12 +497,18 @@ class Supervisor:
     async def _summaries(self) -> None:
         while True:
             await self._clock.sleep(self._summary_interval)
-            await self.log_summaries()
+            totals = await self.log_summaries()
+            if self._on_summary is not None:
+                self._on_summary(totals)
 
-    async def log_summaries(self) -> None:
-        """One ``audience_summary`` line per audience, one ``destination_summary`` each."""
-        for status in self.statuses():
+    async def log_summaries(self) -> SummaryTotals:
+        """One ``audience_summary`` line per audience, one ``destination_summary`` each;
+        returns their totals (what systemd's ``STATUS=`` shows)."""
+        statuses = self.statuses()
+        pending = 0
+        for status in statuses:
             backlog = await self._store.backlog(status.audience_id)
+            pending += backlog.pending
             # Without the pending recount: that one is a reconciliation's price.
             check = await self._store.ledger_check(status.audience_id, recount=False)
             if not check.balanced:
@@ -536,3 +553,11 @@ class Supervisor:
                     ),
                 },
             )
+        return SummaryTotals(
+            audiences=len(statuses),
+            pending=pending,
+            failed=sum(s.state is AudienceState.FAILED for s in statuses),
+            stopped_destinations=sorted(
+                name for name, d in self._destinations.items() if not d.is_running
+            ),
+        )
