@@ -9,7 +9,10 @@ answered 202 (each 202 means committed), the raw SQLite upsert rate of the very 
 rows measured in the same run, and their ratio; then the longest the event loop
 stalled while one ``--big-mib`` body was decoded and committed.
 
-    python bench/ingest.py [--changes 1000000] [--batch 10000] [--connections 4]
+    python bench/ingest.py [--changes 1000000] [--batch 10000] [--connections 4] [--quick]
+
+Human lines go to stderr; the last line on stdout is one JSON object of the figures.
+The target is 100,000 changes/s.
 
 Measured on the 2-core development machine (1,000,000 changes over 3,000,000 keys):
 205,000 accounts/s with 4 connections, 227,000 with 8, against a raw upsert of
@@ -38,7 +41,10 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import emit, say
+
 NDJSON = {"Content-Type": "application/x-ndjson"}
+TARGET_CHANGES_PER_SECOND = 100_000
 
 
 class Plan(msgspec.Struct, frozen=True):
@@ -200,7 +206,10 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=3_000_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--big-mib", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="20,000 changes, a 2 MiB body")
     args = parser.parse_args()
+    if args.quick:
+        args.changes, args.batch, args.keys, args.big_mib = 20_000, 2_000, 100_000, 2
     plan = Plan(args.changes, args.batch, args.connections, args.audiences, args.keys, args.seed)
 
     with tempfile.TemporaryDirectory(prefix="dbsync-bench-") as directory:
@@ -212,16 +221,33 @@ def main() -> None:
         raw = measure_raw_upsert(same_rows, Path(directory) / "raw.sqlite3", batch=plan.batch)
 
     ingest_rate = outcome.accepted / outcome.seconds
-    print(
+    say(
         f"ingest: {outcome.accepted:,} changes in {outcome.seconds:.2f} s over HTTP "
         f"({plan.connections} connections, {plan.batch:,} a request): "
         f"{ingest_rate:,.0f} accounts/s accepted; answers {outcome.statuses}"
     )
-    print(f"raw SQLite upsert of the same rows: {raw:,.0f} rows/s")
-    print(f"ratio ingest / raw upsert: {ingest_rate / raw:.2f}")
-    print(
+    say(f"raw SQLite upsert of the same rows: {raw:,.0f} rows/s")
+    say(f"ratio ingest / raw upsert: {ingest_rate / raw:.2f}")
+    say(
         f"one {args.big_mib} MiB body ({big_changes:,} changes): "
         f"longest event-loop stall {stall * 1000:.1f} ms"
+    )
+    emit(
+        "ingest",
+        {
+            "changes": outcome.accepted,
+            "connections": plan.connections,
+            "batch": plan.batch,
+            "seconds": round(outcome.seconds, 3),
+            "changes_per_second": round(ingest_rate),
+            "raw_upsert_rows_per_second": round(raw),
+            "ratio": round(ingest_rate / raw, 2),
+            "statuses": {str(k): v for k, v in outcome.statuses.items()},
+            "big_body_mib": args.big_mib,
+            "big_body_changes": big_changes,
+            "big_body_stall_ms": round(stall * 1000, 1),
+            "target_met": ingest_rate >= TARGET_CHANGES_PER_SECOND,
+        },
     )
 
 

@@ -11,7 +11,9 @@ measures, on the same rows and in the same run:
 * ``Store.fold_pending`` (journal into desired state, deduplicated per chunk);
 * what an actor then pays with a large dirty set: ``backlog`` and ``plan_batch``.
 
-    python bench/store_upsert.py [--rows 1000000] [--keys 3000000] [--batch 10000]
+    python bench/store_upsert.py [--rows 1000000] [--keys 3000000] [--batch 10000] [--quick]
+
+Human lines go to stderr; the last line on stdout is one JSON object of the figures.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import emit, say
 from dbsync.clock import SystemClock
 from dbsync.model import Account, Change, ListAction
 from dbsync.store import AudienceSpec, Store
@@ -85,7 +88,9 @@ def measure_raw_upsert(rows: Sequence[Row], path: Path, *, batch: int = 10_000) 
 
 async def measure_store(
     rows: Sequence[Row], path: Path, *, batch: int, callers: int, fold_chunk: int
-) -> None:
+) -> dict[str, float]:
+    """The store's rates (rows/s) and the actor's costs (ms) over ``rows``."""
+    figures: dict[str, float] = {}
     changes = [
         Change(
             audience_id=audience,
@@ -115,10 +120,9 @@ async def measure_store(
                 tasks.create_task(caller())
         append_seconds = time.perf_counter() - started
         transactions = store.transactions - before
+        figures["append_rows_per_second"] = len(rows) / append_seconds
         report("store append_changes", len(rows) / append_seconds)
-        print(
-            f"  {len(requests)} requests of {batch} rows committed in {transactions} transactions"
-        )
+        say(f"  {len(requests)} requests of {batch} rows committed in {transactions} transactions")
 
         started = time.perf_counter()
         chunks = 0
@@ -126,23 +130,34 @@ async def measure_store(
             chunks += 1
         fold_seconds = time.perf_counter() - started
         report("store fold_pending", len(rows) / fold_seconds)
+        figures["fold_rows_per_second"] = len(rows) / fold_seconds
         both = len(rows) / (append_seconds + fold_seconds)
-        print(f"  {chunks} chunks; append and fold together: {both:,.0f} rows/s")
+        figures["append_and_fold_rows_per_second"] = both
+        say(f"  {chunks} chunks; append and fold together: {both:,.0f} rows/s")
 
         started = time.perf_counter()
         backlog = await store.backlog(AUDIENCE)
-        elapsed_ms(f"backlog over {backlog.pending:,} pending accounts", started)
+        figures["backlog_ms"] = elapsed_ms(
+            f"backlog over {backlog.pending:,} pending accounts", started
+        )
         started = time.perf_counter()
         planned = await store.plan_batch(AUDIENCE, ListAction.INSERT, batch)
         assert planned is not None
-        elapsed_ms(f"plan_batch of {len(planned.accounts):,} accounts", started)
+        figures["plan_batch_ms"] = elapsed_ms(
+            f"plan_batch of {len(planned.accounts):,} accounts", started
+        )
         started = time.perf_counter()
         await store.complete_batch(planned.batch_id, list_id=None)
-        elapsed_ms(f"complete_batch of {len(planned.accounts):,} accounts", started)
+        figures["complete_batch_ms"] = elapsed_ms(
+            f"complete_batch of {len(planned.accounts):,} accounts", started
+        )
+    return figures
 
 
-def elapsed_ms(label: str, started: float) -> None:
-    print(f"{label}: {(time.perf_counter() - started) * 1000:.1f} ms")
+def elapsed_ms(label: str, started: float) -> float:
+    elapsed = (time.perf_counter() - started) * 1000
+    say(f"{label}: {elapsed:.1f} ms")
+    return elapsed
 
 
 RAW: list[float] = []
@@ -150,7 +165,7 @@ RAW: list[float] = []
 
 def report(label: str, rate: float) -> None:
     ratio = f"  ({rate / RAW[0]:.2f}x raw upsert)" if RAW else ""
-    print(f"{label:<24} {rate:>12,.0f} rows/s{ratio}")
+    say(f"{label:<24} {rate:>12,.0f} rows/s{ratio}")
 
 
 def main() -> None:
@@ -161,14 +176,17 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=4, help="concurrent append_changes callers")
     parser.add_argument("--fold-chunk", type=int, default=50_000, help="rows per fold")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="20,000 rows of 2,000")
     args = parser.parse_args()
+    if args.quick:
+        args.rows, args.keys, args.batch, args.fold_chunk = 20_000, 100_000, 2_000, 5_000
 
     rows = make_rows(args.rows, args.keys, args.seed)
-    print(f"{args.rows:,} changes over {args.keys:,} keys, {args.batch:,} rows per transaction")
+    say(f"{args.rows:,} changes over {args.keys:,} keys, {args.batch:,} rows per transaction")
     with tempfile.TemporaryDirectory(prefix="dbsync-bench-") as tmp:
         RAW.append(measure_raw_upsert(rows, Path(tmp) / "raw.db", batch=args.batch))
         report("raw sqlite3 upsert", RAW[0])
-        uvloop.run(
+        figures = uvloop.run(
             measure_store(
                 rows,
                 Path(tmp) / "store.db",
@@ -177,6 +195,21 @@ def main() -> None:
                 fold_chunk=args.fold_chunk,
             )
         )
+    emit(
+        "store_upsert",
+        {
+            "rows": args.rows,
+            "keys": args.keys,
+            "batch": args.batch,
+            "raw_upsert_rows_per_second": round(RAW[0]),
+            **{
+                key: round(value) if key.endswith("per_second") else round(value, 1)
+                for key, value in figures.items()
+            },
+            "append_ratio_to_raw": round(figures["append_rows_per_second"] / RAW[0], 2),
+            "fold_ratio_to_raw": round(figures["fold_rows_per_second"] / RAW[0], 2),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,159 @@
+"""What every benchmark shares: its one JSON line, the machine, and /proc readings.
+
+Each benchmark prints human lines on stderr and, last, one JSON object on stdout:
+``{"bench": NAME, ...figures..., "machine": {...}}``. The smoke test
+(tests/integration/test_bench_smoke.py) runs each in its ``--quick`` form and decodes
+that line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def say(line: str) -> None:
+    """A line for the person running the benchmark: stderr, so stdout stays one JSON line."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    """nproc, the CPU model and the Python version: where the figures were taken."""
+    model = ""
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+    }
+
+
+def emit(bench: str, figures: Mapping[str, Any]) -> None:
+    """The benchmark's one JSON line on stdout."""
+    line = {"bench": bench, **figures, "machine": machine()}
+    print(json.dumps(line, separators=(",", ":")), flush=True)
+
+
+def status_kib(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS and VmHWM (resident now and at its peak) of a process, in KiB."""
+    found = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0])
+    return found
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User plus system CPU time a process has used so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # The command name (field 2) may hold spaces: count fields after its ')'.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class DaemonProcess:
+    """``python -m dbsync run --config CONFIG`` in its own process, so its RSS and CPU are
+    its own. Its JSON log lines are read on a thread (a full pipe would stall it)."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.process: subprocess.Popen[str] | None = None
+        self.ready: dict[str, Any] | None = None
+        self.events: list[dict[str, Any]] = []
+        self._ready = threading.Event()
+        self.started_at = 0.0
+        self.ready_seconds = 0.0
+
+    def start(self, timeout: float = 120.0) -> dict[str, Any]:
+        self.started_at = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dbsync", "run", "--config", str(self.config)],
+            cwd=REPOSITORY,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
+        if not self._ready.wait(timeout) or self.ready is None:
+            self.stop()
+            raise SystemExit(f"the daemon was not ready within {timeout} s")
+        return self.ready
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "daemon_ready":
+                self.ready_seconds = time.perf_counter() - self.started_at
+                self.ready = event
+                self._ready.set()
+            elif event.get("level") in ("warning", "error", "critical"):
+                self.events.append(event)
+        self._ready.set()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit code (the daemon drains first)."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                return self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+class EmulatorProcess:
+    """``python -m dbsync emulator --port 0 ARGS...`` in its own process; then ``url``."""
+
+    def __init__(self, *args: str) -> None:
+        self.args = args
+        self.process: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def __enter__(self) -> EmulatorProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dbsync", "emulator", "--port", "0", *self.args],
+            cwd=REPOSITORY,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        self.url = json.loads(self.process.stdout.readline())["url"]
+        # Keep draining its log so that it never blocks on a full pipe.
+        threading.Thread(target=self.process.stdout.read, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
