@@ -45,7 +45,8 @@ from tests.crash.harness import (
     write_config,
 )
 
-pytestmark = pytest.mark.crash
+# Also the reliability suite's kill -9 part (tests/reliability, README.md).
+pytestmark = [pytest.mark.crash, pytest.mark.reliability]
 
 POOL_ACCOUNTS = 300
 CONVERGE_SECONDS = 30.0
