@@ -486,7 +486,8 @@ class Store:
                 db.execute(f"PRAGMA user_version = {target}")
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # as in _transaction: SQLite may have rolled back
+                    db.execute("ROLLBACK")
                 raise
         db.execute("PRAGMA temp_store = MEMORY")
         db.execute(_FOLD_CHUNK_TABLE)
@@ -533,7 +534,10 @@ class Store:
             result = work(db)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR):
+            # a second ROLLBACK would raise and hide the cause ("database or disk is full").
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         self.transactions += 1
         return result

@@ -1,0 +1,164 @@
+"""The store cannot write (a full disk): ingest answers 503, applies nothing, then recovers.
+
+How the disk fills: the store's own write connection gets ``PRAGMA max_page_count`` set
+to the file's current size, so that every transaction that needs one more page fails
+in SQLite's pager with ``SQLITE_FULL``, "database or disk is full": the error, code and
+path a full disk gives (SQLite reports ENOSPC as SQLITE_FULL too), through the real
+store and daemon. Lifting the cap is "space returns". Not a tiny tmpfs: mounting one
+works here (root in a container) but not in an unprivileged CI, and in WAL mode a full
+filesystem fails only the writes that grow a file (the WAL is rewritten in place after
+a checkpoint), so which request fails would be left to chance. Not a monkeypatched
+writer either: that would skip SQLite's own rollback of a failed statement.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from dbsync.demandbase.csvfile import encode_accounts
+from dbsync.model import Account
+from dbsync.store import Store
+from tests.support.engine import AudienceConfig, aep_profile, running_engine, wait_until
+
+pytestmark = pytest.mark.reliability
+
+AUDIENCE = AudienceConfig("disk", max_records=500, max_age_seconds=0.05)
+TIMEOUT = 20.0
+SQLITE_MAX_PAGES = 1_073_741_823  # SQLite's default max_page_count
+
+
+async def set_max_pages(store: Store, pages: int | None) -> None:
+    """Cap the store file at ``pages`` (None: its current size), on its writer thread."""
+
+    def cap() -> None:
+        db = store._write_db
+        assert db is not None
+        limit = pages if pages is not None else db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {int(limit)}")
+
+    await store._write(cap)
+
+
+async def compact(store: Store) -> None:
+    """VACUUM on the writer thread: no free page is left for a write to reuse."""
+
+    def vacuum() -> None:
+        db = store._write_db
+        assert db is not None
+        db.execute("VACUUM")
+
+    await store._write(vacuum)
+
+
+def changes_body(accounts: list[Account], member: bool) -> bytes:
+    return b"".join(
+        msgspec.json.encode({"audience_id": AUDIENCE.id, "account": a, "member": member}) + b"\n"
+        for a in accounts
+    )
+
+
+def stored(path: Path) -> tuple[int, int]:
+    """Journal rows and desired members, read apart from the daemon's connections."""
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        (journal,) = db.execute("SELECT COUNT(*) FROM changes").fetchone()
+        (desired,) = db.execute(
+            "SELECT COUNT(*) FROM membership WHERE audience_id = ? AND desired = 1", (AUDIENCE.id,)
+        ).fetchone()
+    return int(journal), int(desired)
+
+
+async def test_a_full_store_answers_503_applies_nothing_and_recovers_without_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1. One audience gets 100 tenant accounts; wait until its list equals them.
+    2. The disk fills (the store's file may not grow by one page).
+    3. Send 2,000 joins (NDJSON), 2,000 more as AEP profiles, and a CSV snapshot of
+       2,000 accounts, each large enough to need new pages.
+    4. Space returns; send the same three requests again.
+    Result: during the fault each request answers 503 and an ``ingest_commit_failed``
+    event is logged; the journal and the desired members are exactly as before (nothing
+    half-applied); health stays 200. After it, the same daemon (no restart) answers 202
+    to each, and the list ends equal to the desired state (the snapshot's 2,000
+    accounts), with nothing pending and a balanced ledger.
+    """
+    async with running_engine(tmp_path, [AUDIENCE]) as engine:
+        accounts = await engine.tenant_accounts(1_900, offset=0)
+        accounts += [
+            Account(external_id=f"ACC-FULL-{i}", name=f"Full {i} " + "x" * 40, domain=f"f{i}.x")
+            for i in range(100)
+        ]
+        await engine.cdp.changes((AUDIENCE.id, account, True) for account in accounts[:100])
+        await engine.wait_settled(timeout=TIMEOUT)
+        path = engine.store.path
+        before = stored(path)
+        requests = [
+            ("POST", "/v1/changes", changes_body(accounts, True), "application/x-ndjson"),
+            (
+                "POST",
+                "/v1/aep",
+                msgspec.json.encode([aep_profile(a, {AUDIENCE.id: "realized"}) for a in accounts]),
+                "application/json",
+            ),
+            ("PUT", f"/v1/audiences/{AUDIENCE.id}/members", encode_accounts(accounts), "text/csv"),
+        ]
+
+        await set_max_pages(engine.store, None)
+        try:
+            for method, route, body, content_type in requests:
+                status, answer = await engine.cdp.send(method, route, body, content_type)
+                assert status == 503, (route, status, answer)
+                assert stored(path) == before, route
+            assert await engine.cdp.health() == 200
+        finally:
+            await set_max_pages(engine.store, SQLITE_MAX_PAGES)
+        failures = [r for r in caplog.records if r.getMessage() == "ingest_commit_failed"]
+        assert len(failures) == len(requests)
+        assert all("full" in r.__dict__["error"] for r in failures), [
+            r.__dict__["error"] for r in failures
+        ]
+
+        for method, route, body, content_type in requests:
+            status, answer = await engine.cdp.send(method, route, body, content_type)
+            assert status == 202, (route, status, answer)
+        await engine.wait_settled(timeout=TIMEOUT)
+        assert await engine.store.desired_members(AUDIENCE.id) == {a.external_id for a in accounts}
+        check = await engine.store.ledger_check(AUDIENCE.id)
+        assert check.balanced, check
+
+
+async def test_the_disk_fills_while_delivery_runs_and_the_daemon_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1. An audience that flushes after 1 s gets 1,000 tenant accounts; once they are
+       folded, the file is compacted (VACUUM: no free page left) and the disk fills, so
+       that planning the first batch needs a page it cannot have.
+    2. Once a write has failed, space returns.
+    Result: the actor's write failed (``actor_crashed``, naming the full disk) and the
+    supervisor restarted it; with no restart of the daemon, everything is delivered: the
+    list equals the desired state, nothing pending, the ledger balanced; the daemon
+    exits 0 at the end (running_engine)."""
+    audience = AudienceConfig("disk", max_records=500, max_age_seconds=1.0)
+    async with running_engine(tmp_path, [audience]) as engine:
+        accounts = await engine.tenant_accounts(1_000)
+        await engine.cdp.changes((audience.id, account, True) for account in accounts)
+        await engine.wait_folded(timeout=TIMEOUT)
+        await compact(engine.store)
+        await set_max_pages(engine.store, None)
+        try:
+
+            def met() -> bool:
+                return any("full" in str(r.__dict__) for r in caplog.records)
+
+            await wait_until(met, TIMEOUT, what=lambda: engine._state(None))
+        finally:
+            await set_max_pages(engine.store, SQLITE_MAX_PAGES)
+        await engine.wait_settled(timeout=TIMEOUT)
+        assert await engine.store.desired_members(audience.id) == {a.external_id for a in accounts}
+        check = await engine.store.ledger_check(audience.id)
+        assert check.balanced, check
+        # The actor met the full disk and was restarted by the supervisor, in process.
+        assert "actor_crashed" in {r.getMessage() for r in caplog.records}
