@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import math
 import sys
 import tempfile
@@ -34,6 +35,17 @@ from bench._common import emit, say
 SAFETY_MARGIN = 0.02  # the daemon's default
 AUDIENCES = 4
 SHARE_TARGET = 0.95
+
+
+class Warnings(logging.Handler):
+    """Counts the daemon's warning events by name (``api_retry``, ``pace_decreased``...)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[record.getMessage()] += 1
 
 
 async def run(
@@ -92,6 +104,8 @@ def main() -> None:
     if args.quick:
         args.days, args.day_seconds, args.jobs_per_day, args.accounts = 2, 2.0, 20, 800
 
+    warnings = Warnings()
+    logging.getLogger("dbsync").addHandler(warnings)
     with tempfile.TemporaryDirectory(prefix="dbsync-bench-") as tmp:
         result = uvloop.run(
             run(
@@ -129,6 +143,7 @@ def main() -> None:
             "throttled_by_kind": result["throttled_by_kind"],
             "throttled_by_endpoint": result["throttled_by_endpoint"],
             "backlog_left": result["pending_after"],
+            "daemon_warnings": dict(warnings.counts),
             "share_target_met": min(shares) >= SHARE_TARGET,
             "overdraw_target_met": overdraw == 0,
         },
