@@ -379,3 +379,35 @@ async def test_the_last_batch_is_the_newest_finished_one(store: Store) -> None:
         1,
         2,
     )
+
+
+async def test_summaries_read_many_audiences_as_their_own_reads_do(store: Store) -> None:
+    """The summary lines read every audience's backlog and ledger in one statement: the
+    figures are those of backlog() and ledger_check(recount=False), audience by audience."""
+    await store.sync_audiences(
+        [
+            AudienceSpec(audience_id=AUDIENCE, destination="d", name="A", list_name="List A"),
+            AudienceSpec(audience_id="aud-2", destination="d", name="B", list_name="List B"),
+            AudienceSpec(audience_id="aud-3", destination="d", name="C", list_name="List C"),
+        ]
+    )
+    await store.append_changes(
+        [change(f"K{i}", True) for i in range(5)]
+        + [change(f"K{i}", True, audience="aud-2") for i in range(3)]
+    )
+    await store.fold_pending()
+    await deliver(store, ListAction.INSERT)
+    await store.append_changes([change("K0", False), change("K9", True)])
+    await store.fold_pending()
+    await store.plan_batch("aud-2", ListAction.INSERT, 2)  # two in flight, one pending
+
+    ids = [AUDIENCE, "aud-2", "aud-3"]
+    figures = await store.summaries(ids)
+    assert list(figures) == ids
+    for audience_id in ids:
+        backlog, check = figures[audience_id]
+        assert backlog == await store.backlog(audience_id)
+        assert check == await store.ledger_check(audience_id, recount=False)
+    assert (figures[AUDIENCE][0].inserts, figures[AUDIENCE][0].deletes) == (1, 1)
+    assert (figures["aud-2"][0].pending, figures["aud-2"][0].in_flight) == (1, 2)
+    assert figures[AUDIENCE][1].counts.acknowledged == 5
