@@ -3,11 +3,20 @@
 It starts the bundled Demandbase emulator and a real daemon on loopback (temporary
 state directory, real SQLite, real HTTP), then feeds three audiences the three ways
 a CDP can: native NDJSON changes, Adobe Experience Platform profile exports, and a
-full CSV snapshot; then removals the same three ways. It waits until the daemon has
-nothing left in flight and compares each Demandbase list (the emulator's true
-contents) with the desired state. A few accounts are unknown to the tenant on
-purpose: Demandbase ignores rows that match no account, and the report names them
-instead of hiding them. Exit 0 when every list equals its desired state.
+full CSV snapshot; then removals the same three ways. Meanwhile the emulator answers a
+storm of 429s and silently drops 5% of the rows of completed import jobs; the
+reconciler (short visibility lag and interval) reads the lists back, finds the losses
+and sends them again. A few accounts are unknown to the tenant on purpose: Demandbase
+ignores rows that match no account, and the reconciler sets them aside as unmatched
+after its repair limit; the report names them instead of hiding them.
+
+A progress table per audience (pending, in flight, exported, acknowledged, verified,
+lost, repaired, rejected, 429s) is printed every 1.5 s: rewritten in place on a
+terminal, successive tables otherwise. The run ends when every list (the emulator's
+true contents) equals its desired state, nothing is pending or in flight, every
+acknowledgment has been judged by a read-back (so every repair was verified), the
+expected accounts are set aside as unmatched and every ledger balances; or after the
+timeout. Exit 0 only when every list equals its desired state and the rest holds.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import msgspec
 from dbsync.daemon import Daemon
 from dbsync.demandbase.csvfile import encode_accounts
 from dbsync.demandbase.emulator import Emulator, EmulatorSettings
-from dbsync.model import Account
+from dbsync.model import Account, Backlog, LedgerCheck, RejectReason
 
 __all__ = ["run"]
 
@@ -36,6 +45,12 @@ _AUDIENCES = (
     ("demo-aep", "Open opportunities, North America", "AEP profile exports"),
     ("demo-snapshot", "Expansion targets", "full CSV snapshots"),
 )
+_STRANGERS = 5  # accounts only the CDP knows, fed to the first audience
+_DROP_RATIO = 0.05  # share of completed import rows the emulator silently leaves out
+_STORM_429S = 6  # Demandbase requests answered 429 once delivery starts
+_DAY_SECONDS = 60.0  # the emulated quota day, on both sides
+_VISIBILITY_LAG_SECONDS = 0.5  # the emulator's; the reconciler waits a little longer
+_PROGRESS_SECONDS = 1.5
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,14 +94,32 @@ description = "the bundled emulator"
 base_url = "{base_url}"
 [destinations.credentials]
 token = {{ file = "{token_file}" }}
+[destinations.limits]
+day_seconds = {_DAY_SECONDS}
+[destinations.delivery]
+job_poll_initial_seconds = 0.3
+job_poll_max_seconds = 1
+pace_recovery_seconds = 2
+[destinations.reconcile]
+visibility_lag_seconds = {_VISIBILITY_LAG_SECONDS * 2}
+interval_seconds = 2
+repair_limit = 3
+export_poll_initial_seconds = 0.3
+export_poll_max_seconds = 1
 {audiences}
 """
 
 
 async def _demo(per_audience: int, seed: int, timeout_seconds: float) -> int:
     rng = random.Random(seed)
+    started = time.monotonic()
     settings = EmulatorSettings(
-        accounts=max(10_000, per_audience * 4), seed=seed, job_delay_seconds=0.3
+        accounts=max(10_000, per_audience * 4),
+        seed=seed,
+        job_delay_seconds=0.3,
+        day_seconds=_DAY_SECONDS,
+        visibility_lag_seconds=_VISIBILITY_LAG_SECONDS,
+        drop_ratio=_DROP_RATIO,
     )
     emulator = Emulator(settings)
     with tempfile.TemporaryDirectory(prefix="dbsync-demo-") as tmp:
@@ -111,14 +144,28 @@ async def _demo(per_audience: int, seed: int, timeout_seconds: float) -> int:
             try:
                 async with aiohttp.ClientSession() as http:
                     tenant = await _tenant_accounts(http, base_url, per_audience * 3)
+                    storm = {
+                        "drop_ratio": _DROP_RATIO,
+                        "status_storm": {"status": 429, "count": _STORM_429S},
+                    }
+                    async with http.post(f"{base_url}/_emulator/faults", json=storm) as answer:
+                        answer.raise_for_status()
+                    print(
+                        f"faults    {_STORM_429S} answers 429, then {_DROP_RATIO:.0%} of"
+                        " completed rows silently dropped"
+                    )
                     desired = await _feed(http, ingest, tenant, per_audience, rng)
-                    converged = await _wait_converged(daemon, timeout_seconds)
-                    lists = await _get_json(http, f"{base_url}/_emulator/lists")
+                    known = {a.external_id for a in tenant}
+                    state = await _watch(
+                        daemon, http, base_url, desired, known, started, timeout_seconds
+                    )
             finally:
                 daemon.request_shutdown()
                 await running
-            known = {a.external_id for a in tenant}
-            return _report(desired, lists, known, converged)
+            code = _report(desired, known, state)
+            outcome = "ok" if code == 0 else "FAILED"
+            print(f"dbsync demo: {outcome} in {time.monotonic() - started:.1f} s")
+            return code
 
 
 async def _get_json(http: aiohttp.ClientSession, url: str) -> dict[str, object]:
@@ -240,46 +287,144 @@ async def _put_snapshot(
     )
 
 
-async def _wait_converged(daemon: Daemon, timeout_seconds: float) -> bool:
-    """Until no audience has anything pending or in flight (polls the store)."""
-    assert daemon.store is not None
-    deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.25)
-        if await daemon.store.pending_journal_rows():
-            continue
-        backlogs = [await daemon.store.backlog(a) for a, _, _ in _AUDIENCES]
-        if all(b.pending == 0 and b.in_flight == 0 for b in backlogs):
-            return True
-    return False
+class _State(msgspec.Struct, kw_only=True):
+    """What one look at the store and the emulator saw."""
+
+    lists: dict[str, set[str]]
+    backlogs: dict[str, Backlog]
+    ledgers: dict[str, LedgerCheck]
+    done: bool = False
 
 
-def _report(
+async def _look(
+    daemon: Daemon,
+    http: aiohttp.ClientSession,
+    base_url: str,
     desired: dict[str, set[str]],
-    lists: dict[str, object],
     known: set[str],
-    converged: bool,
-) -> int:
-    ok = converged
+) -> _State:
+    assert daemon.store is not None
+    document = await _get_json(http, f"{base_url}/_emulator/lists")
+    names = {name: audience_id for audience_id, name, _ in _AUDIENCES}
+    lists = {audience_id: set[str]() for audience_id, _, _ in _AUDIENCES}
+    for name, entry in document.items():
+        if name in names and isinstance(entry, dict):
+            lists[names[name]] = set(entry["members"])
+    backlogs = {a: await daemon.store.backlog(a) for a, _, _ in _AUDIENCES}
+    ledgers = {a: await daemon.store.ledger_check(a) for a, _, _ in _AUDIENCES}
+    state = _State(lists=lists, backlogs=backlogs, ledgers=ledgers)
+    journal = await daemon.store.pending_journal_rows()
+    state.done = not journal and all(
+        _audience_done(audience_id, desired, known, state) for audience_id, _, _ in _AUDIENCES
+    )
+    return state
+
+
+def _audience_done(
+    audience_id: str, desired: dict[str, set[str]], known: set[str], state: _State
+) -> bool:
+    want = desired[audience_id]
+    backlog = state.backlogs[audience_id]
+    check = state.ledgers[audience_id]
+    counts = check.counts
+    unmatched = counts.rejected_by_reason.get(RejectReason.UNMATCHED, 0)
+    return (
+        state.lists[audience_id] == want & known
+        and backlog.pending == 0
+        and backlog.in_flight == 0
+        and check.balanced
+        and check.awaiting == 0
+        and check.processing == 0
+        and unmatched == len(want - known)
+        and counts.rejected == unmatched
+    )
+
+
+async def _watch(
+    daemon: Daemon,
+    http: aiohttp.ClientSession,
+    base_url: str,
+    desired: dict[str, set[str]],
+    known: set[str],
+    started: float,
+    timeout_seconds: float,
+) -> _State:
+    """Print progress until the run is done or the timeout passes; the last look."""
+    tty = sys.stdout.isatty()
+    printed = 0
+    deadline = started + timeout_seconds
+    while True:
+        state = await _look(daemon, http, base_url, desired, known)
+        lines = _progress(state, time.monotonic() - started)
+        if tty and printed:
+            sys.stdout.write(f"\x1b[{printed}F\x1b[J")
+        sys.stdout.write("\n".join(lines) + "\n" + ("" if tty else "\n"))
+        sys.stdout.flush()
+        printed = len(lines)
+        if state.done or time.monotonic() >= deadline:
+            return state
+        await asyncio.sleep(_PROGRESS_SECONDS)
+
+
+def _progress(state: _State, elapsed: float) -> list[str]:
+    header = (
+        f"{'audience':<16}{'pending':>8}{'in flight':>10}{'exported':>9}{'acked':>7}"
+        f"{'verified':>9}{'lost':>6}{'repaired':>9}{'rejected':>9}{'429s':>6}  ledger"
+    )
+    lines = [f"progress at {elapsed:5.1f} s", header]
+    for audience_id, _, _ in _AUDIENCES:
+        backlog = state.backlogs[audience_id]
+        check = state.ledgers[audience_id]
+        c = check.counts
+        ledger = "balanced" if check.balanced else f"off {check.imbalances}"
+        lines.append(
+            f"{audience_id:<16}{backlog.pending:>8}{backlog.in_flight:>10}{c.exported:>9}"
+            f"{c.acknowledged:>7}{c.verified:>9}{c.lost:>6}{c.repaired:>9}{c.rejected:>9}"
+            f"{c.throttled:>6}  {ledger}"
+        )
+    return lines
+
+
+def _report(desired: dict[str, set[str]], known: set[str], state: _State) -> int:
+    ok = state.done
     print()
-    print(f"{'audience':<16}{'fed by':<24}{'desired':>8}{'in list':>9}{'unmatched':>11}  verdict")
-    for audience_id, name, fed_by in _AUDIENCES:
+    print(
+        f"{'audience':<16}{'fed by':<24}{'desired':>8}{'in list':>9}{'unmatched':>11}"
+        f"{'lost':>6}{'repaired':>9}  verdict"
+    )
+    lost = repaired = throttled = 0
+    for audience_id, _, fed_by in _AUDIENCES:
         want = desired[audience_id]
-        entry = lists.get(name)
-        members = set(entry["members"]) if isinstance(entry, dict) else set()
+        members = state.lists[audience_id]
         unmatched = want - known
+        counts = state.ledgers[audience_id].counts
+        lost += counts.lost
+        repaired += counts.repaired
+        throttled += counts.throttled
         equal = members == want & known
-        ok = ok and equal
-        verdict = "equal" if equal else f"DIFFERS ({len(members ^ (want & known))} accounts)"
+        done = _audience_done(audience_id, desired, known, state)
+        if not equal:
+            verdict = f"DIFFERS ({len(members ^ (want & known))} accounts)"
+        elif not done:
+            verdict = "equal, NOT SETTLED"
+        else:
+            verdict = "matches"
         print(
             f"{audience_id:<16}{fed_by:<24}{len(want):>8}{len(members):>9}{len(unmatched):>11}"
-            f"  {verdict}"
+            f"{counts.lost:>6}{counts.repaired:>9}  {verdict}"
         )
     print()
-    if not converged:
-        print("the daemon did not finish delivering before the timeout")
+    print(
+        f"met {throttled} answers 429 while delivering; read-backs found {lost} rows lost"
+        f" and sent {repaired} again"
+    )
+    if not state.done:
+        print(
+            "not settled before the timeout: something pending or in flight, an"
+            " acknowledgment not yet read back, or a ledger that does not balance"
+        )
     print(
         "unmatched: accounts the CDP knows but Demandbase's account database does not;"
-        " Demandbase ignores them"
+        " Demandbase ignores them, the reconciler sets them aside after its repair limit"
     )
     return 0 if ok else 1
