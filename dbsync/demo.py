@@ -33,6 +33,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
+from dbsync import logs
 from dbsync.daemon import Daemon
 from dbsync.demandbase.csvfile import encode_accounts
 from dbsync.demandbase.emulator import Emulator, EmulatorSettings
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     if args.accounts < 10:
         print("dbsync demo: --accounts must be at least 10", file=sys.stderr)
         return 2
+    # The tables go to stdout; the daemon's warnings (the 429s it met, the losses its
+    # read-backs found) to stderr, as key=value event lines.
+    logs.configure("warning", "text", stream=sys.stderr)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_demo(args.accounts, args.seed, args.timeout_seconds))
 
