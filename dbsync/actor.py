@@ -68,6 +68,9 @@ T = TypeVar("T")
 _FAILED_AFTER = 8
 _BACKOFF_BASE_SECONDS = 1.0
 _BACKOFF_MAX_SECONDS = 300.0
+# A 429 waits at most this long before its retry: Demandbase's per-minute window has
+# turned by then, and the destination's pace (halved by the 429) does the slowing down.
+_THROTTLED_BACKOFF_MAX_SECONDS = 60.0
 # A stopped destination (401/403) is tried again this often, in case it was fixed.
 _STOPPED_PROBE_SECONDS = 900.0
 # Learned job duration: exponentially weighted moving average of completed jobs.
@@ -551,7 +554,8 @@ class AudienceActor:
             except ThrottledError as exc:
                 await self._destination.budget.on_throttled(exc.retry_after)
                 await self._store.add_to_ledger(self.settings.audience_id, throttled=1)
-                delay = max(self._backoff(attempt), exc.retry_after or 0.0)
+                backoff = self._backoff(attempt, longest=_THROTTLED_BACKOFF_MAX_SECONDS)
+                delay = max(backoff, exc.retry_after or 0.0)
                 await self._failed_call(endpoint, exc, delay)
             except DemandbaseError as exc:
                 if not exc.retriable:
@@ -562,9 +566,9 @@ class AudienceActor:
                 return result
             attempt += 1
 
-    def _backoff(self, attempt: int) -> float:
+    def _backoff(self, attempt: int, *, longest: float = _BACKOFF_MAX_SECONDS) -> float:
         # Full jitter (a random share of a capped exponential) spreads retries out.
-        cap = min(_BACKOFF_MAX_SECONDS, _BACKOFF_BASE_SECONDS * 2**attempt)
+        cap = min(longest, _BACKOFF_BASE_SECONDS * 2**attempt)
         return self._rng.uniform(cap / 2, cap)
 
     async def _failed_call(self, endpoint: Endpoint, error: DemandbaseError, delay: float) -> None:
