@@ -607,8 +607,10 @@ _INLINE_SECRET = (
 
 
 def _decode_path(type_: type, obj: object) -> object:
+    # msgspec turns a TypeError from a dec_hook into a ValidationError naming the key;
+    # any other exception would escape load_config raw.
     if type_ is not Path:
-        raise NotImplementedError(type_)
+        raise TypeError(f"no decoder for `{type_.__name__}`")
     if not isinstance(obj, str):
         raise TypeError(f"Expected a path (`str`), got `{type(obj).__name__}`")
     if not obj or "\0" in obj:
