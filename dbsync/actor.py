@@ -59,7 +59,7 @@ from dbsync.errors import (
 from dbsync.logs import AudienceLogger
 from dbsync.model import AudienceState, Backlog, Batch, BatchState, ListAction
 
-__all__ = ["ActorSettings", "AudienceActor", "Destination", "ImportClient"]
+__all__ = ["ActorSettings", "AudienceActor", "Destination", "ImportClient", "backoff_seconds"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,9 +68,7 @@ T = TypeVar("T")
 _FAILED_AFTER = 8
 _BACKOFF_BASE_SECONDS = 1.0
 _BACKOFF_MAX_SECONDS = 300.0
-# A 429 waits at most this long before its retry: Demandbase's per-minute window has
-# turned by then, and the destination's pace (halved by the 429) does the slowing down.
-_THROTTLED_BACKOFF_MAX_SECONDS = 60.0
+_THROTTLED_BACKOFF_MAX_SECONDS = 60.0  # after a 429: see backoff_seconds
 # A stopped destination (401/403) is tried again this often, in case it was fixed.
 _STOPPED_PROBE_SECONDS = 900.0
 # Learned job duration: exponentially weighted moving average of completed jobs.
@@ -151,6 +149,19 @@ async def wait_event(
             pending.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
     return event.is_set()
+
+
+def backoff_seconds(rng: random.Random, attempt: int, *, throttled: bool = False) -> float:
+    """How long to wait before retrying a call that failed ``attempt + 1`` times in a row.
+
+    Full jitter (a random share of a capped exponential) spreads retries out: 1 s,
+    doubling, at most 5 minutes; at most a minute after a 429, by when Demandbase's
+    per-minute window has turned (the destination's pace, halved by the 429, does the
+    slowing down). Shared by every caller of Demandbase: actors and reconcilers.
+    """
+    longest = _THROTTLED_BACKOFF_MAX_SECONDS if throttled else _BACKOFF_MAX_SECONDS
+    cap = min(longest, _BACKOFF_BASE_SECONDS * 2**attempt)
+    return rng.uniform(cap / 2, cap)
 
 
 class _HeldBack(Exception):
@@ -554,22 +565,17 @@ class AudienceActor:
             except ThrottledError as exc:
                 await self._destination.budget.on_throttled(exc.retry_after)
                 await self._store.add_to_ledger(self.settings.audience_id, throttled=1)
-                backoff = self._backoff(attempt, longest=_THROTTLED_BACKOFF_MAX_SECONDS)
+                backoff = backoff_seconds(self._rng, attempt, throttled=True)
                 delay = max(backoff, exc.retry_after or 0.0)
                 await self._failed_call(endpoint, exc, delay)
             except DemandbaseError as exc:
                 if not exc.retriable:
                     raise
-                await self._failed_call(endpoint, exc, self._backoff(attempt))
+                await self._failed_call(endpoint, exc, backoff_seconds(self._rng, attempt))
             else:
                 await self._succeeded_call()
                 return result
             attempt += 1
-
-    def _backoff(self, attempt: int, *, longest: float = _BACKOFF_MAX_SECONDS) -> float:
-        # Full jitter (a random share of a capped exponential) spreads retries out.
-        cap = min(longest, _BACKOFF_BASE_SECONDS * 2**attempt)
-        return self._rng.uniform(cap / 2, cap)
 
     async def _failed_call(self, endpoint: Endpoint, error: DemandbaseError, delay: float) -> None:
         self._failures += 1

@@ -51,7 +51,7 @@ from typing import NoReturn, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
-from dbsync.actor import Destination, wait_event
+from dbsync.actor import Destination, backoff_seconds, wait_event
 from dbsync.clock import Clock
 from dbsync.config import Destination as DestinationConfig
 from dbsync.config import ReconcileSettings
@@ -92,8 +92,6 @@ _RECHECK_SECONDS = 60.0
 _MIN_WAIT_SECONDS = 0.05
 # A stopped destination (401/403 met by its actors) is looked at again this often.
 _STOPPED_RECHECK_SECONDS = 900.0
-_BACKOFF_BASE_SECONDS = 1.0
-_BACKOFF_MAX_SECONDS = 300.0
 _MAX_ATTEMPTS = 8  # per call; then the read-back fails and waits for its next turn
 _EXPORT_SECONDS_WEIGHT = 0.3  # learned export duration: an EWMA
 _SAMPLE_ACCOUNTS = 20  # accounts named in one log line
@@ -398,9 +396,8 @@ class Reconciler:
         try:
             return await self._read_back(audience_id, facts.list_id)
         except _ReadBackFailed as exc:
-            raise ReconcileDeferred(
-                f"the read-back failed: {exc}", retry_at=self._clock.time() + self._backoff(0)
-            ) from exc
+            retry_at = self._clock.time() + backoff_seconds(self._rng, 0)
+            raise ReconcileDeferred(f"the read-back failed: {exc}", retry_at=retry_at) from exc
         finally:
             self._release_slot()
 
@@ -665,12 +662,13 @@ class Reconciler:
                 raise
             except ThrottledError as exc:
                 await self._destination.budget.on_throttled(exc.retry_after)
-                delay = max(self._backoff(attempt), exc.retry_after or 0.0)
+                backoff = backoff_seconds(self._rng, attempt, throttled=True)
+                delay = max(backoff, exc.retry_after or 0.0)
                 error: DemandbaseError = exc
             except DemandbaseError as exc:
                 if not exc.retriable:
                     raise
-                delay, error = self._backoff(attempt), exc
+                delay, error = backoff_seconds(self._rng, attempt), exc
             attempt += 1
             if attempt >= _MAX_ATTEMPTS:
                 raise error
@@ -686,10 +684,6 @@ class Reconciler:
                 },
             )
             await self._clock.sleep(delay)
-
-    def _backoff(self, attempt: int) -> float:
-        cap = min(_BACKOFF_MAX_SECONDS, _BACKOFF_BASE_SECONDS * 2**attempt)
-        return self._rng.uniform(cap / 2, cap)
 
     # --- events ------------------------------------------------------------------------------
 
