@@ -259,7 +259,7 @@ class Daemon:
             return "the supervisor has stopped"
         try:
             async with asyncio.timeout(within_seconds):
-                await store.audiences()
+                await store.ping()
         except TimeoutError:
             return f"the store did not answer a read within {within_seconds} s"
         except StoreError as exc:

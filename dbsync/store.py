@@ -694,6 +694,10 @@ class Store:
                     future.set_result(len(rows))
             self._appended.set()
 
+    async def ping(self) -> None:
+        """Read one row of the file: raises StoreError if the store cannot be read."""
+        await self._read("SELECT 1 FROM audiences LIMIT 1")
+
     async def pending_journal_rows(self) -> int:
         rows = await self._read("SELECT COUNT(*) FROM changes")
         return int(rows[0][0])
