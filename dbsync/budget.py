@@ -7,10 +7,11 @@ itself (ARCHITECTURE invariant 5, quotas are spent, never overdrawn):
   calls, ... a day). Every request is charged *before* it is sent, and the charge is
   committed to the store first, so a crash or a restart loop cannot spend a day twice.
   Windows are ``day_seconds`` long and aligned to the epoch (86,400 s: midnight UTC,
-  as Demandbase resets). A request started in the last moments of a window is charged
-  to the next one: it may arrive after Demandbase's midnight, and counting it in the
-  window it lands in can only make us spend less. A share of each quota
-  (``quota_safety_margin``) stays in reserve for the clock skew we cannot see.
+  as Demandbase resets). No quota-counted request starts in the last moments of a
+  window (the *edge*, 5 s): it could land on either side of Demandbase's midnight, and
+  whichever day we charged, the other could be overdrawn. It waits for the new window.
+  A share of each quota (``quota_safety_margin``) stays in reserve for the clock skew
+  we cannot see.
 * **Concurrent import jobs.** An actor holds a job slot from job creation until the
   job is completed or failed.
 * **Per-minute pace**, an aiolimiter bucket whose rate follows AIMD: a 429 halves it,
@@ -129,7 +130,6 @@ class DestinationBudget:
         self._quota_queues = {endpoint: _Queue(self._changed) for endpoint in limits.daily}
         self._window = self._current_window()
         self._used: dict[str, int] = {}
-        self._next_used: dict[str, int] = {}
         self._jobs_in_flight = 0
         self._pace = limits.requests_per_minute
         self._limiter = AsyncLimiter(self._pace, 60)
@@ -144,7 +144,6 @@ class DestinationBudget:
         """Load today's spending and the learned pace from the store."""
         self._window = self._current_window()
         self._used = await self._store.quota_usage(self.destination, self._window)
-        self._next_used = await self._store.quota_usage(self.destination, self._window + 1)
         pace = await self._store.load_pace(self.destination)
         if pace is not None:
             self._set_pace(min(pace, self.limits.requests_per_minute))
@@ -255,39 +254,33 @@ class DestinationBudget:
     def _current_window(self) -> int:
         return int(self._clock.time() // self.limits.day_seconds)
 
-    def _edge_seconds(self) -> float:
-        # How close to the end of a window a request is charged to the next one: the
-        # time a request may take to reach Demandbase, 5 s, less for short test days.
-        return min(5.0, self.limits.day_seconds * 0.05)
+    def _in_edge(self) -> bool:
+        # The edge is the time a request may take to reach Demandbase: 5 s, less for
+        # short test days.
+        edge = min(5.0, self.limits.day_seconds * 0.05)
+        return (self._window + 1) * self.limits.day_seconds - self._clock.time() <= edge
 
     def _allowed(self, endpoint: Endpoint) -> int:
         limit = self.limits.daily[endpoint]
         return max(1, math.floor(limit * (1.0 - self.limits.quota_safety_margin)))
 
-    def _charged_window(self) -> tuple[int, dict[str, int]]:
-        window_end = (self._window + 1) * self.limits.day_seconds
-        if window_end - self._clock.time() <= self._edge_seconds():
-            return self._window + 1, self._next_used
-        return self._window, self._used
-
     def _room(self, endpoint: Endpoint) -> int:
         if endpoint not in self.limits.daily:
             return 1
         self._maybe_roll()
-        _, used = self._charged_window()
-        return self._allowed(endpoint) - used.get(endpoint, 0)
+        if self._in_edge():
+            return 0  # wait for the new window; run() wakes the waiters when it starts
+        return self._allowed(endpoint) - self._used.get(endpoint, 0)
 
     async def _charge(self, endpoint: Endpoint) -> None:
-        window, used = self._charged_window()
         # Count in memory before awaiting the store, so that concurrent callers see it.
-        used[endpoint] = used.get(endpoint, 0) + 1
-        await self._store.spend_quota(self.destination, endpoint, window)
+        self._used[endpoint] = self._used.get(endpoint, 0) + 1
+        await self._store.spend_quota(self.destination, endpoint, self._window)
 
     def _maybe_roll(self) -> None:
         window = self._current_window()
         if window > self._window:
-            self._used = self._next_used if window == self._window + 1 else {}
-            self._next_used = {}
+            self._used = {}
             self._window = window
             log.info(
                 "quota_window_started", extra={"destination": self.destination, "window": window}

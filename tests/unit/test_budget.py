@@ -122,12 +122,32 @@ async def test_safety_margin_keeps_a_share_in_reserve(clock: FakeClock) -> None:
     assert budget.snapshot().allowed["import.upload"] == 95
 
 
-async def test_a_request_at_the_edge_of_a_window_is_charged_to_the_next(clock: FakeClock) -> None:
+async def test_no_request_starts_at_the_edge_of_a_window(clock: FakeClock) -> None:
+    """A request started in the last second of a window (the edge) could land on either
+    side of Demandbase's midnight: it waits for the new window and is charged to it. A
+    job slot, which needs room for a creation, waits too."""
     store = MemoryQuotaStore()
     budget = await opened(DestinationBudget("d", limits(), store, clock))
+    keeper = asyncio.create_task(budget.run())
     await clock.advance(DAY - 10.0 - 0.5)  # 0.5 s before the window ends (edge = 1 s)
-    await budget.spend(Endpoint.IMPORT_UPLOAD)
+    upload = asyncio.create_task(budget.spend(Endpoint.IMPORT_UPLOAD))
+    granted: list[str] = []
+
+    async def job() -> None:
+        async with budget.job(priority=0.0):
+            granted.append("job")
+
+    slot = asyncio.create_task(job())
+    await asyncio.sleep(0.01)
+    assert not upload.done()
+    assert granted == []
+    assert store.used == {}
+    await clock.advance(0.6)  # into the next window
+    await asyncio.wait_for(asyncio.gather(upload, slot), 1)
     assert store.used == {("d", "import.upload", 1001): 1}
+    assert granted == ["job"]
+    keeper.cancel()
+    await asyncio.gather(keeper, return_exceptions=True)
 
 
 async def test_job_slots_are_capped_and_go_to_the_oldest_backlog_first(clock: FakeClock) -> None:
