@@ -306,6 +306,10 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX batches_finished ON batches (audience_id, batch_id)
         WHERE state IN ('completed', 'failed')
     """,
+    # 5: an operator's ``ctl pause`` outlives a restart or a reload that rebuilds the actor.
+    """
+    ALTER TABLE audiences ADD COLUMN operator_paused INTEGER NOT NULL DEFAULT 0
+    """,
 )
 
 # Where fold gathers a chunk, the last change per account (writer connection only).
@@ -337,6 +341,7 @@ class AudienceRecord(msgspec.Struct, frozen=True, kw_only=True):
     state_reason: str
     checkpoint_seq: int
     updated_at: float
+    operator_paused: bool  # by ``dbsync ctl pause``, until ``ctl resume``
 
 
 class BatchSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -618,7 +623,7 @@ class Store:
     async def audiences(self) -> dict[str, AudienceRecord]:
         rows = await self._read(
             "SELECT audience_id, destination, name, list_name, list_id, state, state_reason,"
-            " checkpoint_seq, updated_at FROM audiences ORDER BY audience_id"
+            " checkpoint_seq, updated_at, operator_paused FROM audiences ORDER BY audience_id"
         )
         return {
             row[0]: AudienceRecord(
@@ -631,6 +636,7 @@ class Store:
                 state_reason=row[6],
                 checkpoint_seq=row[7],
                 updated_at=row[8],
+                operator_paused=bool(row[9]),
             )
             for row in rows
         }
@@ -644,6 +650,15 @@ class Store:
                 "UPDATE audiences SET state = ?, state_reason = ?, updated_at = ?"
                 " WHERE audience_id = ?",
                 (state, reason, now, audience_id),
+            )
+        )
+
+    async def set_operator_paused(self, audience_id: str, paused: bool) -> None:
+        """Remember an operator's pause (or its end) across restarts and reloads."""
+        await self._in_transaction(
+            lambda db: db.execute(
+                "UPDATE audiences SET operator_paused = ? WHERE audience_id = ?",
+                (int(paused), audience_id),
             )
         )
 

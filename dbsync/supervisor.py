@@ -351,7 +351,7 @@ class Supervisor:
                 del self._destinations[name]
         for audience_id, settings in wanted.items():
             if audience_id not in self._actors:
-                self._start_actor(settings)
+                self._start_actor(settings, paused=records[audience_id].operator_paused)
 
     async def _build_destination(self, plan: DestinationPlan) -> None:
         budget = DestinationBudget(plan.name, plan.limits, self._store, self._clock)
@@ -408,7 +408,8 @@ class Supervisor:
             reconciler.run, "reconciler_crashed", {"destination": reconciler.name}
         )
 
-    def _start_actor(self, settings: ActorSettings) -> None:
+    def _start_actor(self, settings: ActorSettings, *, paused: bool) -> None:
+        """Start an audience's actor; ``paused``: an operator paused it (``ctl pause``)."""
         assert self._group is not None
         actor = AudienceActor(
             settings,
@@ -416,6 +417,8 @@ class Supervisor:
             store=self._store,
             clock=self._clock,
         )
+        if paused:
+            actor.pause()
         task = self._group.create_task(
             self._keep_running(actor), name=f"actor:{settings.audience_id}"
         )

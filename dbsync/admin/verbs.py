@@ -202,6 +202,7 @@ async def _until(condition: Callable[[], bool | Awaitable[bool]]) -> float:
 
 async def _pause(c: Controls, audience: str) -> PauseReply:
     actor = _actor(c, audience)
+    await c.store.set_operator_paused(audience, True)
     actor.pause()
     waited = await _until(lambda: actor.state is AudienceState.PAUSED)
     return PauseReply(audience=audience, state=actor.state, waited_seconds=waited)
@@ -209,6 +210,7 @@ async def _pause(c: Controls, audience: str) -> PauseReply:
 
 async def _resume(c: Controls, audience: str) -> ResumeReply:
     actor = _actor(c, audience)
+    await c.store.set_operator_paused(audience, False)
     actor.resume()
     waited = await _until(lambda: actor.state is not AudienceState.PAUSED)
     return ResumeReply(audience=audience, state=actor.state, waited_seconds=waited)

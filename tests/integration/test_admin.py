@@ -368,6 +368,57 @@ async def test_pause_and_resume_return_once_the_actor_has_changed(
     assert logged == [("pause", 0, "emea", "ok"), ("resume", 0, "emea", "ok")]
 
 
+async def test_a_pause_outlives_a_reload_that_restarts_the_actor_and_a_restart(
+    short_dir: Path,
+) -> None:
+    """1. ``ctl pause emea``; 10 accounts are sent to EMEA.
+    2. The destination's pace changes in the config; ``ctl reload`` (EMEA gets a new actor).
+    3. The daemon stops and starts again on the same state.
+    4. ``ctl resume emea``; then the daemon stops and starts once more.
+    Result: after the reload and after the restart EMEA's actor is paused, its 10
+    changes pending and its list empty; after the resume the list fills, and the next
+    start leaves EMEA active."""
+    sock = socket_path(short_dir)
+    keys = admin_keys(short_dir)
+    async with running_emulator(fast_tenant()) as emulator:
+        config = write_config(short_dir, emulator.url, [EMEA], daemon=keys)
+
+        async def paused_with_backlog(engine: Engine) -> None:
+            actor = engine.supervisor.actor(EMEA.id)
+            assert actor is not None
+            await wait_until(
+                lambda: actor.state is AudienceState.PAUSED, TIMEOUT, what="EMEA paused"
+            )
+            backlog = await engine.store.backlog(EMEA.id)
+            assert (backlog.pending, backlog.in_flight) == (10, 0)
+            assert (await engine.lists()).get(EMEA.list, set()) == set()
+
+        async with running_daemon(config) as daemon:
+            engine = Engine(emulator, daemon, [EMEA])
+            assert (await ctl(sock, "pause", EMEA.id)).code == ExitCode.OK
+            accounts = await engine.tenant_accounts(10)
+            await engine.cdp.changes([(EMEA.id, a, True) for a in accounts])
+            before = engine.supervisor.actor(EMEA.id)
+            write_config(
+                short_dir, emulator.url, [EMEA], daemon=keys, limits={"requests_per_minute": 5000}
+            )
+            assert (await ctl(sock, "reload")).code == ExitCode.OK
+            assert engine.supervisor.actor(EMEA.id) is not before
+            await paused_with_backlog(engine)
+
+        async with running_daemon(config) as daemon:
+            engine = Engine(emulator, daemon, [EMEA])
+            await paused_with_backlog(engine)
+            assert (await ctl(sock, "resume", EMEA.id)).code == ExitCode.OK
+            await engine.wait_settled()
+            assert (await engine.lists())[EMEA.list] == ids(accounts)
+
+        async with running_daemon(config) as daemon:
+            actor = Engine(emulator, daemon, [EMEA]).supervisor.actor(EMEA.id)
+            assert actor is not None
+            assert not actor.is_paused
+
+
 async def test_flush_sends_a_backlog_before_it_is_due(short_dir: Path) -> None:
     """1. LAZY (max age an hour) gets 15 accounts; they are folded and wait.
     2. ``dbsync ctl flush lazy --json``.
