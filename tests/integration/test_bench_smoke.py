@@ -3,7 +3,7 @@
 A smoke test, not a timed one: it never asserts a speed. It asserts that each script
 exits 0 and that the last line on its stdout decodes as one JSON object naming the
 benchmark, with the figures the README records and values that make sense for the
-quick sizes (counts equal to what was sent, rates and times positive). The eight
+quick sizes (counts equal to what was sent, rates and times positive). The nine
 scripts run at once, each in its own process, so that the whole takes as long as the
 slowest (the budget's two emulated days).
 """
@@ -29,6 +29,7 @@ BENCHMARKS = [
     "scale",
     "snapshot",
     "latency",
+    "readback",
 ]
 TIMEOUT_SECONDS = 50
 
@@ -139,3 +140,16 @@ def test_latency(outputs: dict[str, tuple[int, str, str]]) -> None:
     line = figures(outputs, "latency")
     assert line["changes"] == 100
     assert 0 < line["p50_ms"] <= line["p99_ms"] <= line["max_ms"]
+
+
+def test_readback(outputs: dict[str, tuple[int, str, str]]) -> None:
+    line = figures(outputs, "readback")
+    assert line["accounts"] == 10_000
+    # The verdict found exactly the losses the benchmark made, and the ledger balances.
+    assert line["lost"] == line["lost_made"] == 500
+    assert line["verified"] == 9_500
+    assert line["extra_removed"] == 100
+    assert line["ledger_balanced"] is True
+    assert line["judge_seconds"] > 0
+    assert line["ingest_commit_idle_p50_ms"] > 0
+    assert line["ingest_commits_during"] >= 1

@@ -10,12 +10,15 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import dbsync.store as store_module
 from dbsync.clock import FakeClock
+from dbsync.errors import StoreError
 from dbsync.model import Account, Change, ListAction, ListedAccount
-from dbsync.store import _MIGRATIONS, AudienceSpec, ReadbackVerdict, Store
+from dbsync.store import _MIGRATIONS, JUDGE_CHUNK_ROWS, AudienceSpec, ReadbackVerdict, Store
 
 AUDIENCE = "aud-1"
 CUTOFF = 1500.0
@@ -27,6 +30,14 @@ def account(key: str) -> Account:
 
 def change(key: str, member: bool, *, ts: float = 1.0) -> Change:
     return Change(audience_id=AUDIENCE, account=account(key), member=member, ts=ts)
+
+
+@pytest.fixture(autouse=True, params=[JUDGE_CHUNK_ROWS, 2], ids=["one-chunk", "chunks-of-2"])
+def chunk_rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Every judgment here runs twice: in one transaction, and two accounts at a time."""
+    rows: int = request.param
+    monkeypatch.setattr("dbsync.store.JUDGE_CHUNK_ROWS", rows)
+    return rows
 
 
 @pytest.fixture
@@ -235,3 +246,52 @@ async def test_members_without_an_external_id_are_matched_by_domain_and_name(
     assert verdict.extra_removed == 0
     assert (await store.backlog(AUDIENCE)).pending == 0
     assert (await store.ledger_check(AUDIENCE)).balanced
+
+
+@pytest.mark.parametrize("chunk_rows", [2], indirect=True, ids=["chunks-of-2"])
+async def test_a_judgment_cut_by_a_crash_resumes_where_it_stopped(
+    store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seven members acknowledged; the list lost B and F and holds a stranger. The
+    judgment, two accounts a transaction, fails after its first chunk (the store's
+    writer dies), and the read-back is applied again, as a resumed run is.
+    Result: the second call judges only the rest, and its verdict and the ledger are
+    those of one whole judgment: 5 verified, 2 lost, 1 extra; a third call finds the
+    run judged."""
+    await apply(store, [change(k, True) for k in "ABCDEFG"])
+    await deliver(store, ListAction.INSERT)
+    await clock.advance(1000.0)
+    listed = [account(k) for k in "ACDEG"]
+    listed.append(Account(external_id="NOBODY", name="Nobody", domain="nobody.example"))
+    run = await store.start_reconcile_run(AUDIENCE, 7, "job", CUTOFF)
+
+    judge_chunk = store_module._judge_chunk
+    calls = 0
+
+    def dies_after_one(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return judge_chunk(*args)
+
+    monkeypatch.setattr(store_module, "_judge_chunk", dies_after_one)
+    with pytest.raises(StoreError, match="disk I/O error"):
+        await store.apply_readback(run.run_id, listed, judged_before=CUTOFF, repair_limit=3)
+    cut = await store.ledger_check(AUDIENCE)
+    assert cut.balanced, cut
+    assert (cut.counts.verified, cut.counts.lost) == (1, 1)  # the first chunk: A, B
+
+    verdict = await store.apply_readback(run.run_id, listed, judged_before=CUTOFF, repair_limit=3)
+    assert verdict is not None
+    assert (verdict.listed, verdict.expected, verdict.verified) == (6, 7, 5)
+    assert verdict.lost == {"dropped": 2}
+    assert (verdict.repaired, verdict.extra_removed) == (2, 1)
+    check = await store.ledger_check(AUDIENCE)
+    assert check.balanced, check
+    assert (check.counts.verified, check.counts.lost, check.counts.extra) == (5, 2, 1)
+    backlog = await store.backlog(AUDIENCE)
+    assert (backlog.inserts, backlog.deletes) == (2, 1)  # B and F again; NOBODY out
+    assert (
+        await store.apply_readback(run.run_id, listed, judged_before=CUTOFF, repair_limit=3) is None
+    )
