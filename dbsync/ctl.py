@@ -333,6 +333,11 @@ def _report(r: ReconcileView) -> str:
         f"not judged: {r.too_young} within the visibility lag, {r.unsettled} pending or in flight",
         f"listed but not desired: {r.extra_removed}, being removed",
     ]
+    if r.extra_kept:
+        lines.append(
+            f"listed but not desired, with no External Account ID: {r.extra_kept}, left"
+            " (no delete row can name them; remove them in Demandbase if they should go)"
+        )
     if r.lost:
         lines.append("lost by cause: " + ", ".join(f"{k} {n}" for k, n in sorted(r.lost.items())))
     lines.append("ledger balanced" if r.ledger_balanced else f"LEDGER IMBALANCE: {r.imbalances}")

@@ -133,8 +133,10 @@ class ReconcileReport(msgspec.Struct, frozen=True, kw_only=True):
     ``repaired`` (sent again) or set aside: ``unmatched`` (missing after the repair
     limit: Demandbase has no account matching its external id, domain or name) or
     ``not_removable``. ``extra_removed`` listed accounts should not be there and are
-    being removed. ``too_young`` were not judged: changed within the visibility lag;
-    ``unsettled`` neither: pending, in flight or set aside.
+    being removed; ``extra_kept`` neither, but they have no External Account ID for a
+    delete row to name (added in Demandbase, most likely), so they stay. ``too_young``
+    were not judged: changed within the visibility lag; ``unsettled`` neither: pending,
+    in flight or set aside.
     """
 
     audience_id: str
@@ -157,6 +159,7 @@ class ReconcileReport(msgspec.Struct, frozen=True, kw_only=True):
     unsettled: int
     ledger_balanced: bool
     imbalances: dict[str, int]
+    extra_kept: int = 0  # reports kept before it was counted decode as 0
 
 
 class LossRate(msgspec.Struct, frozen=True, kw_only=True):
@@ -605,6 +608,7 @@ class Reconciler:
             lost_total=sum(verdict.lost.values()),
             repaired=verdict.repaired,
             extra_removed=verdict.extra_removed,
+            extra_kept=verdict.extra_kept,
             unmatched=verdict.unmatched,
             not_removable=verdict.not_removable,
             too_young=verdict.too_young,
@@ -702,6 +706,7 @@ class Reconciler:
                 "lost_total": report.lost_total,
                 "repaired": report.repaired,
                 "extra_removed": report.extra_removed,
+                "extra_kept": report.extra_kept,
                 "unmatched": len(report.unmatched),
                 "not_removable": len(report.not_removable),
                 "too_young": report.too_young,

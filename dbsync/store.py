@@ -405,6 +405,7 @@ class ReadbackVerdict(msgspec.Struct, frozen=True, kw_only=True):
     lost: dict[str, int]  # by cause (LossCause)
     repaired: int  # lost accounts marked to send again
     extra_removed: int  # accounts in the list that should not be: marked for removal
+    extra_kept: int  # listed, not ours, no external id: no delete row can name them
     unmatched: tuple[Account, ...]  # set aside: still missing after the repair limit
     not_removable: tuple[Account, ...]  # set aside: still there after the repair limit
     too_young: int  # not judged: acknowledged (or changed) within the visibility lag
@@ -1341,11 +1342,12 @@ class Store:
             "SELECT external_id, name, domain FROM membership WHERE audience_id = ?",
             (audience[0][0],),
         )
-        present, strangers = await asyncio.to_thread(_match_listed, ours, listed)
+        present, strangers, nameless = await asyncio.to_thread(_match_listed, ours, listed)
         listing = _Listing(
             listed=len(listed),
             present=present,
             strangers=strangers,
+            nameless=nameless,
             judged_before=judged_before,
             repair_limit=repair_limit,
             now=self._now(),
@@ -1751,12 +1753,14 @@ _MembershipRow = tuple[
 
 def _match_listed(
     ours: Sequence[Any], listed: Sequence[ListedAccount]
-) -> tuple[set[str], dict[str, ListedAccount]]:
-    """Which of our accounts (external id, name, domain) the list holds, and the listed
-    strangers that could be removed (they have an external id and match none of ours)."""
+) -> tuple[set[str], dict[str, ListedAccount], int]:
+    """Which of our accounts (external id, name, domain) the list holds; the listed
+    strangers that can be removed (they have an external id and match none of ours);
+    and how many strangers cannot be (no external id for a delete row to name)."""
     known = {row[0] for row in ours}
     present: set[str] = set()
     strangers: dict[str, ListedAccount] = {}
+    nameless = 0
     by_key: dict[tuple[str, str], str] | None = None
     for account in listed:
         if account.external_id in known:
@@ -1769,8 +1773,9 @@ def _match_listed(
             present.add(key)
         elif account.external_id:
             strangers.setdefault(account.external_id, account)
-        # else: not ours, and with no external id a delete row could not name it.
-    return present, strangers
+        else:
+            nameless += 1  # added in Demandbase, most likely: left for a person to judge
+    return present, strangers, nameless
 
 
 class _Judgment(msgspec.Struct, kw_only=True):
@@ -1793,6 +1798,7 @@ class _Listing(msgspec.Struct, frozen=True, kw_only=True):
     listed: int
     present: set[str]
     strangers: dict[str, ListedAccount]
+    nameless: int
     judged_before: float
     repair_limit: int
     now: float
@@ -2000,6 +2006,7 @@ def _judge_chunk(
         lost=judgment.lost,
         repaired=judgment.repaired,
         extra_removed=judgment.extra_removed,
+        extra_kept=listing.nameless,
         unmatched=tuple(judgment.unmatched),
         not_removable=tuple(judgment.not_removable),
         too_young=judgment.too_young,

@@ -308,6 +308,7 @@ class ReconcileView(msgspec.Struct, frozen=True, kw_only=True):
     unsettled: int  # pending, in flight or set aside: not judged
     ledger_balanced: bool
     imbalances: dict[str, int]
+    extra_kept: int = 0  # listed, not desired, no external id to remove them by
 
 
 class LossRateView(msgspec.Struct, frozen=True, kw_only=True):

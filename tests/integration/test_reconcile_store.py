@@ -232,7 +232,7 @@ async def test_members_without_an_external_id_are_matched_by_domain_and_name(
     """Demandbase may hold a member with no External Account ID (it matched our row by
     domain and name). The list holds A by id, B without one, and a stranger without one.
     Result: A and B verified, nothing lost; the stranger, which no delete row could
-    name, is left alone (not extra)."""
+    name, is left alone and counted as kept, not removed."""
     await apply(store, [change(k, True) for k in "AB"])
     await deliver(store, ListAction.INSERT)
     b = account("B")
@@ -243,7 +243,7 @@ async def test_members_without_an_external_id_are_matched_by_domain_and_name(
     ]
     verdict = await read_back(store, listed)
     assert (verdict.expected, verdict.verified, verdict.lost) == (2, 2, {})
-    assert verdict.extra_removed == 0
+    assert (verdict.extra_removed, verdict.extra_kept) == (0, 1)
     assert (await store.backlog(AUDIENCE)).pending == 0
     assert (await store.ledger_check(AUDIENCE)).balanced
 

@@ -17,6 +17,7 @@ import pytest
 
 from dbsync.admin.protocol import (
     REQUESTS,
+    AccountView,
     AudienceView,
     DaemonView,
     DestinationView,
@@ -24,6 +25,8 @@ from dbsync.admin.protocol import (
     FaultCode,
     Pause,
     QuotaLine,
+    ReconcileReply,
+    ReconcileView,
     Rejected,
     Status,
     StatusReply,
@@ -316,3 +319,39 @@ def test_status_renders_aligned_tables() -> None:
 def test_a_fault_renders_its_code() -> None:
     fault = Fault(code=FaultCode.UNKNOWN_AUDIENCE, message="no active audience 'x'")
     assert render(fault) == "unknown_audience: no active audience 'x'"
+
+
+def test_a_reconcile_report_names_what_was_set_aside_and_what_was_left() -> None:
+    """A read-back: 98 of 100 verified, 2 dropped and sent again, 1 unmatched, 3 extra
+    being removed, and 2 listed accounts without an External Account ID left alone.
+    Result: each number has its line, and the unmatched account is named."""
+    report = ReconcileView(
+        audience_id="emea",
+        destination="prod",
+        list_id=7,
+        export_job_id="x-1",
+        started_at=0.0,
+        finished_at=60.0,
+        judged_before=0.0,
+        listed=104,
+        expected=100,
+        verified=98,
+        lost={"dropped": 2},
+        lost_total=2,
+        repaired=1,
+        extra_removed=3,
+        extra_kept=2,
+        unmatched=[AccountView(external_id="A-9", name="Nobody Inc.", domain="nobody.example")],
+        not_removable=[],
+        too_young=0,
+        unsettled=0,
+        ledger_balanced=True,
+        imbalances={},
+    )
+    lines = render(ReconcileReply(report=report)).splitlines()
+    judged = "judged 100 members acknowledged before 1970-01-01 00:00:00Z:"
+    assert f"{judged} 98 verified, 2 lost, 1 sent again" in lines
+    assert "listed but not desired: 3, being removed" in lines
+    kept = next(line for line in lines if "no External Account ID" in line)
+    assert kept.startswith("listed but not desired, with no External Account ID: 2, left")
+    assert any("A-9" in line and "nobody.example" in line for line in lines), lines
