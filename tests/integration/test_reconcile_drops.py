@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dbsync.store import JUDGE_CHUNK_ROWS
 from tests.support.engine import HIGH, AudienceConfig, Engine, fast_tenant, wait_until
 from tests.support.reconcile import (
     FAST_RECONCILE,
@@ -52,8 +53,12 @@ async def clean_read_back(engine: Engine) -> bool:
     return True
 
 
+@pytest.mark.parametrize("chunk_rows", [JUDGE_CHUNK_ROWS, 16], ids=["one-chunk", "chunks-of-16"])
 async def test_dropped_rows_are_counted_lost_and_repaired_until_lists_equal_desired(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    chunk_rows: int,
 ) -> None:
     """1. The emulator drops 5% of each completed job's rows (seed 11) and shows lists
     with a 0.1 s lag; the daemon judges changes older than 0.15 s, every 0.15 s.
@@ -63,7 +68,9 @@ async def test_dropped_rows_are_counted_lost_and_repaired_until_lists_equal_desi
     ledger counts exactly the dropped inserts as lost ``dropped`` and the dropped
     deletes as ``not_removed``, every one repaired, none set aside; every list equals
     desired state; every sum of the ledger balances; the loss estimate's rate is those
-    losses per thousand judged rows; ``loss_detected`` warned."""
+    losses per thousand judged rows; ``loss_detected`` warned. The same when each
+    read-back judges its 150 accounts 16 at a time, between deliveries."""
+    monkeypatch.setattr("dbsync.store.JUDGE_CHUNK_ROWS", chunk_rows)
     async with running_reconcile_engine(
         tmp_path,
         AUDIENCES,
