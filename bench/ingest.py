@@ -18,8 +18,9 @@ Measured on the 2-core development machine (1,000,000 changes over 3,000,000 key
 205,000 accounts/s with 4 connections, 227,000 with 8, against a raw upsert of
 59,000-64,000 rows/s (ratio 3.5): 202 waits for the journal append, which is why
 ingest outruns a keyed upsert; folding into desired state runs behind it. One 64 MiB
-body stalled the loop for at most about 100 ms, mostly in the garbage collector's
-full passes over the new Account and Change objects.
+body stalled the loop for 100-180 ms, mostly in the garbage collector's full passes
+over the new Account and Change objects; since they are ``gc=False`` structs, 81-90 ms
+(bench/README.md has the latest figures).
 """
 
 from __future__ import annotations

@@ -30,7 +30,12 @@ __all__ = [
 AccountKey = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
-class Account(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+# Account, ListedAccount and Change hold only strings, numbers and each other, so they
+# can never be part of a reference cycle: ``gc=False`` keeps the garbage collector from
+# tracking them, which matters when one ingest body or read-back makes a million.
+
+
+class Account(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """A company as the CDP knows it; ``external_id`` is the CDP's key."""
 
     external_id: AccountKey
@@ -38,7 +43,7 @@ class Account(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     domain: str = ""
 
 
-class ListedAccount(msgspec.Struct, frozen=True, kw_only=True):
+class ListedAccount(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A member of a Demandbase list, as a read-back (an account-list export) gives it.
 
     ``external_id`` is empty when Demandbase holds none for the account (it matched an
@@ -51,7 +56,7 @@ class ListedAccount(msgspec.Struct, frozen=True, kw_only=True):
     domain: str
 
 
-class Change(msgspec.Struct, frozen=True, kw_only=True):
+class Change(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """``account`` should (``member``) or should not be in ``audience_id``'s list.
 
     ``ts`` is when the CDP decided it (epoch seconds), or when dbsync received it.
