@@ -37,6 +37,7 @@ from typing import Annotated, Literal
 import msgspec
 import msgspec.inspect as mi
 
+from dbsync import validation
 from dbsync.errors import ConfigError
 
 __all__ = [
@@ -518,17 +519,32 @@ def load_config(path: Path) -> Config:
 
 def decode_config(data: bytes, *, base_dir: Path) -> Config:
     """Decode and validate a configuration; relative paths are taken from ``base_dir``."""
+    # UTF-8 is checked here, before the TOML decoder sees the bytes: how a decoder
+    # reports bad UTF-8 (its error class, its words) changes between its versions.
+    text = _utf8_text(data)
     try:
-        config = msgspec.toml.decode(data, type=Config, dec_hook=_decode_path)
+        config = msgspec.toml.decode(text, type=Config, dec_hook=_decode_path)
     except msgspec.ValidationError as exc:
-        raise _translate(str(exc)) from exc
+        raise _translate(exc) from exc
     except msgspec.DecodeError as exc:
         raise ConfigError("", f"not valid TOML: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError("", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
     config = _resolve(config, base_dir.absolute())
     _validate(config)
     return config
+
+
+def _utf8_text(data: bytes) -> str:
+    """``data`` as text, or a ConfigError naming the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            "",
+            f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}"
+            f" (line {line}, column {column})",
+        ) from None
 
 
 def read_secret(ref: SecretRef, *, key: str) -> str:
@@ -653,23 +669,17 @@ def _secret_refs(config: Config) -> Iterator[tuple[str, SecretRef]]:
 
 _CONFIG_TYPE = mi.type_info(Config)
 _PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
-_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<name>[^`]+)`")
-_MISSING_FIELD = re.compile(r"Object missing required field `(?P<name>[^`]+)`")
 _INVALID_ENUM = re.compile(r"Invalid enum value (?P<value>.+)")
 
 
-def _translate(error: str) -> ConfigError:
-    """Turn msgspec's ``<message> - at `$.a[0].b``` into a ConfigError keyed ``a[0].b``."""
-    message, at, path = error.rpartition(" - at `$")
-    if not at:  # an error in the top-level table carries no path
-        message, path = error, ""
-    path = path.removesuffix("`")
-    key = path.removeprefix(".")
-    target = _type_at(path)
-    if found := _UNKNOWN_FIELD.fullmatch(message):
-        return ConfigError(_join(key, found["name"]), _unknown_key(found["name"], target))
-    if found := _MISSING_FIELD.fullmatch(message):
-        return ConfigError(_join(key, found["name"]), "required key is missing")
+def _translate(exc: msgspec.ValidationError) -> ConfigError:
+    """msgspec's error as a ConfigError keyed by the dotted path (``a[0].b``)."""
+    message, key = validation.split(exc)
+    target = _type_at(f".{key}" if key else "")
+    if name := validation.unknown_field(message):
+        return ConfigError(_join(key, name), _unknown_key(name, target))
+    if name := validation.missing_field(message):
+        return ConfigError(_join(key, name), "required key is missing")
     if isinstance(target, mi.StructType) and target.cls is SecretRef and "got `str`" in message:
         return ConfigError(key, _INLINE_SECRET)
     if isinstance(target, mi.LiteralType) and (found := _INVALID_ENUM.fullmatch(message)):

@@ -122,6 +122,24 @@ def test_bad_config_exits_78_naming_the_key(config_dir: Path, text: str, expecte
     assert "not-a-real-token" not in result.stderr
 
 
+def test_non_utf8_file_exits_78_naming_the_file_and_the_byte(config_dir: Path) -> None:
+    path = config_dir / "config.toml"
+    # Latin-1 "é" in a comment on the third line: a file saved by the wrong editor.
+    path.write_bytes(
+        GOOD.encode().replace(b"\n[[destinations]]", b"\n# caf\xe9\n[[destinations]]", 1)
+    )
+
+    result = dbsync("check-config", "--config", str(path))
+
+    assert result.returncode == ExitCode.CONFIG
+    assert result.stdout == ""
+    offset = GOOD.index("\n[[destinations]]") + len("\n# caf")
+    assert result.stderr == (
+        f"dbsync: invalid configuration {path}: not UTF-8 text:"
+        f" byte 0xe9 at offset {offset} (line 2, column 6)\n"
+    )
+
+
 def test_missing_file_exits_78_naming_the_path(tmp_path: Path) -> None:
     path = tmp_path / "absent.toml"
 

@@ -511,8 +511,11 @@ def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
 
 
 def test_non_utf8_file_is_refused(base_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="not UTF-8 text"):
-        decode_config(b"name = '\xff'", base_dir=base_dir)
+    with pytest.raises(ConfigError) as caught:
+        decode_config(b"# ok\nname = '\xff'", base_dir=base_dir)
+
+    assert caught.value.key == ""
+    assert caught.value.message == "not UTF-8 text: byte 0xff at offset 13 (line 2, column 9)"
 
 
 # --- Secrets --------------------------------------------------------------------
