@@ -25,13 +25,13 @@ import asyncio
 import csv
 import datetime as dt
 import math
-import re
 from collections.abc import AsyncIterator, Iterator, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar, get_args
 
 import msgspec
 
+from dbsync import validation
 from dbsync.demandbase.csvfile import read_rows
 from dbsync.demandbase.wire import IMPORT_COLUMNS
 from dbsync.model import Account, AccountKey, Change
@@ -108,8 +108,6 @@ class Items(Generic[T]):
 
 # --- JSON and NDJSON -----------------------------------------------------------------
 
-_AT = re.compile(r"(?P<error>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.DOTALL)
-_NAMED = re.compile(r"Object (?:missing required|contains unknown) field `(?P<name>[^`]*)`")
 _DECODERS: dict[Any, tuple[Any, Any]] = {}
 
 
@@ -124,11 +122,9 @@ def _decoders(item: type[T]) -> tuple[msgspec.json.Decoder[list[T]], msgspec.jso
 
 def _explain(exc: msgspec.DecodeError) -> tuple[str, str]:
     """msgspec's message without its path, and the path (``[3].account.external_id``)."""
-    match = _AT.fullmatch(str(exc))
-    assert match is not None  # the pattern matches any text
-    error, path = match["error"], (match["path"] or "").lstrip(".")
-    if named := _NAMED.fullmatch(error):
-        path = f"{path}.{named['name']}" if path else named["name"]
+    error, path = validation.split(exc)
+    if name := validation.missing_field(error) or validation.unknown_field(error):
+        path = f"{path}.{name}" if path else name
     if not isinstance(exc, msgspec.ValidationError):
         error = f"malformed JSON: {error}"
     return error, path

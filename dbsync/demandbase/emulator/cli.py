@@ -146,6 +146,7 @@ def _settings(args: argparse.Namespace) -> EmulatorSettings:
     """The settings the flags ask for; :class:`_BadFlag` names the first flag in error."""
     import msgspec
 
+    from dbsync import validation
     from dbsync.demandbase.emulator.settings import EmulatorSettings
 
     flag_of = {field: flag for flag, field, _, _ in _FLAGS + _FAULT_FLAGS}
@@ -172,10 +173,9 @@ def _settings(args: argparse.Namespace) -> EmulatorSettings:
     try:
         return msgspec.convert(values, EmulatorSettings)
     except msgspec.ValidationError as exc:
-        # msgspec ends its message with "- at `$.field`" (or `$.faults.field`).
-        path = re.search(r"`\$\.(?:faults\.)?(\w+)", str(exc))
-        flag = flag_of.get(path[1], "(settings)") if path else "(settings)"
-        raise _BadFlag(flag, str(exc).split(" - at ")[0]) from None
+        message, path = validation.split(exc)
+        flag = flag_of.get(path.removeprefix("faults.").split(".")[0], "(settings)")
+        raise _BadFlag(flag, message) from None
 
 
 async def _serve(settings: EmulatorSettings, host: str, port: int) -> int:
