@@ -30,7 +30,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import emit, say
+from bench._common import add_check_flag, emit, say
 
 SAFETY_MARGIN = 0.02  # the daemon's default
 AUDIENCES = 4
@@ -92,7 +92,7 @@ async def run(
     }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--days", type=int, default=5)
     parser.add_argument("--day-seconds", type=float, default=4.0)
@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=8_000)
     parser.add_argument("--max-records", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 days of 2 s, 20 jobs a day")
+    add_check_flag(parser)
     args = parser.parse_args()
     if args.quick:
         args.days, args.day_seconds, args.jobs_per_day, args.accounts = 2, 2.0, 20, 800
@@ -127,7 +128,7 @@ def main() -> None:
         f" min share {min(shares):.1%}; 429s {result['throttled']};"
         f" still pending {result['pending_after']:,}"
     )
-    emit(
+    return emit(
         "budget",
         {
             "days": args.days,
@@ -147,8 +148,9 @@ def main() -> None:
             "share_target_met": min(shares) >= SHARE_TARGET,
             "overdraw_target_met": overdraw == 0,
         },
+        check=args.check,
     )
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

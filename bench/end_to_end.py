@@ -27,7 +27,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import EmulatorProcess, emit, say
+from bench._common import EmulatorProcess, add_check_flag, emit, say
 
 HIGH = 1_000_000_000
 NO_LIMITS = {
@@ -137,12 +137,13 @@ async def run(directory: Path, url: str, accounts: int, audiences: int, batch: i
     }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=1_000_000)
     parser.add_argument("--audiences", type=int, default=4)
     parser.add_argument("--batch", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true", help="2,000 accounts")
+    add_check_flag(parser)
     args = parser.parse_args()
     if args.quick:
         args.accounts, args.batch = 2_000, 500
@@ -160,7 +161,7 @@ def main() -> None:
         f" ({rate:,.0f}/s; ingest alone {result['ingest_seconds']:.2f} s);"
         f" {cpu_us:.1f} CPU us per account; {result['import_jobs']} import jobs"
     )
-    emit(
+    return emit(
         "end_to_end",
         {
             "accounts": args.accounts,
@@ -173,8 +174,9 @@ def main() -> None:
             "import_jobs": result["import_jobs"],
             "throttled": result["throttled"],
         },
+        check=args.check,
     )
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -42,7 +42,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import emit, say
+from bench._common import add_check_flag, emit, say
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 TARGET_CHANGES_PER_SECOND = 100_000
@@ -196,7 +196,7 @@ async def _one_big_body(url: str, plan: Plan, big_mib: int) -> tuple[float, int]
     return stalls.longest, answer["accepted"]
 
 
-def main() -> None:
+def main() -> int:
     from bench.store_upsert import measure_raw_upsert
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--big-mib", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="20,000 changes, a 2 MiB body")
+    add_check_flag(parser)
     args = parser.parse_args()
     if args.quick:
         args.changes, args.batch, args.keys, args.big_mib = 20_000, 2_000, 100_000, 2
@@ -233,7 +234,7 @@ def main() -> None:
         f"one {args.big_mib} MiB body ({big_changes:,} changes): "
         f"longest event-loop stall {stall * 1000:.1f} ms"
     )
-    emit(
+    return emit(
         "ingest",
         {
             "changes": outcome.accepted,
@@ -249,8 +250,9 @@ def main() -> None:
             "big_body_stall_ms": round(stall * 1000, 1),
             "target_met": ingest_rate >= TARGET_CHANGES_PER_SECOND,
         },
+        check=args.check,
     )
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

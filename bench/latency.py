@@ -27,7 +27,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import emit, say
+from bench._common import add_check_flag, emit, say
 
 AUDIENCES = 4
 
@@ -70,12 +70,13 @@ def percentile(ordered: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=50.0, help="changes a second")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--max-age-seconds", type=float, default=1.0)
     parser.add_argument("--quick", action="store_true", help="2 s at 50 changes/s")
+    add_check_flag(parser)
     args = parser.parse_args()
     if args.quick:
         args.seconds = 2.0
@@ -89,7 +90,7 @@ def main() -> None:
         f"{len(latencies)} changes, max_age {args.max_age_seconds} s: commit to upload"
         f" p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
     )
-    emit(
+    return emit(
         "latency",
         {
             "changes": len(latencies),
@@ -100,8 +101,9 @@ def main() -> None:
             "max_ms": round(latencies[-1] * 1000, 1),
             "mean_ms": round(statistics.fmean(latencies) * 1000, 1),
         },
+        check=args.check,
     )
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -29,7 +29,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import emit, say
+from bench._common import add_check_flag, emit, say
 from dbsync.clock import FakeClock
 from dbsync.model import Account, Change, ListAction, ListedAccount
 from dbsync.store import AudienceSpec, Store
@@ -143,18 +143,19 @@ async def measure(path: Path, accounts: int, seed: int) -> dict[str, object]:
     }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--accounts", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="10,000 accounts")
+    add_check_flag(parser)
     args = parser.parse_args()
     if args.quick:
         args.accounts = 10_000
     with tempfile.TemporaryDirectory(prefix="dbsync-bench-") as tmp:
         figures = uvloop.run(measure(Path(tmp) / "store.db", args.accounts, args.seed))
-    emit("readback", figures)
+    return emit("readback", figures, check=args.check)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

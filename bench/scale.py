@@ -24,7 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import DaemonProcess, EmulatorProcess, cpu_seconds, emit, say, status_kib
+from bench._common import (
+    DaemonProcess,
+    EmulatorProcess,
+    add_check_flag,
+    cpu_seconds,
+    emit,
+    say,
+    status_kib,
+)
 
 RSS_TARGET_MB = 300.0
 IDLE_CPU_TARGET_PERCENT = 2.0
@@ -47,12 +55,13 @@ def write_scale_config(directory: Path, base_url: str, audiences: int) -> Path:
     )
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--audiences", type=int, default=10_000)
     parser.add_argument("--idle-seconds", type=float, default=120.0)
     parser.add_argument("--settle-seconds", type=float, default=3.0)
     parser.add_argument("--quick", action="store_true", help="100 audiences, 2 s idle")
+    add_check_flag(parser)
     args = parser.parse_args()
     if args.quick:
         args.audiences, args.idle_seconds, args.settle_seconds = 100, 2.0, 0.5
@@ -87,7 +96,7 @@ def main() -> None:
         f"resident {rss_mb:.1f} MiB (peak {hwm_mb:.1f}); idle CPU {idle_percent:.2f}%"
         f" over {wall:.1f} s; exit {code}"
     )
-    emit(
+    return emit(
         "scale",
         {
             "audiences": ready["audiences"],
@@ -104,8 +113,9 @@ def main() -> None:
             "idle_cpu_target_met": idle_percent <= IDLE_CPU_TARGET_PERCENT,
             "warnings": len(daemon.events),
         },
+        check=args.check,
     )
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import DaemonProcess, EmulatorProcess, emit, say, status_kib
+from bench._common import DaemonProcess, EmulatorProcess, add_check_flag, emit, say, status_kib
 
 AUDIENCE = "snapshot"
 SECONDS_TARGET = 20.0
@@ -44,12 +44,13 @@ def pending(socket: Path) -> int:
     return reply.audiences[0].pending_inserts
 
 
-def main() -> None:
+def main() -> int:
     from tests.support.engine import AudienceConfig, write_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="20,000 accounts")
+    add_check_flag(parser)
     args = parser.parse_args()
     if args.quick:
         args.accounts = 20_000
@@ -95,7 +96,7 @@ def main() -> None:
         f" {answered:.2f} s, folded after {applied:.2f} s; daemon RSS"
         f" {before['VmRSS'] / 1024:.0f} MiB before, peak {peak_mb:.0f} MiB; exit {code}"
     )
-    emit(
+    return emit(
         "snapshot",
         {
             "accounts": args.accounts,
@@ -109,8 +110,9 @@ def main() -> None:
             "seconds_target_met": applied <= SECONDS_TARGET,
             "memory_target_met": peak_mb <= PEAK_TARGET_MB,
         },
+        check=args.check,
     )
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -32,7 +32,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import emit, say
+from bench._common import add_check_flag, emit, say
 from dbsync.clock import SystemClock
 from dbsync.model import Account, Change, ListAction
 from dbsync.store import AudienceSpec, Store
@@ -168,7 +168,7 @@ def report(label: str, rate: float) -> None:
     say(f"{label:<24} {rate:>12,.0f} rows/s{ratio}")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--keys", type=int, default=3_000_000)
@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--fold-chunk", type=int, default=50_000, help="rows per fold")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="20,000 rows of 2,000")
+    add_check_flag(parser)
     args = parser.parse_args()
     if args.quick:
         args.rows, args.keys, args.batch, args.fold_chunk = 20_000, 100_000, 2_000, 5_000
@@ -195,7 +196,7 @@ def main() -> None:
                 fold_chunk=args.fold_chunk,
             )
         )
-    emit(
+    return emit(
         "store_upsert",
         {
             "rows": args.rows,
@@ -209,8 +210,9 @@ def main() -> None:
             "append_ratio_to_raw": round(figures["append_rows_per_second"] / RAW[0], 2),
             "fold_ratio_to_raw": round(figures["fold_rows_per_second"] / RAW[0], 2),
         },
+        check=args.check,
     )
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """Every benchmark under bench/ runs in its ``--quick`` form and prints its JSON line.
 
-A smoke test, not a timed one: it never asserts a speed. It asserts that each script
-exits 0 and that the last line on its stdout decodes as one JSON object naming the
+A smoke test, not a timed one: it never asserts a speed, nor that a target was met (a
+benchmark reports a missed target in its line and still exits 0). It asserts that each
+script exits 0 and that the last line on its stdout decodes as one JSON object naming the
 benchmark, with the figures the README records and values that make sense for the
 quick sizes (counts equal to what was sent, rates and times positive). The nine
 scripts run at once, each in its own process, so that the whole takes as long as the
@@ -31,7 +32,9 @@ BENCHMARKS = [
     "latency",
     "readback",
 ]
-TIMEOUT_SECONDS = 50
+# Nine benchmarks at once on two shared cores: the bound only catches a hang.
+TIMEOUT_SECONDS = 300
+pytestmark = pytest.mark.timeout(TIMEOUT_SECONDS + 60)
 
 
 @pytest.fixture(scope="module")
