@@ -225,12 +225,12 @@ class DaemonProcess:
         assert returncode == 0, f"exit {returncode} after SIGTERM\n{self.logs()}"
         return False
 
-    async def terminate(self) -> tuple[int, float]:
-        """SIGTERM (graceful drain); the exit code and how long the stop took."""
+    async def terminate(self) -> int:
+        """SIGTERM (graceful drain); the exit code. Fails if the daemon is still running
+        well past its drain deadline (a hang, not a slow machine: the margin is wide)."""
         process = self._process
         assert process is not None
         assert process.returncode is None, self.logs()
-        started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         try:
             returncode = await asyncio.wait_for(process.wait(), DRAIN_SECONDS + STOP_MARGIN_SECONDS)
@@ -238,7 +238,7 @@ class DaemonProcess:
             raise AssertionError(
                 f"no exit within {DRAIN_SECONDS + STOP_MARGIN_SECONDS} s of SIGTERM\n{self.logs()}"
             ) from None
-        return returncode, time.monotonic() - started
+        return returncode
 
     async def close(self) -> None:
         """Kill and reap whatever still runs: no zombie outlives a test."""

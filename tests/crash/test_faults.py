@@ -16,8 +16,6 @@ import pytest
 from dbsync.demandbase.emulator import Emulator, Faults
 from tests.crash.harness import (
     AUDIENCES,
-    DRAIN_SECONDS,
-    STOP_MARGIN_SECONDS,
     Cdp,
     assert_settled_store,
     daemon_process,
@@ -93,9 +91,8 @@ async def test_answers_dropped_after_the_upload_took_effect_reject_nothing(
         leaves = [(audience, a, False) for audience, _ in AUDIENCES for a in pool[::3]]
         assert await cdp.send(ndjson_request(leaves, "leaves"))
         await wait_until(lists_equal, CONVERGE_SECONDS, report)
-        returncode, stop_seconds = await daemon.terminate()
+        returncode = await daemon.terminate()
 
         assert returncode == 0, daemon.logs()
-        assert stop_seconds < DRAIN_SECONDS + STOP_MARGIN_SECONDS
         assert emulator.stats()["resets_injected"] > 0
         assert_settled_store(read_store(daemon.database), cdp)

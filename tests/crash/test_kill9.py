@@ -25,8 +25,6 @@ from dbsync.model import Account
 from tests.crash.harness import (
     AUDIENCES,
     BASE_FAULTS,
-    DRAIN_SECONDS,
-    STOP_MARGIN_SECONDS,
     Cdp,
     DaemonProcess,
     IngestRequest,
@@ -72,9 +70,7 @@ def _big_request(rng: random.Random, pool: list[Account], label: str) -> IngestR
     return ndjson_request(changes, label)
 
 
-async def _converge_and_stop(
-    daemon: DaemonProcess, emulator: Emulator, cdp: Cdp
-) -> tuple[int, float]:
+async def _converge_and_stop(daemon: DaemonProcess, emulator: Emulator, cdp: Cdp) -> int:
     """Wait until every list equals the desired state; then SIGTERM.
 
     Only the journal must be folded too (a change equal to what the list holds leaves
@@ -240,10 +236,9 @@ async def _kill9_scenario(
         await cdp.resend_pending()
         for number in range(2):
             assert await cdp.send(_random_request(rng, pool, f"last run request {number}"))
-        returncode, stop_seconds = await _converge_and_stop(daemon, emulator, cdp)
+        returncode = await _converge_and_stop(daemon, emulator, cdp)
 
         assert returncode == 0, daemon.logs()
-        assert stop_seconds < DRAIN_SECONDS + STOP_MARGIN_SECONDS
         # The lists stay equal after the drain, and the store agrees with them.
         assert emulator_lists(emulator) == cdp.desired.members
         assert_settled_store(read_store(daemon.database), cdp)
@@ -373,10 +368,9 @@ async def test_kill9_right_after_202_loses_nothing(tmp_path: Path) -> None:
         )
         await daemon.start()
         await daemon.wait_healthy(session, ingest)
-        returncode, stop_seconds = await _converge_and_stop(daemon, emulator, cdp)
+        returncode = await _converge_and_stop(daemon, emulator, cdp)
 
         assert returncode == 0, daemon.logs()
-        assert stop_seconds < DRAIN_SECONDS + STOP_MARGIN_SECONDS
         assert emulator_lists(emulator) == cdp.desired.members
         assert_settled_store(read_store(daemon.database), cdp)
 
@@ -422,10 +416,9 @@ async def test_a_graceful_stop_right_after_a_restart_finishes_the_resumed_jobs(
 
         await daemon.start()
         await daemon.wait_healthy(session, ingest)
-        returncode, stop_seconds = await daemon.terminate()
+        returncode = await daemon.terminate()
 
         assert returncode == 0, daemon.logs()
-        assert stop_seconds < DRAIN_SECONDS + STOP_MARGIN_SECONDS
         states = batch_states(daemon.database)
         assert {b: states[b] for b in resumed} == dict.fromkeys(resumed, "completed")
         after = read_store(daemon.database)

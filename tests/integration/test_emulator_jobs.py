@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
-import time
 
 import msgspec
 
@@ -267,11 +266,12 @@ async def test_the_results_url_is_signed_and_expires() -> None:
         assert api.emulator.stats()["downloads"] == 1
 
 
-async def test_a_tenant_of_100000_accounts_takes_a_10000_row_job_quickly() -> None:
-    started = time.perf_counter()
+async def test_a_tenant_of_100000_accounts_takes_a_10000_row_job() -> None:
+    """Distinct domains for 100,000 generated accounts; a 10,000-row job matches the
+    9,900 known ones, in order, and counts the 100 others unmatched. (How fast: see
+    bench/emulator_startup.py; a test asserts no duration.)"""
     settings = EmulatorSettings(accounts=100_000, seed=11, job_delay_seconds=0.0)
     async with running_emulator(settings) as api:
-        generated = time.perf_counter() - started
         database = api.emulator.tenant.accounts
         assert len({database.domain(i) for i in range(len(database))}) == 100_000
         chosen = sorted(random.Random(1).sample(range(100_000), 9_900))
@@ -286,6 +286,3 @@ async def test_a_tenant_of_100000_accounts_takes_a_10000_row_job_quickly() -> No
             database.external_id(i) for i in chosen
         ]
         assert (await api.control("stats"))["rows"]["unmatched"] == 100
-    elapsed = time.perf_counter() - started
-    print(f"100,000 accounts generated in {generated:.2f} s; with a 10,000-row job {elapsed:.2f} s")
-    assert elapsed < 5.0
