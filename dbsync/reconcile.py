@@ -56,8 +56,7 @@ from dbsync.clock import Clock
 from dbsync.config import Destination as DestinationConfig
 from dbsync.config import ReconcileSettings
 from dbsync.demandbase import wire
-from dbsync.demandbase.client import EXPORT_JOB_NAME_MAX_CHARS
-from dbsync.demandbase.wire import Endpoint
+from dbsync.demandbase.wire import EXPORT_JOB_NAME_MAX_CHARS, Endpoint
 from dbsync.errors import (
     AuthError,
     DbsyncError,

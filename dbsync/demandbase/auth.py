@@ -26,7 +26,7 @@ import msgspec
 
 from dbsync.clock import Clock
 from dbsync.demandbase import wire
-from dbsync.demandbase.client import RequestObserver, decode_answer, send
+from dbsync.demandbase.http import RequestObserver, decode_answer, send
 from dbsync.demandbase.wire import Endpoint
 
 __all__ = ["REFRESH_MARGIN_SECONDS", "ApiKeyTokenSource", "LegacyToken", "TokenSource"]

@@ -17,6 +17,7 @@ import enum
 import msgspec
 
 __all__ = [
+    "EXPORT_JOB_NAME_MAX_CHARS",
     "EXPORT_RESULT_COLUMNS",
     "IMPORT_COLUMNS",
     "LIST_ACTIONS",
@@ -132,6 +133,10 @@ class StatusBody(_Wire, kw_only=True):
 # --- Data Export API: /data/export/v1 ----------------------------------------------
 
 # [ASSUMED A3] columns of an account-list export result file.
+# Longer export job names are refused with 400-126 [DOC]; the client checks before
+# spending a request, and the emulator refuses them as Demandbase does.
+EXPORT_JOB_NAME_MAX_CHARS = 50
+
 EXPORT_RESULT_COLUMNS = ("Account ID", "Account Name", "Account Domain", "External Account ID")
 
 

@@ -20,7 +20,8 @@ from aioresponses import aioresponses
 
 from dbsync.clock import FakeClock
 from dbsync.demandbase.auth import ApiKeyTokenSource, LegacyToken
-from dbsync.demandbase.client import DemandbaseClient, error_for
+from dbsync.demandbase.client import DemandbaseClient
+from dbsync.demandbase.http import error_for
 from dbsync.demandbase.wire import Endpoint
 from dbsync.errors import (
     AuthError,

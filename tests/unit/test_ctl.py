@@ -53,6 +53,7 @@ HEAVY = (
     "dbsync.budget",
     "dbsync.ingest",
     "dbsync.demandbase.client",
+    "dbsync.demandbase.http",
     "dbsync.admin.server",
     "dbsync.admin.verbs",
 )

@@ -26,7 +26,6 @@ from aiohttp import web
 
 from dbsync.clock import Clock
 from dbsync.demandbase import wire
-from dbsync.demandbase.client import EXPORT_JOB_NAME_MAX_CHARS
 from dbsync.demandbase.emulator.answers import (
     ApiError,
     choice_param,
@@ -49,7 +48,7 @@ from dbsync.demandbase.emulator.tenant import (
     UploadRejected,
     read_import_file,
 )
-from dbsync.demandbase.wire import Endpoint
+from dbsync.demandbase.wire import EXPORT_JOB_NAME_MAX_CHARS, Endpoint
 
 __all__ = ["RESULTS_PATH", "ROUTES", "DemandbaseRoutes", "check_media_type"]
 
