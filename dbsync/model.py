@@ -11,6 +11,9 @@ from typing import Annotated
 
 import msgspec
 
+# The state machines live in dbsync.states; re-exported here, where they used to be.
+from dbsync.states import AudienceState, BatchState
+
 __all__ = [
     "Account",
     "AccountKey",
@@ -73,39 +76,6 @@ class ListAction(enum.StrEnum):
 
     INSERT = "insert"
     DELETE = "delete"
-
-
-class BatchState(enum.StrEnum):
-    """A batch's way through the Data Import API.
-
-    planned ──create job──> created ──upload 2xx──> uploaded ──job completed──> completed
-       │                       │                        └──job failed──> failed
-       └───────────────────────┴── 400 split / give up ──> abandoned
-
-    ``failed`` and ``abandoned`` put their accounts back in the dirty set (or, for
-    a row isolated by bisection, aside as rejected).
-    """
-
-    PLANNED = "planned"
-    CREATED = "created"
-    UPLOADED = "uploaded"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    ABANDONED = "abandoned"
-
-    @property
-    def is_open(self) -> bool:
-        return self in (BatchState.PLANNED, BatchState.CREATED, BatchState.UPLOADED)
-
-
-class AudienceState(enum.StrEnum):
-    """An audience as the operator sees it (``dbsync ctl status``)."""
-
-    ACTIVE = "active"  # its actor delivers
-    PAUSED = "paused"  # operator paused it; changes are still accepted and stored
-    FAILED = "failed"  # its actor kept failing and gave up; others go on
-    STOPPED = "stopped"  # its destination stopped (auth_failed, permission_denied)
-    DEACTIVATED = "deactivated"  # no longer in the config; its list is left as it is
 
 
 class Batch(msgspec.Struct, frozen=True, kw_only=True):
