@@ -25,12 +25,17 @@ A batch goes: create job -> upload CSV with an explicit ``listAction`` (``insert
 one transaction. Only then; a crash anywhere before re-sends, which is harmless
 because list membership is a set (invariant 2).
 
-Failures: 429 slows the destination's pace and retries (never drops anything); 5xx,
-timeouts and resets retry with capped exponential backoff and full jitter; after
-``_FAILED_AFTER`` consecutive failures the actor reports ``failed`` and keeps trying
-at the longest backoff, so it recovers by itself; 401/403 stop the whole destination
-(see :class:`Destination`); a 400 on an upload splits the batch in two, down to the
-single row that Demandbase refuses, which is set aside as rejected with its reason.
+Failures (the policy is :mod:`dbsync.retry`'s, shared with the reconcilers): 429
+slows the destination's pace and retries (never drops anything); 5xx, timeouts and
+resets retry with capped exponential backoff and full jitter; after
+:data:`~dbsync.retry.GIVE_UP_AFTER` consecutive failures the actor reports ``failed``
+and keeps trying at the longest backoff, so it recovers by itself; 401/403 stop the
+whole destination (see :mod:`dbsync.destination`); a 400 on an upload splits the
+batch in two, down to the single row that Demandbase refuses, which is set aside as
+rejected with its reason.
+
+Time: the actor reads time, sleeps and paces its requests (:class:`~dbsync.clock.Limiter`)
+through the injected clock only, so that a test drives it with a FakeClock.
 """
 
 from __future__ import annotations
@@ -42,37 +47,38 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 import msgspec
-from aiolimiter import AsyncLimiter
 
-from dbsync.budget import DestinationBudget
-from dbsync.clock import Clock
+from dbsync.clock import Clock, Limiter, PaceLimiter, wait_event
 from dbsync.demandbase.csvfile import encode_accounts
-from dbsync.demandbase.wire import Endpoint, ImportJob
+from dbsync.demandbase.wire import Endpoint
+from dbsync.destination import Destination, ImportClient
 from dbsync.errors import (
     AuthError,
     BadRequestError,
     DemandbaseError,
     NotFoundError,
-    PermissionDeniedError,
     ThrottledError,
 )
 from dbsync.logs import AudienceLogger
 from dbsync.model import AudienceState, Backlog, Batch, BatchState, ListAction
+from dbsync.retry import (
+    GIVE_UP_AFTER,
+    LearnedDuration,
+    OnRefused,
+    RetryPolicy,
+    call_with_retries,
+    poll_until,
+)
+from dbsync.states import DestinationState, ImportJobState, check_transition
 
-__all__ = ["ActorSettings", "AudienceActor", "Destination", "ImportClient", "backoff_seconds"]
+# Destination and ImportClient used to live here; importers of them keep working.
+__all__ = ["ActorSettings", "AudienceActor", "Destination", "ImportClient"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Consecutive failed calls after which the actor reports ``failed``.
-_FAILED_AFTER = 8
-_BACKOFF_BASE_SECONDS = 1.0
-_BACKOFF_MAX_SECONDS = 300.0
-_THROTTLED_BACKOFF_MAX_SECONDS = 60.0  # after a 429: see backoff_seconds
-# A stopped destination (401/403) is tried again this often, in case it was fixed.
-_STOPPED_PROBE_SECONDS = 900.0
-# Learned job duration: exponentially weighted moving average of completed jobs.
-_JOB_SECONDS_WEIGHT = 0.3
+# An actor never gives up a call: it holds its work until Demandbase takes it.
+_POLICY = RetryPolicy(give_up_after=None, on_refused=OnRefused.STOP_DESTINATION)
 
 
 class ActorSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,18 +95,6 @@ class ActorSettings(msgspec.Struct, frozen=True, kw_only=True):
     job_poll_initial_seconds: float = 2.0
     job_poll_max_seconds: float = 300.0
     paused: bool = False
-
-
-class ImportClient(Protocol):
-    """The part of :class:`~dbsync.demandbase.client.DemandbaseClient` an actor uses."""
-
-    async def create_import_job(self, data_import_name: str) -> ImportJob: ...
-
-    async def upload_import_data(
-        self, job_id: int, data: bytes, *, list_action: str
-    ) -> ImportJob: ...
-
-    async def get_import_job(self, job_id: int) -> ImportJob: ...
 
 
 class DeliveryStore(Protocol):
@@ -125,95 +119,12 @@ class DeliveryStore(Protocol):
     ) -> None: ...
 
 
-async def wait_event(
-    event: asyncio.Event,
-    clock: Clock,
-    seconds: float | None,
-    *,
-    unless: asyncio.Event | None = None,
-) -> bool:
-    """Wait until ``event`` (or ``unless``) is set or ``seconds`` pass on ``clock``.
-
-    True if ``event`` was set.
-    """
-    events = [e for e in (event, unless) if e is not None]
-    if any(e.is_set() for e in events):
-        return event.is_set()
-    waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(e.wait()) for e in events]
-    if seconds is not None and seconds != float("inf"):
-        waiters.append(asyncio.ensure_future(clock.sleep(seconds)))
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for pending in waiters:
-            pending.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
-    return event.is_set()
-
-
-def backoff_seconds(rng: random.Random, attempt: int, *, throttled: bool = False) -> float:
-    """How long to wait before retrying a call that failed ``attempt + 1`` times in a row.
-
-    Full jitter (a random share of a capped exponential) spreads retries out: 1 s,
-    doubling, at most 5 minutes; at most a minute after a 429, by when Demandbase's
-    per-minute window has turned (the destination's pace, halved by the 429, does the
-    slowing down). Shared by every caller of Demandbase: actors and reconcilers.
-    """
-    longest = _THROTTLED_BACKOFF_MAX_SECONDS if throttled else _BACKOFF_MAX_SECONDS
-    cap = min(longest, _BACKOFF_BASE_SECONDS * 2**attempt)
-    return rng.uniform(cap / 2, cap)
-
-
 class _HeldBack(Exception):
     """A delivery waited for a stopped destination when its actor was told to stop.
 
     Nothing runs at Demandbase for it that a drain could wait for: its batch stays open
     in the store, and the next start resumes it.
     """
-
-
-class Destination:
-    """What one destination's actors share: its client, its budget and whether it runs.
-
-    A 401 that a fresh token does not cure, or a 403, *stops* the destination: every
-    actor of it holds its work (nothing is dropped). A reload with new credentials
-    builds a new Destination; without one, each actor probes again every
-    ``_STOPPED_PROBE_SECONDS`` (a permission granted in Demandbase's UI needs no
-    change on our side), and the first call that succeeds restarts the destination.
-    """
-
-    def __init__(self, name: str, client: ImportClient, budget: DestinationBudget) -> None:
-        self.name = name
-        self.client = client
-        self.budget = budget
-        self.stopped_reason = ""
-        self._running = asyncio.Event()
-        self._running.set()
-
-    @property
-    def is_running(self) -> bool:
-        return self._running.is_set()
-
-    def stop(self, reason: str, error: DemandbaseError) -> None:
-        if not self._running.is_set():
-            return
-        self._running.clear()
-        self.stopped_reason = reason
-        fields: dict[str, object] = {"destination": self.name, "reason": reason}
-        if isinstance(error, PermissionDeniedError):
-            fields["missing_permission"] = error.permission
-        log.error("destination_stopped", extra={**fields, "error": str(error)})
-
-    def restart(self) -> None:
-        if self._running.is_set():
-            return
-        log.info("destination_restarted", extra={"destination": self.name})
-        self.stopped_reason = ""
-        self._running.set()
-
-    async def wait_running(self, clock: Clock, *, unless: asyncio.Event | None = None) -> None:
-        """Until the destination runs, it is time to probe it again, or ``unless`` is set."""
-        await wait_event(self._running, clock, _STOPPED_PROBE_SECONDS, unless=unless)
 
 
 class AudienceActor:
@@ -227,13 +138,14 @@ class AudienceActor:
         store: DeliveryStore,
         clock: Clock,
         rng: random.Random | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.settings = settings
         self._destination = destination
         self._store = store
         self._clock = clock
         self._rng = rng or random.Random()
-        self._limiter = AsyncLimiter(settings.requests_per_minute, 60)
+        self._limiter = limiter or PaceLimiter(settings.requests_per_minute, 60, clock)
         self._log = AudienceLogger(
             log, {"audience": settings.audience_id, "destination": settings.destination}
         )
@@ -248,7 +160,9 @@ class AudienceActor:
         self._backlog = Backlog(inserts=0, deletes=0, oldest_changed_at=None)
         self._next_action = ListAction.INSERT
         self._failures = 0
-        self._job_seconds = settings.job_poll_initial_seconds
+        self._job_seconds = LearnedDuration(
+            settings.job_poll_initial_seconds, settings.job_poll_max_seconds
+        )
         self.state = AudienceState.PAUSED if settings.paused else AudienceState.ACTIVE
         self.last_error = ""
         self.jobs_completed = 0
@@ -427,7 +341,7 @@ class AudienceActor:
                 except NotFoundError:
                     await self._store.abandon_batch(batch.batch_id, "job vanished")
                     return
-                if job.state != "new":
+                if job.state != ImportJobState.NEW:
                     await self._store.mark_uploaded(batch.batch_id)
                     await self._finish(batch)
                     return
@@ -475,7 +389,7 @@ class AudienceActor:
             )
         except NotFoundError:
             return False
-        return job.state != "new"
+        return job.state != ImportJobState.NEW
 
     async def _bisect(self, batch: Batch, error: BadRequestError) -> None:
         """Find the rows Demandbase refuses: halve until the culprit stands alone."""
@@ -498,46 +412,40 @@ class AudienceActor:
         assert batch.job_id is not None
         job_id = batch.job_id
         started = self._clock.monotonic()
-        delay = self._job_seconds
-        while True:
-            await self._clock.sleep(delay)
-            try:
-                job = await self._call(
+        try:
+            job = await poll_until(
+                lambda: self._call(
                     Endpoint.IMPORT_JOB_STATUS,
                     lambda: self._destination.client.get_import_job(job_id),
-                )
-            except NotFoundError:
-                await self._store.fail_batch(batch.batch_id, "job vanished while processing")
-                return
-            if job.state == "completed":
-                rows = await self._store.complete_batch(batch.batch_id, list_id=job.account_list_id)
-                self._learn_job_seconds(self._clock.monotonic() - started)
-                self.jobs_completed += 1
-                self._log.info(
-                    "batch_acked",
-                    extra={
-                        "batch_id": batch.batch_id,
-                        "job_id": job_id,
-                        "action": batch.action,
-                        "rows": rows,
-                        "list_id": job.account_list_id,
-                    },
-                )
-                return
-            if job.state == "failed":
-                await self._store.fail_batch(batch.batch_id, "Demandbase failed the job")
-                self._log.warning(
-                    "job_failed", extra={"batch_id": batch.batch_id, "job_id": job_id}
-                )
-                return
-            # Status calls have a daily quota too: wait longer each time.
-            delay = min(delay * 2, self.settings.job_poll_max_seconds)
+                ),
+                lambda job: job.state in (ImportJobState.COMPLETED, ImportJobState.FAILED),
+                clock=self._clock,
+                initial_seconds=self._job_seconds.seconds,
+                maximum_seconds=self.settings.job_poll_max_seconds,
+            )
+        except NotFoundError:
+            await self._store.fail_batch(batch.batch_id, "job vanished while processing")
+            return
+        if job.state == ImportJobState.FAILED:
+            await self._store.fail_batch(batch.batch_id, "Demandbase failed the job")
+            self._log.warning("job_failed", extra={"batch_id": batch.batch_id, "job_id": job_id})
+            return
+        # Checkpoint only now: a crash before this line re-sends the batch, not skips it.
+        rows = await self._store.complete_batch(batch.batch_id, list_id=job.account_list_id)
+        self._job_seconds.learn(self._clock.monotonic() - started)
+        self.jobs_completed += 1
+        self._log.info(
+            "batch_acked",
+            extra={
+                "batch_id": batch.batch_id,
+                "job_id": job_id,
+                "action": batch.action,
+                "rows": rows,
+                "list_id": job.account_list_id,
+            },
+        )
 
-    def _learn_job_seconds(self, seconds: float) -> None:
-        blended = (1 - _JOB_SECONDS_WEIGHT) * self._job_seconds + _JOB_SECONDS_WEIGHT * seconds
-        self._job_seconds = max(0.05, min(blended, self.settings.job_poll_max_seconds))
-
-    # --- one call, with the retry policy ----------------------------------------------
+    # --- one call, with the retry policy (dbsync.retry) and the actor's hooks ---------
 
     async def _call(self, endpoint: Endpoint, request: Callable[[], Awaitable[T]]) -> T:
         """Spend budget, make the request, retry what is retriable; never drop the work.
@@ -545,39 +453,36 @@ class AudienceActor:
         401/403 stop the destination; the call then waits for it to run again.
         Errors that are not retriable (400, 404) go back to the caller.
         """
-        attempt = 0
-        while True:
-            await self._destination.wait_running(self._clock, unless=self._stopping)
-            if self._stopping.is_set() and not self._destination.is_running:
-                raise _HeldBack
-            # The audience's own pace first: between the destination's charge and the
-            # request nothing should wait, or a request charged to today could reach
-            # Demandbase tomorrow.
-            await self._limiter.acquire()
-            await self._destination.budget.spend(endpoint, priority=self._priority())
-            try:
-                result = await request()
-            except (AuthError, PermissionDeniedError) as exc:
-                reason = "auth_failed" if isinstance(exc, AuthError) else "permission_denied"
-                self._destination.stop(reason, exc)
-                await self._set_state(AudienceState.STOPPED, reason)
-                continue
-            except ThrottledError as exc:
-                await self._destination.budget.on_throttled(exc.retry_after)
-                await self._store.add_to_ledger(self.settings.audience_id, throttled=1)
-                backoff = backoff_seconds(self._rng, attempt, throttled=True)
-                delay = max(backoff, exc.retry_after or 0.0)
-                await self._failed_call(endpoint, exc, delay)
-            except DemandbaseError as exc:
-                if not exc.retriable:
-                    raise
-                await self._failed_call(endpoint, exc, backoff_seconds(self._rng, attempt))
-            else:
-                await self._succeeded_call()
-                return result
-            attempt += 1
+        return await call_with_retries(
+            endpoint, request, policy=_POLICY, hooks=self, clock=self._clock, rng=self._rng
+        )
 
-    async def _failed_call(self, endpoint: Endpoint, error: DemandbaseError, delay: float) -> None:
+    async def before_attempt(self, endpoint: Endpoint) -> None:
+        await self._destination.wait_running(self._clock, unless=self._stopping)
+        if self._stopping.is_set() and not self._destination.is_running:
+            raise _HeldBack
+        # The audience's own pace first: between the destination's charge and the
+        # request nothing should wait, or a request charged to today could reach
+        # Demandbase tomorrow.
+        await self._limiter.acquire()
+        await self._destination.budget.spend(endpoint, priority=self._priority())
+
+    async def refused(self, endpoint: Endpoint, error: DemandbaseError) -> None:
+        reason = (
+            DestinationState.AUTH_FAILED
+            if isinstance(error, AuthError)
+            else DestinationState.PERMISSION_DENIED
+        )
+        self._destination.stop(reason, error)
+        await self._set_state(AudienceState.STOPPED, reason)
+
+    async def throttled(self, endpoint: Endpoint, error: ThrottledError) -> None:
+        await self._destination.budget.on_throttled(error.retry_after)
+        await self._store.add_to_ledger(self.settings.audience_id, throttled=1)
+
+    async def retrying(
+        self, endpoint: Endpoint, error: DemandbaseError, attempt: int, delay: float
+    ) -> None:
         self._failures += 1
         self.last_error = str(error)
         self._log.warning(
@@ -590,11 +495,10 @@ class AudienceActor:
                 "retry_in_seconds": round(delay, 3),
             },
         )
-        if self._failures >= _FAILED_AFTER and self.state is not AudienceState.FAILED:
+        if self._failures >= GIVE_UP_AFTER and self.state is not AudienceState.FAILED:
             await self._set_state(AudienceState.FAILED, str(error))
-        await self._clock.sleep(delay)
 
-    async def _succeeded_call(self) -> None:
+    async def succeeded(self, endpoint: Endpoint) -> None:
         self._failures = 0
         self._destination.restart()  # a probe of a stopped destination went through
         if self.state in (AudienceState.FAILED, AudienceState.STOPPED):
@@ -603,7 +507,7 @@ class AudienceActor:
     async def _set_state(self, state: AudienceState, reason: str = "") -> None:
         if state is self.state:
             return
-        previous, self.state = self.state, state
+        previous, self.state = self.state, check_transition(self.state, state)
         level = logging.ERROR if state is AudienceState.FAILED else logging.INFO
         self._log.log(
             level,

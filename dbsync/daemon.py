@@ -32,7 +32,7 @@ from pathlib import Path
 import aiohttp
 
 from dbsync import __version__, logs, systemd
-from dbsync.actor import ActorSettings, ImportClient
+from dbsync.actor import ActorSettings
 from dbsync.admin.server import AdminServer, AdminSocketError
 from dbsync.admin.verbs import Controls
 from dbsync.budget import BudgetLimits
@@ -47,6 +47,7 @@ from dbsync.config import (
 from dbsync.demandbase.auth import ApiKeyTokenSource, LegacyToken, TokenSource
 from dbsync.demandbase.client import DemandbaseClient
 from dbsync.demandbase.wire import Endpoint
+from dbsync.destination import ImportClient
 from dbsync.errors import ConfigError, StoreError
 from dbsync.exitcodes import ExitCode
 from dbsync.ingest import IngestServer

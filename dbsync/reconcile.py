@@ -51,20 +51,24 @@ from typing import NoReturn, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
-from dbsync.actor import Destination, backoff_seconds, wait_event
-from dbsync.clock import Clock
+from dbsync.clock import Clock, wait_event
 from dbsync.config import Destination as DestinationConfig
 from dbsync.config import ReconcileSettings
 from dbsync.demandbase import wire
 from dbsync.demandbase.wire import EXPORT_JOB_NAME_MAX_CHARS, Endpoint
-from dbsync.errors import (
-    AuthError,
-    DbsyncError,
-    DemandbaseError,
-    PermissionDeniedError,
-    ThrottledError,
-)
+from dbsync.destination import STOPPED_PROBE_SECONDS, Destination
+from dbsync.errors import DbsyncError, DemandbaseError, PermissionDeniedError, ThrottledError
 from dbsync.model import Account, LedgerCheck, ListedAccount
+from dbsync.retry import (
+    GIVE_UP_AFTER,
+    LearnedDuration,
+    OnRefused,
+    RetryPolicy,
+    backoff_seconds,
+    call_with_retries,
+    poll_until,
+)
+from dbsync.states import ExportJobState
 from dbsync.store import LossTally, ReconcileFacts, ReconcileRun, Store
 
 __all__ = [
@@ -89,10 +93,11 @@ T = TypeVar("T")
 # With nothing due, look again this often at most (a list id may have been learned).
 _RECHECK_SECONDS = 60.0
 _MIN_WAIT_SECONDS = 0.05
-# A stopped destination (401/403 met by its actors) is looked at again this often.
-_STOPPED_RECHECK_SECONDS = 900.0
-_MAX_ATTEMPTS = 8  # per call; then the read-back fails and waits for its next turn
-_EXPORT_SECONDS_WEIGHT = 0.3  # learned export duration: an EWMA
+# A call gives up after GIVE_UP_AFTER failures: the read-back fails and waits for its
+# next turn. A 401 or a 403 fails this read-back only: stopping the destination is its
+# actors' business, and a missing export permission must not stop delivery.
+_POLICY = RetryPolicy(give_up_after=GIVE_UP_AFTER, on_refused=OnRefused.RAISE)
+_EXPORT_DONE = (ExportJobState.FINISHED, ExportJobState.FAILED)
 _SAMPLE_ACCOUNTS = 20  # accounts named in one log line
 _UNLIMITED = 1_000_000_000
 
@@ -342,7 +347,9 @@ class Reconciler:
         self._last: dict[str, ReconcileReport] = {}
         self._loaded: set[str] = set()
         self._next: dict[str, float] = {}
-        self._export_seconds = self._settings.export_poll_initial_seconds
+        self._export_duration = LearnedDuration(
+            self._settings.export_poll_initial_seconds, self._settings.export_poll_max_seconds
+        )
         # Refreshed after each read-back, for the destination's summary line.
         self.last_estimate: LossEstimate | None = None
 
@@ -379,7 +386,7 @@ class Reconciler:
         if not self._destination.is_running:
             raise ReconcileDeferred(
                 f"destination {self.name} is stopped ({self._destination.stopped_reason})",
-                retry_at=now + _STOPPED_RECHECK_SECONDS,
+                retry_at=now + STOPPED_PROBE_SECONDS,
             )
         room, window_ends_at = self._room()
         if room <= 0:
@@ -393,7 +400,7 @@ class Reconciler:
             raise ReconcileDeferred(
                 f"an export is running ({others}); Demandbase runs"
                 f" {self.plan.concurrent_export_jobs} at a time",
-                retry_at=max(now, started + self._export_seconds) + _MIN_WAIT_SECONDS,
+                retry_at=max(now, started + self._export_duration.seconds) + _MIN_WAIT_SECONDS,
             )
         try:
             return await self._read_back(audience_id, facts.list_id)
@@ -453,7 +460,7 @@ class Reconciler:
             per_day=self._per_day(),
             window_ends_at=window_ends_at,
             day_seconds=self._destination.budget.limits.day_seconds,
-            export_seconds=self._export_seconds,
+            export_seconds=self._export_duration.seconds,
         )
         order = turn_order(facts, self._settings, now)
         if not order:
@@ -556,23 +563,25 @@ class Reconciler:
 
     async def _finish(self, run: ReconcileRun) -> ReconcileReport:
         """Poll the export sparingly until finished, download it, judge, report."""
-        delay = self._export_seconds
-        while True:
-            await self._clock.sleep(delay)
-            try:
-                status = await self._call(
+        try:
+            # Status reads have a daily quota too (300 for 60 exports): each wait is longer.
+            status = await poll_until(
+                lambda: self._call(
                     Endpoint.EXPORT_JOB_STATUS,
                     lambda: self._client.get_export_job(run.export_job_id),
-                )
-            except DemandbaseError as exc:
-                await self._fail(run, f"the export job could not be read: {exc}", exc)
-            if status.job_status == "finished":
-                break
-            if status.job_status == "failed":
-                await self._fail(run, f"Demandbase failed the export: {status.message or ''}")
-            # Status reads have a daily quota too (300 for 60 exports): wait longer each time.
-            delay = min(delay * 2, self._settings.export_poll_max_seconds)
-        self._learn_export_seconds(self._clock.time() - run.started_at)
+                ),
+                lambda status: (
+                    status.job_status in (ExportJobState.FINISHED, ExportJobState.FAILED)
+                ),
+                clock=self._clock,
+                initial_seconds=self._export_duration.seconds,
+                maximum_seconds=self._settings.export_poll_max_seconds,
+            )
+        except DemandbaseError as exc:
+            await self._fail(run, f"the export job could not be read: {exc}", exc)
+        if status.job_status == ExportJobState.FAILED:
+            await self._fail(run, f"Demandbase failed the export: {status.message or ''}")
+        self._export_duration.learn(self._clock.time() - run.started_at)
         try:
             listed = await self._call(
                 Endpoint.EXPORT_DOWNLOAD,
@@ -641,52 +650,42 @@ class Reconciler:
             fields["missing_permission"] = error.permission
         log.warning("reconcile_failed", extra=fields)
 
-    def _learn_export_seconds(self, seconds: float) -> None:
-        weight = _EXPORT_SECONDS_WEIGHT
-        blended = (1 - weight) * self._export_seconds + weight * seconds
-        self._export_seconds = max(0.05, min(blended, self._settings.export_poll_max_seconds))
-
-    # --- one call, with its retries --------------------------------------------------------
+    # --- one call, with the retry policy (dbsync.retry) and the reconciler's hooks -----
 
     async def _call(self, endpoint: Endpoint, request: Callable[[], Awaitable[T]]) -> T:
-        """Spend budget and make the request, retrying 429s and transient failures.
+        """Spend budget and make the request, retrying 429s and transient failures."""
+        return await call_with_retries(
+            endpoint, request, policy=_POLICY, hooks=self, clock=self._clock, rng=self._rng
+        )
 
-        A 401 or a 403 fails this read-back only: stopping the destination is its
-        actors' business, and a missing export permission must not stop delivery.
-        """
-        attempt = 0
-        while True:
-            while not self._destination.is_running:
-                await self._destination.wait_running(self._clock)
-            await self._destination.budget.spend(endpoint)
-            try:
-                return await request()
-            except (AuthError, PermissionDeniedError):
-                raise
-            except ThrottledError as exc:
-                await self._destination.budget.on_throttled(exc.retry_after)
-                backoff = backoff_seconds(self._rng, attempt, throttled=True)
-                delay = max(backoff, exc.retry_after or 0.0)
-                error: DemandbaseError = exc
-            except DemandbaseError as exc:
-                if not exc.retriable:
-                    raise
-                delay, error = backoff_seconds(self._rng, attempt), exc
-            attempt += 1
-            if attempt >= _MAX_ATTEMPTS:
-                raise error
-            log.warning(
-                "reconcile_retry",
-                extra={
-                    "destination": self.name,
-                    "endpoint": endpoint,
-                    "status": error.status,
-                    "error_code": error.error_code,
-                    "attempt": attempt,
-                    "retry_in_seconds": round(delay, 3),
-                },
-            )
-            await self._clock.sleep(delay)
+    async def before_attempt(self, endpoint: Endpoint) -> None:
+        while not self._destination.is_running:
+            await self._destination.wait_running(self._clock)
+        await self._destination.budget.spend(endpoint)
+
+    async def refused(self, endpoint: Endpoint, error: DemandbaseError) -> None:
+        raise AssertionError("a reconciler's policy raises 401/403 to its caller")
+
+    async def throttled(self, endpoint: Endpoint, error: ThrottledError) -> None:
+        await self._destination.budget.on_throttled(error.retry_after)
+
+    async def retrying(
+        self, endpoint: Endpoint, error: DemandbaseError, attempt: int, delay: float
+    ) -> None:
+        log.warning(
+            "reconcile_retry",
+            extra={
+                "destination": self.name,
+                "endpoint": endpoint,
+                "status": error.status,
+                "error_code": error.error_code,
+                "attempt": attempt,
+                "retry_in_seconds": round(delay, 3),
+            },
+        )
+
+    async def succeeded(self, endpoint: Endpoint) -> None:
+        pass
 
     # --- events ------------------------------------------------------------------------------
 

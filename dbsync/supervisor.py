@@ -31,10 +31,11 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import msgspec
 
-from dbsync.actor import ActorSettings, AudienceActor, Destination, ImportClient
+from dbsync.actor import ActorSettings, AudienceActor
 from dbsync.budget import BudgetLimits, DestinationBudget
 from dbsync.clock import Clock
 from dbsync.config import Credentials
+from dbsync.destination import Destination, ImportClient
 from dbsync.errors import StoreError
 from dbsync.model import AudienceState, Backlog, LedgerCheck
 from dbsync.reconcile import (

@@ -290,8 +290,8 @@ async def lost_audience_failed(
     Yields once LOST's actor reports ``failed``, with the accounts (A's, then LOST's)."""
     # The backoff starts at 1 s and doubles; 8 failures in a row make ``failed``. Only
     # the scale changes here, not the policy.
-    monkeypatch.setattr("dbsync.actor._BACKOFF_BASE_SECONDS", 0.01)
-    monkeypatch.setattr("dbsync.actor._BACKOFF_MAX_SECONDS", 0.05)
+    monkeypatch.setattr("dbsync.retry.BACKOFF_BASE_SECONDS", 0.01)
+    monkeypatch.setattr("dbsync.retry.BACKOFF_MAX_SECONDS", 0.05)
     async with running_emulator(fast_tenant()) as emulator:
         # The failing delivery retries until the drain deadline (0.5 s) cuts it.
         config = write_two_destinations(directory, emulator.url, unreachable_url())

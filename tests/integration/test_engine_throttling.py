@@ -26,7 +26,7 @@ def _short_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     # The actor's retry backoff starts at 1 s and doubles (full jitter), which is right
     # against Demandbase and would make 50 refused requests take minutes here. Only the
     # scale changes; the policy under test (retry, never drop) stays.
-    monkeypatch.setattr("dbsync.actor._BACKOFF_BASE_SECONDS", 0.02)
+    monkeypatch.setattr("dbsync.retry.BACKOFF_BASE_SECONDS", 0.02)
 
 
 async def test_a_429_storm_then_a_5xx_burst_slow_the_pace_and_lose_nothing(

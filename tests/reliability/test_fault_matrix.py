@@ -77,7 +77,7 @@ MATRIX = {
 @pytest.fixture(autouse=True)
 def _short_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     # As in test_engine_throttling.py: only the backoff's scale changes, not the policy.
-    monkeypatch.setattr("dbsync.actor._BACKOFF_BASE_SECONDS", 0.02)
+    monkeypatch.setattr("dbsync.retry.BACKOFF_BASE_SECONDS", 0.02)
 
 
 @asynccontextmanager

@@ -50,6 +50,8 @@ HEAVY = (
     "dbsync.store",
     "dbsync.supervisor",
     "dbsync.actor",
+    "dbsync.destination",
+    "dbsync.retry",
     "dbsync.budget",
     "dbsync.ingest",
     "dbsync.demandbase.client",
