@@ -50,6 +50,7 @@ from dbsync.admin.protocol import (
     StatusReply,
 )
 from dbsync.exitcodes import ExitCode
+from dbsync.logs import text_value
 
 __all__ = ["add_arguments", "render", "run"]
 
@@ -214,7 +215,7 @@ def _status(reply: StatusReply) -> str:
         _ledgers(reply.audiences),
         _reconciles(reply.audiences),
     ]
-    reasons = [f"{a.audience}: {a.state}: {a.reason}" for a in reply.audiences if a.reason]
+    reasons = [f"{a.audience}: {a.state}: {_safe(a.reason)}" for a in reply.audiences if a.reason]
     if reasons:
         parts.append("\n".join(reasons))
     for audience in reply.audiences:
@@ -340,7 +341,9 @@ def _report(r: ReconcileView) -> str:
         )
     if r.lost:
         lines.append("lost by cause: " + ", ".join(f"{k} {n}" for k, n in sorted(r.lost.items())))
-    lines.append("ledger balanced" if r.ledger_balanced else f"LEDGER IMBALANCE: {r.imbalances}")
+    lines.append(
+        "ledger balanced" if r.ledger_balanced else f"LEDGER IMBALANCE: {text_value(r.imbalances)}"
+    )
     set_aside = (
         ("unmatched: Demandbase has no account that matches them", r.unmatched),
         ("not removable: still listed after every repair", r.not_removable),
@@ -458,7 +461,20 @@ def _cell(value: object) -> str:
             return str(int(value))
         case float():
             return f"{value:.1f}"
-    return str(value)
+        case str():
+            return _safe(value)
+    return text_value(value)
+
+
+# A reason may quote an exception or Demandbase's own text: one line, no control
+# characters (a terminal would obey them), and not so long that it buries the table.
+_REASON_MAX_CHARS = 300
+
+
+def _safe(text: str) -> str:
+    printable = "".join(c if c.isprintable() else " " for c in text)
+    line = " ".join(printable.split())
+    return line if len(line) <= _REASON_MAX_CHARS else line[: _REASON_MAX_CHARS - 1] + "…"
 
 
 def _yes(value: bool) -> str:

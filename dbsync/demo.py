@@ -380,7 +380,7 @@ def _progress(state: _State, elapsed: float) -> list[str]:
         backlog = state.backlogs[audience_id]
         check = state.ledgers[audience_id]
         c = check.counts
-        ledger = "balanced" if check.balanced else f"off {check.imbalances}"
+        ledger = "balanced" if check.balanced else f"off {logs.text_value(check.imbalances)}"
         lines.append(
             f"{audience_id:<16}{backlog.pending:>8}{backlog.in_flight:>10}{c.exported:>9}"
             f"{c.acknowledged:>7}{c.verified:>9}{c.lost:>6}{c.repaired:>9}{c.rejected:>9}"

@@ -3,7 +3,11 @@
 A log call's message is a stable snake_case event name and its data go in
 ``extra=``; the formatter turns both into ``{"ts", "level", "event", ...fields}``.
 Nothing is interpolated into the message, so an alert can match on ``event`` and
-compare fields. The text format (``key=value``) is for a terminal.
+compare fields. The text format (``key=value``) is for a terminal, and shows values
+as a person reads them (:func:`text_value`): an enum as its value, a mapping as
+``key:value`` pairs, a list comma-separated, never a Python repr such as
+``{<LossCause.DROPPED: 'dropped'>: 5}``. ``dbsync ctl`` and ``dbsync demo`` print
+structured values through the same function.
 
 When stdout is journald (``$JOURNAL_STREAM`` is set), each line starts with the
 syslog priority prefix ``<N>`` so ``journalctl -p err`` works.
@@ -14,15 +18,25 @@ that file in step when adding one.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import enum
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import msgspec
 
-__all__ = ["LIBRARY_EVENT", "AudienceLogger", "JsonFormatter", "TextFormatter", "configure"]
+__all__ = [
+    "LIBRARY_EVENT",
+    "AudienceLogger",
+    "JsonFormatter",
+    "TextFormatter",
+    "configure",
+    "text_value",
+]
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_ATTRS = frozenset(
@@ -80,9 +94,44 @@ class JsonFormatter(logging.Formatter):
         return line
 
 
+def text_value(value: object) -> str:
+    """``value`` as a person reads it: ``dropped:5,unmatched:2``, ``a,b``, ``active``.
+
+    Mappings and sequences nested in another are bracketed (``{...}``, ``[...]``) so
+    that their pairs do not run into their parent's.
+    """
+    return _text(value, nested=False)
+
+
+def _text(value: object, *, nested: bool) -> str:
+    match value:
+        case enum.Enum():
+            return _text(value.value, nested=nested)
+        case str():
+            return value
+        case bool() | int() | float() | None:
+            return str(value)
+        case msgspec.Struct():
+            return _text(msgspec.structs.asdict(value), nested=nested)
+        case _ if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return _text(dataclasses.asdict(value), nested=nested)
+        case Mapping():
+            pairs = ",".join(
+                f"{_text(k, nested=True)}:{_text(v, nested=True)}" for k, v in value.items()
+            )
+            return f"{{{pairs}}}" if nested or not pairs else pairs
+        case list() | tuple() | set() | frozenset():
+            items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+            joined = ",".join(_text(item, nested=True) for item in items)
+            return f"[{joined}]" if nested or not joined else joined
+        case bytes():
+            return f"{len(value)} bytes"
+    return str(value)
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        pairs = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        pairs = " ".join(f"{k}={text_value(v)}" for k, v in _fields(record).items())
         line = f"{_timestamp(record)} {record.levelname.lower():7} {record.getMessage()} {pairs}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
