@@ -201,6 +201,11 @@ class AudienceActor:
     def jobs_in_flight(self) -> int:
         return len(self._deliveries)
 
+    async def record_failure(self, reason: str) -> None:
+        """The supervisor saw :meth:`run` crash: report ``failed``, saying why."""
+        self.last_error = reason
+        await self._set_state(AudienceState.FAILED, reason, persist=True)
+
     async def resync(self) -> int:
         """Push the whole desired membership again (e.g. after the list was emptied)."""
         count = await self._store.resync(self.settings.audience_id)
@@ -212,7 +217,10 @@ class AudienceActor:
 
     async def run(self) -> None:
         """Deliver until stopped, then wait for the jobs in flight to finish."""
-        await self._set_state(AudienceState.PAUSED if self._paused else AudienceState.ACTIVE)
+        # The store may hold what an earlier run left (failed, stopped): say what is true.
+        await self._set_state(
+            AudienceState.PAUSED if self._paused else AudienceState.ACTIVE, persist=True
+        )
         async with asyncio.TaskGroup() as deliveries:
             # Batches left open by a previous run go first: their accounts are in
             # flight and would otherwise never be planned again.
@@ -504,8 +512,16 @@ class AudienceActor:
         if self.state in (AudienceState.FAILED, AudienceState.STOPPED):
             await self._set_state(AudienceState.PAUSED if self._paused else AudienceState.ACTIVE)
 
-    async def _set_state(self, state: AudienceState, reason: str = "") -> None:
+    async def _set_state(
+        self, state: AudienceState, reason: str = "", *, persist: bool = False
+    ) -> None:
+        """Move to ``state`` (checked against its machine) and store it.
+
+        ``persist``: store it even if it is the state already (a new reason, a new run).
+        """
         if state is self.state:
+            if persist:
+                await self._store.set_audience_state(self.settings.audience_id, state, reason)
             return
         previous, self.state = self.state, check_transition(self.state, state)
         level = logging.ERROR if state is AudienceState.FAILED else logging.INFO

@@ -136,21 +136,30 @@ class DestinationBudget:
         self._hold_until = 0.0
         self._last_throttle = -math.inf
         self._last_recovery = clock.monotonic()
+        self._stopping = False
+        self._task: asyncio.Task[object] | None = None
         self.throttled = 0
 
     # --- lifecycle -------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Load today's spending and the learned pace from the store."""
+    async def start(self) -> None:
+        """Load today's spending and the learned pace from the store (before :meth:`run`)."""
         self._window = self._current_window()
         self._used = await self._store.quota_usage(self.destination, self._window)
         pace = await self._store.load_pace(self.destination)
         if pace is not None:
             self._set_pace(min(pace, self.limits.requests_per_minute))
 
+    def stop(self) -> None:
+        """Ask :meth:`run` to end, at once: it holds nothing that needs finishing."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+
     async def run(self) -> None:
-        """Roll the daily window at each boundary and recover the pace; runs until cancelled."""
-        while True:
+        """Roll the daily window at each boundary and recover the pace, until :meth:`stop`."""
+        self._task = asyncio.current_task()
+        while not self._stopping:
             now = self._clock.time()
             window_end = (self._window + 1) * self.limits.day_seconds
             await self._clock.sleep(

@@ -117,6 +117,23 @@ class DaemonSettings(_Table, frozen=True):
     """Seconds between two ``audience_summary`` log lines per audience: one a minute is
     fine-grained enough for alerts and cheap enough for the journal."""
 
+    restart_max_crashes: Count = 5
+    """Crashes of one actor (or reconciler) within ``restart_window_seconds`` after which
+    it is no longer restarted: the audience stays ``failed``, with the reason, until
+    ``dbsync ctl resume`` (a reconciler, until a reload). A bug that crashes an actor
+    at once would otherwise restart it forever."""
+
+    restart_window_seconds: Seconds = 600.0
+    """Seconds after which a crash is forgotten: an actor that crashes now and then,
+    rather than in a loop, is always restarted."""
+
+    restart_backoff_seconds: Seconds = 1.0
+    """Seconds before the first restart after a crash; each further crash within the
+    window doubles it, up to ``restart_backoff_max_seconds``."""
+
+    restart_backoff_max_seconds: Seconds = 300.0
+    """The longest wait before a restart. A graceful stop never waits it out."""
+
     admin_viewer_group: str | None = None
     """Group whose members may use the admin socket's read verbs (``status``,
     ``quota``, ``rejected``). Unset: only the daemon's own user and root."""
@@ -770,6 +787,12 @@ def _validate(config: Config) -> None:
             "daemon.admin_socket",
             f"{config.daemon.admin_socket} is {socket_bytes} bytes long; a Unix socket path"
             f" may have at most {_UNIX_SOCKET_PATH_MAX_BYTES}: set a shorter admin_socket",
+        )
+    if config.daemon.restart_backoff_max_seconds < config.daemon.restart_backoff_seconds:
+        raise ConfigError(
+            "daemon.restart_backoff_max_seconds",
+            f"{config.daemon.restart_backoff_max_seconds:g} is shorter than"
+            f" restart_backoff_seconds ({config.daemon.restart_backoff_seconds:g})",
         )
     for name in ("admin_viewer_group", "admin_operator_group"):
         group: str | None = getattr(config.daemon, name)

@@ -52,6 +52,7 @@ from dbsync.errors import ConfigError, StoreError
 from dbsync.exitcodes import ExitCode
 from dbsync.ingest import IngestServer
 from dbsync.reconcile import ReconcilePlan
+from dbsync.restarts import RestartPolicy
 from dbsync.store import Store
 from dbsync.supervisor import DestinationPlan, SummaryTotals, Supervisor
 
@@ -164,11 +165,11 @@ class Daemon:
         )
         admin = AdminServer(config.daemon.admin_socket)
         try:
-            admin.bind()
+            admin.start()
         except AdminSocketError:
             return ExitCode.FAULT  # admin_socket_in_use or admin_socket_failed says why
         async with contextlib.AsyncExitStack() as stack:
-            stack.callback(admin.close)
+            stack.callback(admin.stop)
             store = self.store = await stack.enter_async_context(
                 Store.open(config.daemon.state_dir / DATABASE_NAME, clock=self._clock)
             )
@@ -180,6 +181,7 @@ class Daemon:
                 client_factory=_client_factory(session, self._clock),
                 summary_interval_seconds=config.daemon.summary_interval_seconds,
                 stop_timeout_seconds=config.daemon.drain_seconds,
+                restarts=RestartPolicy.from_config(config.daemon),
                 on_summary=self._status_line,
             )
             ingest = IngestServer(
@@ -195,12 +197,10 @@ class Daemon:
             self._install_signals()
             async with asyncio.TaskGroup() as group:
                 supervising = group.create_task(supervisor.run(), name="supervisor")
-                await supervisor.started()
+                await supervisor.ready.wait()
                 self.ingest_address = await ingest.start()
                 stack.push_async_callback(ingest.close)
-                group.create_task(
-                    admin.serve(self._admin_controls(supervisor, store)), name="admin"
-                )
+                group.create_task(admin.run(self._admin_controls(supervisor, store)), name="admin")
                 systemd.notify(
                     "READY=1", f"STATUS=delivering {len(supervisor.audience_ids())} audiences"
                 )
@@ -224,9 +224,9 @@ class Daemon:
                     )
                 await self._shutdown.wait()
                 reloads.cancel()  # no reload during the drain
-                ingest.stop_accepting()
-                admin.close()
-                supervisor.drain()
+                ingest.stop()
+                admin.stop()
+                supervisor.stop()
                 try:
                     async with asyncio.timeout(config.daemon.drain_seconds) as deadline:
                         self._drain_deadline = deadline

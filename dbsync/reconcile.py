@@ -352,6 +352,9 @@ class Reconciler:
         )
         # Refreshed after each read-back, for the destination's summary line.
         self.last_estimate: LossEstimate | None = None
+        # Set by stop(); the supervisor's restart backoff ends on it too.
+        self.stopping = asyncio.Event()
+        self._task: asyncio.Task[object] | None = None
 
     @property
     def name(self) -> str:
@@ -416,8 +419,17 @@ class Reconciler:
 
     # --- the loop --------------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """Ask :meth:`run` to end, at once: an export it leaves running is resumed later."""
+        self.stopping.set()
+        if self._task is not None:
+            self._task.cancel()
+
     async def run(self) -> None:
         """Resume the exports a stop left running, then read lists back in turns, forever."""
+        self._task = asyncio.current_task()
+        if self.stopping.is_set():
+            return
         ids = list(self._audience_ids())
         await self._load_reports(ids)
         for run in await self._store.open_reconcile_runs(ids):

@@ -4,14 +4,27 @@ It owns one TaskGroup that holds everything long-running besides the servers: on
 task per actor (``actor:<audience id>``), the store's folder (journal -> desired
 state, waking the actors it touched), each destination budget's window keeper, each
 destination's reconciler (``reconciler:<destination>``, reading lists back within the
-export quotas; see :mod:`dbsync.reconcile`), and the summary logger. :meth:`drain`
-cancels the reconcilers (an export they left running is resumed at the next start)
-and stops every actor (each finishes its jobs in flight and starts no new one); when
-the last actor has returned the helpers are cancelled and :meth:`run` returns.
+export quotas; see :mod:`dbsync.reconcile`), and the summary lines
+(:mod:`dbsync.summaries`).
 
-Failure containment (ARCHITECTURE invariant 6): an actor that raises is logged,
-marked ``failed`` and restarted after a capped backoff while the others go on, and so
-is a reconciler (``reconciler_crashed``), whose trouble never holds up delivery; a
+One lifecycle vocabulary for every service: ``run()`` is the long-lived coroutine,
+awaited in a TaskGroup; ``stop()`` asks it to end and returns at once; a service that
+must be ready before others rely on it has an ``async start()`` too (a budget loads
+its spending, a server binds). :meth:`stop` stops the reconcilers (an export they left
+running is resumed at the next start) and every actor (each finishes its jobs in
+flight and starts no new one); when the last actor has returned the helpers are
+stopped and :meth:`run` returns. :attr:`ready` is set once every actor of the first
+configuration runs.
+
+Failure containment (ARCHITECTURE invariant 6): an actor that raises is logged
+(``actor_crashed``), marked ``failed`` and restarted after a backoff while the others
+go on, and so is a reconciler (``reconciler_crashed``), whose trouble never holds up
+delivery. A :class:`RestartPolicy` (the ``restart_*`` keys of ``[daemon]``) bounds
+the restarts: the backoff doubles with each crash, a quiet ``window_seconds`` forgets
+the crashes before it, and the ``max_crashes``-th crash within the window gives up:
+the audience stays ``failed`` (``actor_failed``, with the reason ``dbsync ctl status``
+shows) until ``dbsync ctl resume`` restarts it; a reconciler stays down
+(``reconciler_failed``) until a reload. A graceful stop never waits out a backoff. A
 :class:`~dbsync.errors.StoreError` (shared infrastructure) is not contained and stops
 the daemon, which exits non-zero so that systemd restarts it.
 
@@ -27,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -37,7 +50,7 @@ from dbsync.clock import Clock
 from dbsync.config import Credentials
 from dbsync.destination import Destination, ImportClient
 from dbsync.errors import StoreError
-from dbsync.model import AudienceState, Backlog, LedgerCheck
+from dbsync.model import AudienceState
 from dbsync.reconcile import (
     ExportClient,
     LossEstimate,
@@ -45,18 +58,14 @@ from dbsync.reconcile import (
     ReconcilePlan,
     Reconciler,
     ReconcileReport,
-    log_ledger_imbalance,
 )
+from dbsync.restarts import RestartBudgetSpent, RestartPolicy, describe, run_with_restarts
 from dbsync.store import AudienceSpec, Store
+from dbsync.summaries import AudienceStatus, SummaryTotals, log_summaries
 
 __all__ = ["AudienceStatus", "DestinationPlan", "SummaryTotals", "Supervisor"]
 
 log = logging.getLogger(__name__)
-
-_RESTART_BACKOFF_SECONDS = (1.0, 5.0, 30.0, 120.0, 300.0)
-# Audiences whose summary figures are read in one statement: a few milliseconds of the
-# reader's thread each, so that other reads are not held up behind 10,000.
-_SUMMARY_CHUNK = 500
 
 
 class DestinationPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,32 +94,16 @@ class DestinationPlan(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-class AudienceStatus(msgspec.Struct, frozen=True, kw_only=True):
-    audience_id: str
-    name: str
-    destination: str
-    list_name: str
-    state: AudienceState
-    paused: bool
-    jobs_in_flight: int
-    last_error: str
-
-
-class SummaryTotals(msgspec.Struct, frozen=True, kw_only=True):
-    """What one round of summary lines adds up to."""
-
-    audiences: int
-    pending: int  # accounts waiting to be sent, all audiences
-    failed: int  # audiences whose actor reports failed
-    stopped_destinations: list[str]
-
-
 ClientFactory = Callable[[DestinationPlan], ImportClient]
 
 
 class _Running(msgspec.Struct, kw_only=True):
     actor: AudienceActor
     task: asyncio.Task[None]
+    # Set when this actor is asked to stop (a reload, a deactivation, the daemon's stop),
+    # so that a restart backoff under way ends at once rather than being waited out.
+    stopping: asyncio.Event
+    gave_up: bool = False
 
 
 class Supervisor:
@@ -123,6 +116,7 @@ class Supervisor:
         client_factory: ClientFactory,
         summary_interval_seconds: float = 60.0,
         stop_timeout_seconds: float = 20.0,
+        restarts: RestartPolicy | None = None,
         on_summary: Callable[[SummaryTotals], None] | None = None,
     ) -> None:
         self._plans = {plan.name: plan for plan in plans}
@@ -132,20 +126,20 @@ class Supervisor:
         self._summary_interval = summary_interval_seconds
         self._on_summary = on_summary
         self._stop_timeout = stop_timeout_seconds
+        self._restarts = restarts or RestartPolicy()
         self._destinations: dict[str, Destination] = {}
-        self._budget_tasks: dict[str, asyncio.Task[None]] = {}
         self._reconcilers: dict[str, tuple[Reconciler, asyncio.Task[None]]] = {}
         self._asked: set[asyncio.Task[None]] = set()  # read-backs asked by the operator
         self._actors: dict[str, _Running] = {}
         self._group: asyncio.TaskGroup | None = None
-        self._draining = asyncio.Event()
-        self._started = asyncio.Event()
-        self._list_names: dict[str, str] = {}
+        self._stopping = asyncio.Event()
+        # Set once every actor of the first configuration has been started.
+        self.ready = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run every actor until :meth:`drain`; then wait for them and return."""
+        """Run every actor until :meth:`stop`; then wait for them and return."""
         async with asyncio.TaskGroup() as group:
             self._group = group
             helpers = [
@@ -153,27 +147,26 @@ class Supervisor:
                 group.create_task(self._summaries(), name="summary"),
             ]
             await self._apply(self._plans.values(), first=True)
-            self._started.set()
-            await self._draining.wait()
-            # Read-backs never hold up a drain: an export left running is resumed later.
-            for _, task in self._reconcilers.values():
-                task.cancel()
+            self.ready.set()
+            await self._stopping.wait()
+            # Read-backs never hold up a stop: an export left running is resumed later.
+            for reconciler, _ in self._reconcilers.values():
+                reconciler.stop()
             for task in self._asked:
                 task.cancel()
             for running in self._actors.values():
+                running.stopping.set()
                 running.actor.stop()
             await asyncio.gather(*(r.task for r in self._actors.values()), return_exceptions=True)
-            for task in [*helpers, *self._budget_tasks.values()]:
+            for task in helpers:
                 task.cancel()
+            for destination in self._destinations.values():
+                destination.budget.stop()
         self._group = None
 
-    async def started(self) -> None:
-        """Wait until every actor of the initial configuration has been started."""
-        await self._started.wait()
-
-    def drain(self) -> None:
-        """Stop starting work; actors finish their jobs in flight, then :meth:`run` returns."""
-        self._draining.set()
+    def stop(self) -> None:
+        """Start no new work; actors finish their jobs in flight, then :meth:`run` returns."""
+        self._stopping.set()
 
     async def reload(self, plans: Iterable[DestinationPlan]) -> None:
         """Apply a new (already validated) configuration to the running actors."""
@@ -186,6 +179,17 @@ class Supervisor:
             running = self._actors.get(audience_id)
             if running is not None:
                 running.actor.wake()
+
+    async def resume(self, audience_id: str) -> None:
+        """Restart an actor that crashed past its restart budget (``ctl resume``).
+
+        Raises:
+            KeyError: no active audience has this id.
+        """
+        running = self._actors[audience_id]
+        if running.gave_up and not self._stopping.is_set():
+            log.info("actor_resumed", extra={"audience": audience_id})
+            self._start_actor(running.actor.settings, paused=running.actor.is_paused)
 
     def actor(self, audience_id: str) -> AudienceActor | None:
         running = self._actors.get(audience_id)
@@ -211,10 +215,10 @@ class Supervisor:
             raise KeyError(audience_id)
         destination = running.actor.settings.destination
         entry = self._reconcilers.get(destination)
-        if self._draining.is_set() or entry is None:
+        if self._stopping.is_set() or entry is None:
             reason = (
                 "the daemon is draining"
-                if self._draining.is_set()
+                if self._stopping.is_set()
                 else f"destination {destination}'s client cannot export lists"
             )
             raise ReconcileDeferred(reason, retry_at=self._clock.time() + 60.0)
@@ -347,7 +351,7 @@ class Supervisor:
                 )
         for name in list(self._destinations):
             if name not in self._plans:
-                self._budget_tasks.pop(name).cancel()
+                self._destinations[name].budget.stop()
                 self._stop_reconciler(name)
                 del self._destinations[name]
         for audience_id, settings in wanted.items():
@@ -356,15 +360,12 @@ class Supervisor:
 
     async def _build_destination(self, plan: DestinationPlan) -> None:
         budget = DestinationBudget(plan.name, plan.limits, self._store, self._clock)
-        await budget.open()
-        previous = self._budget_tasks.pop(plan.name, None)
-        if previous is not None:
-            previous.cancel()
+        await budget.start()
+        if (previous := self._destinations.get(plan.name)) is not None:
+            previous.budget.stop()
         self._destinations[plan.name] = Destination(plan.name, self._client_factory(plan), budget)
         assert self._group is not None
-        self._budget_tasks[plan.name] = self._group.create_task(
-            budget.run(), name=f"budget:{plan.name}"
-        )
+        self._group.create_task(budget.run(), name=f"budget:{plan.name}")
 
     def _start_reconciler(self, plan: DestinationPlan) -> None:
         """(Re)start the destination's reconciler, if its client can export lists."""
@@ -401,13 +402,24 @@ class Supervisor:
     def _stop_reconciler(self, name: str) -> None:
         entry = self._reconcilers.pop(name, None)
         if entry is not None:
-            entry[1].cancel()
+            entry[0].stop()
 
     async def _keep_reconciling(self, reconciler: Reconciler) -> None:
-        """Run one reconciler; restart it after a crash, with a capped backoff."""
-        await self._restarting(
-            reconciler.run, "reconciler_crashed", {"destination": reconciler.name}
-        )
+        """Run one reconciler; restart it after a crash, within the restart budget."""
+        fields: dict[str, object] = {"destination": reconciler.name}
+        try:
+            await run_with_restarts(
+                reconciler.run,
+                policy=self._restarts,
+                clock=self._clock,
+                stopping=reconciler.stopping,
+                unless=self._stopping,
+                event="reconciler_crashed",
+                fields=fields,
+            )
+        except RestartBudgetSpent as exc:
+            # Delivery goes on without read-backs; a reload starts a new reconciler.
+            log.error("reconciler_failed", extra={**fields, "reason": exc.reason})
 
     def _start_actor(self, settings: ActorSettings, *, paused: bool) -> None:
         """Start an audience's actor; ``paused``: an operator paused it (``ctl pause``)."""
@@ -420,10 +432,11 @@ class Supervisor:
         )
         if paused:
             actor.pause()
+        stopping = asyncio.Event()
         task = self._group.create_task(
-            self._keep_running(actor), name=f"actor:{settings.audience_id}"
+            self._keep_running(actor, stopping), name=f"actor:{settings.audience_id}"
         )
-        self._actors[settings.audience_id] = _Running(actor=actor, task=task)
+        self._actors[settings.audience_id] = _Running(actor=actor, task=task, stopping=stopping)
         log.info(
             "actor_started",
             extra={"audience": settings.audience_id, "list_name": settings.list_name},
@@ -436,6 +449,7 @@ class Supervisor:
         that it is cancelled, which leaves their batches open for its successor.
         """
         running = self._actors.pop(audience_id)
+        running.stopping.set()
         running.actor.stop()
         timer = asyncio.ensure_future(self._clock.sleep(self._stop_timeout))
         await asyncio.wait({running.task, timer}, return_when=asyncio.FIRST_COMPLETED)
@@ -450,54 +464,31 @@ class Supervisor:
         if reason == "deactivated":
             await self._store.set_audience_state(audience_id, AudienceState.DEACTIVATED)
 
-    async def _keep_running(self, actor: AudienceActor) -> None:
-        """Run one actor; restart it after a crash, with a capped backoff."""
+    async def _keep_running(self, actor: AudienceActor, stopping: asyncio.Event) -> None:
+        """Run one actor; restart it after a crash, within the restart budget."""
+        audience_id = actor.settings.audience_id
+        fields: dict[str, object] = {"audience": audience_id}
 
-        async def failed(exc: Exception) -> None:
-            actor.state = AudienceState.FAILED
-            actor.last_error = repr(exc)
-            await self._store.set_audience_state(
-                actor.settings.audience_id, AudienceState.FAILED, repr(exc)
+        async def crashed(exc: Exception) -> None:
+            await actor.record_failure(describe(exc))
+
+        try:
+            await run_with_restarts(
+                actor.run,
+                policy=self._restarts,
+                clock=self._clock,
+                stopping=stopping,
+                unless=self._stopping,
+                event="actor_crashed",
+                fields=fields,
+                on_crash=crashed,
             )
-
-        await self._restarting(
-            actor.run, "actor_crashed", {"audience": actor.settings.audience_id}, failed
-        )
-
-    async def _restarting(
-        self,
-        run: Callable[[], Awaitable[None]],
-        event: str,
-        fields: dict[str, object],
-        on_crash: Callable[[Exception], Awaitable[None]] | None = None,
-    ) -> None:
-        """``run`` until it returns; after a crash, log ``event`` and run it again after a
-        capped backoff, unless the daemon is draining by then. A StoreError is not a
-        crash of ``run`` but of the shared store: it stops the daemon."""
-        crashes = 0
-        while True:
-            try:
-                await run()
-                return
-            except StoreError:
-                raise
-            except Exception as exc:
-                delay = _RESTART_BACKOFF_SECONDS[min(crashes, len(_RESTART_BACKOFF_SECONDS) - 1)]
-                crashes += 1
-                log.exception(
-                    event,
-                    extra={
-                        **fields,
-                        "crashes": crashes,
-                        "restart_in_seconds": delay,
-                        "error": repr(exc),
-                    },
-                )
-                if on_crash is not None:
-                    await on_crash(exc)
-                await self._clock.sleep(delay)
-                if self._draining.is_set():
-                    return
+        except RestartBudgetSpent as exc:
+            # The others go on; this audience waits for the operator (ctl resume).
+            if (running := self._actors.get(audience_id)) is not None and running.actor is actor:
+                running.gave_up = True
+            await actor.record_failure(exc.reason)
+            log.error("actor_failed", extra={**fields, "reason": exc.reason})
 
     # --- summaries -----------------------------------------------------------------------
 
@@ -509,65 +500,17 @@ class Supervisor:
                 self._on_summary(totals)
 
     async def log_summaries(self) -> SummaryTotals:
-        """One ``audience_summary`` line per audience, one ``destination_summary`` each;
-        returns their totals (what systemd's ``STATUS=`` shows)."""
-        statuses = self.statuses()
-        pending = 0
-        figures: dict[str, tuple[Backlog, LedgerCheck]] = {}
-        for start in range(0, len(statuses), _SUMMARY_CHUNK):
-            chunk = statuses[start : start + _SUMMARY_CHUNK]
-            # Without the pending recount: that one is a reconciliation's price.
-            figures.update(await self._store.summaries([s.audience_id for s in chunk]))
-        for status in statuses:
-            backlog, check = figures[status.audience_id]
-            pending += backlog.pending
-            if not check.balanced:
-                # Rows that no verdict, acknowledgment or failure accounts for: something
-                # lost track of them. Never silence.
-                log_ledger_imbalance(status.audience_id, check, checked_by="summary")
-            report, next_due = self.reconcile_state(status.audience_id)
-            log.info(
-                "audience_summary",
-                extra={
-                    "audience": status.audience_id,
-                    "destination": status.destination,
-                    "state": status.state,
-                    "pending_inserts": backlog.inserts,
-                    "pending_deletes": backlog.deletes,
-                    "oldest_pending_age_seconds": (
-                        round(self._clock.time() - backlog.oldest_changed_at, 3)
-                        if backlog.oldest_changed_at is not None
-                        else None
-                    ),
-                    "in_flight": backlog.in_flight,
-                    "rejected": backlog.rejected,
-                    "jobs_in_flight": status.jobs_in_flight,
-                    "ledger": msgspec.structs.asdict(check.counts),
-                    "ledger_balanced": check.balanced,
-                    "last_reconciled_at": report.finished_at if report is not None else None,
-                    "next_reconcile_at": next_due,
-                },
-            )
-        for name, destination in sorted(self._destinations.items()):
-            log.info(
-                "destination_summary",
-                extra={
-                    "destination": name,
-                    "running": destination.is_running,
-                    "stopped_reason": destination.stopped_reason,
-                    "budget": msgspec.structs.asdict(destination.budget.snapshot()),
-                    "loss_estimate": (
-                        msgspec.to_builtins(entry[0].last_estimate)
-                        if (entry := self._reconcilers.get(name)) is not None
-                        else None
-                    ),
-                },
-            )
-        return SummaryTotals(
-            audiences=len(statuses),
-            pending=pending,
-            failed=sum(s.state is AudienceState.FAILED for s in statuses),
-            stopped_destinations=sorted(
-                name for name, d in self._destinations.items() if not d.is_running
-            ),
+        """The summary lines of every audience and destination (:mod:`dbsync.summaries`)."""
+
+        def loss_estimate(destination: str) -> LossEstimate | None:
+            entry = self._reconcilers.get(destination)
+            return entry[0].last_estimate if entry is not None else None
+
+        return await log_summaries(
+            self.statuses(),
+            self._destinations,
+            store=self._store,
+            clock=self._clock,
+            reconcile_state=self.reconcile_state,
+            loss_estimate=loss_estimate,
         )

@@ -82,7 +82,7 @@ class AdminServer:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def bind(self) -> None:
+    def start(self) -> None:
         """Create, secure and listen on the socket; raises :class:`AdminSocketError`."""
         try:
             self._make_directory()
@@ -94,9 +94,9 @@ class AdminServer:
             log.error("admin_socket_failed", extra={"path": str(self.path), "error": str(exc)})
             raise AdminSocketError(str(exc)) from exc
 
-    async def serve(self, controls: Controls) -> None:
-        """Answer requests until :meth:`close` (or cancellation); then remove the socket."""
-        assert self._sock is not None, "bind() first"
+    async def run(self, controls: Controls) -> None:
+        """Answer requests until :meth:`stop` (or cancellation); then remove the socket."""
+        assert self._sock is not None, "start() first"
         sock = self._sock
         self._serving = True
         daemon = controls.config().daemon
@@ -126,10 +126,10 @@ class AdminServer:
             self._remove_socket()
             log.info("admin_closed", extra={"path": str(self.path)})
 
-    def close(self) -> None:
-        """Stop accepting; :meth:`serve` lets exchanges answer, then returns.
+    def stop(self) -> None:
+        """Stop accepting; :meth:`run` lets exchanges answer, then returns.
 
-        Safe to call at any point, also when :meth:`serve` never ran (start-up failed).
+        Safe to call at any point, also when :meth:`run` never ran (start-up failed).
         """
         self._closing.set()
         if not self._serving:

@@ -209,8 +209,11 @@ async def _pause(c: Controls, audience: str) -> PauseReply:
 
 
 async def _resume(c: Controls, audience: str) -> ResumeReply:
-    actor = _actor(c, audience)
+    _actor(c, audience)
     await c.store.set_operator_paused(audience, False)
+    # An actor that crashed past its restart budget is started again (a new one).
+    await c.supervisor.resume(audience)
+    actor = _actor(c, audience)
     actor.resume()
     waited = await _until(lambda: actor.state is not AudienceState.PAUSED)
     return ResumeReply(audience=audience, state=actor.state, waited_seconds=waited)

@@ -100,7 +100,11 @@ class IngestStats(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class IngestServer:
-    """The ingest HTTP server on ``host:port``; :meth:`start`, then :meth:`close`."""
+    """The ingest HTTP server on ``host:port``.
+
+    :meth:`start` listens; :meth:`stop` starts the drain (new requests answer 503, those
+    under way finish); :meth:`close` stops listening once the daemon has drained.
+    """
 
     def __init__(
         self,
@@ -152,7 +156,7 @@ class IngestServer:
         log.info("ingest_listening", extra={"host": host, "port": port, "auth": bool(self._token)})
         return host, port
 
-    def stop_accepting(self) -> None:
+    def stop(self) -> None:
         """Drain: health and new requests answer 503; requests under way finish."""
         if self._accepting:
             self._accepting = False

@@ -225,7 +225,7 @@ async def test_health_turns_503_once_draining(
     try:
         async with http.get(f"{url}/v1/health") as response:
             assert response.status == 200
-        server.stop_accepting()
+        server.stop()
         async with http.get(f"{url}/v1/health") as response:
             assert response.status == 503
         status, _ = await post(http, f"{url}/v1/changes", lines(change("A")), **NDJSON)

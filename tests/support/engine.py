@@ -88,6 +88,9 @@ DEFAULT_DAEMON: Mapping[str, float] = {
     "drain_seconds": 5.0,
     # Summaries are not what these tests look at: keep the log quiet.
     "summary_interval_seconds": 3600.0,
+    # A crashed actor or reconciler comes back at once, and a crash loop gives up fast.
+    "restart_backoff_seconds": 0.05,
+    "restart_backoff_max_seconds": 0.2,
 }
 
 

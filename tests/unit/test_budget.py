@@ -55,7 +55,7 @@ def clock() -> FakeClock:
 
 
 async def opened(budget: DestinationBudget) -> DestinationBudget:
-    await budget.open()
+    await budget.start()
     return budget
 
 

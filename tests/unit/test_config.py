@@ -126,6 +126,8 @@ def test_defaults(base_dir: Path) -> None:
     daemon, ingest = config.daemon, config.ingest
     assert (daemon.drain_seconds, daemon.summary_interval_seconds) == (20, 60)
     assert (daemon.admin_viewer_group, daemon.admin_operator_group) == (None, None)
+    assert (daemon.restart_max_crashes, daemon.restart_window_seconds) == (5, 600)
+    assert (daemon.restart_backoff_seconds, daemon.restart_backoff_max_seconds) == (1, 300)
     assert (ingest.host, ingest.port, ingest.token_file) == ("127.0.0.1", 8470, None)
     assert ingest.max_body_bytes == 64 * 1024 * 1024
     mapping = ingest.aep_mapping
@@ -473,6 +475,18 @@ INVALID = [
         "daemon.admin_operator_group",
         "no group 'no-such-group-here'",
         id="unknown-group",
+    ),
+    pytest.param(
+        "[daemon]\nrestart_backoff_seconds = 10\nrestart_backoff_max_seconds = 5\n" + VALID,
+        "daemon.restart_backoff_max_seconds",
+        "is shorter than restart_backoff_seconds",
+        id="restart-backoff-inverted",
+    ),
+    pytest.param(
+        "[daemon]\nrestart_max_crashes = 0\n" + VALID,
+        "daemon.restart_max_crashes",
+        ">= 1",
+        id="restart-budget-zero",
     ),
     pytest.param(
         '[ingest]\ntoken_file = "absent"\n' + VALID,

@@ -282,7 +282,7 @@ async def test_draining_answers_503_to_health_and_changes(
     server, url = await serve()
     assert await call(http, "GET", f"{url}/v1/health") == (200, {"status": "accepting"})
 
-    server.stop_accepting()
+    server.stop()
 
     assert await call(http, "GET", f"{url}/v1/health") == (503, {"status": "draining"})
     assert (await call(http, "POST", f"{url}/v1/changes", lines(change()), **NDJSON))[0] == 503
