@@ -53,6 +53,13 @@ def test_a_throttled_call_waits_at_most_a_minute() -> None:
     assert retry_delay(rng, 30, told) == 90.0
 
 
+class Highest(random.Random):
+    """Full jitter at its top: every backoff is its cap."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
 class Hooks:
     """Records what call_with_retries asked of its caller, in order."""
 
@@ -117,7 +124,7 @@ async def test_a_429_storm_never_waits_more_than_a_minute_whoever_calls(
             policy=policy,
             hooks=hooks,
             clock=clock,
-            rng=random.Random(1),
+            rng=Highest(),
         )
     )
     # Each wait ends within the cap, so every step of a minute wakes the call.
@@ -128,7 +135,8 @@ async def test_a_429_storm_never_waits_more_than_a_minute_whoever_calls(
         await clock.advance(60.0)
     assert await call == "ok"
     assert len(ran) == GIVE_UP_AFTER
-    assert max(hooks.delays) <= 60.0
+    # At the top of their jitter: doubling from 1 s, then the 60 s cap (not 64).
+    assert hooks.delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0]
     assert hooks.calls[:3] == [
         ("before_attempt", ENDPOINT),
         ("throttled", 429),

@@ -1,0 +1,350 @@
+"""One AudienceActor alone, in virtual time, against a scripted Demandbase and store.
+
+Nothing here is the emulator or SQLite: the client answers from a script and records
+each call, the store keeps an audience's dirty set in memory, and a FakeClock moves
+only when a test advances it. So each test says, in order, what the actor asked of
+Demandbase and when it checkpointed, and never measures a duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+
+from dbsync.actor import ActorSettings, AudienceActor
+from dbsync.budget import BudgetLimits, DestinationBudget
+from dbsync.clock import FakeClock
+from dbsync.demandbase.wire import ImportJob
+from dbsync.destination import Destination
+from dbsync.errors import AuthError, DemandbaseError, ThrottledError
+from dbsync.model import (
+    Account,
+    AudienceState,
+    Backlog,
+    Batch,
+    BatchState,
+    ListAction,
+)
+from dbsync.states import DestinationState
+from tests.unit.test_budget import MemoryQuotaStore
+
+AUDIENCE = "aud-1"
+POLL_SECONDS = 2.0
+
+
+class ScriptedClient:
+    """Demandbase's Data Import API, answering from a script; ``calls`` records each call.
+
+    ``uploads`` holds what the next uploads do (an error to raise, or None to accept);
+    ``job_states`` the states the next status reads answer (then "completed").
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.uploads: list[DemandbaseError | None] = []
+        self.job_states: list[str] = []
+        self._ids = itertools.count(101)
+
+    def _job(self, job_id: int, state: str) -> ImportJob:
+        return ImportJob(
+            id=job_id,
+            data_import_name="List 1",
+            entity_type="Account",
+            state=state,
+            created_at="",
+            updated_at="",
+            account_list_id=7,
+        )
+
+    async def create_import_job(self, data_import_name: str) -> ImportJob:
+        job_id = next(self._ids)
+        self.calls.append(f"create {job_id}")
+        return self._job(job_id, "new")
+
+    async def upload_import_data(self, job_id: int, data: bytes, *, list_action: str) -> ImportJob:
+        self.calls.append(f"upload {job_id} {list_action}")
+        if self.uploads and (error := self.uploads.pop(0)) is not None:
+            raise error
+        return self._job(job_id, "processing")
+
+    async def get_import_job(self, job_id: int) -> ImportJob:
+        state = self.job_states.pop(0) if self.job_states else "completed"
+        self.calls.append(f"status {job_id} {state}")
+        return self._job(job_id, state)
+
+
+class MemoryDeliveryStore:
+    """An audience's dirty set and batches, in dicts; ``events`` records the checkpoints."""
+
+    def __init__(self, accounts: list[Account], clock: FakeClock) -> None:
+        self.dirty = {a.external_id: a for a in accounts}
+        self.batches: dict[int, Batch] = {}
+        self.events: list[str] = []
+        self.ledger: dict[str, int] = {}
+        self.states: list[AudienceState] = []
+        self._clock = clock
+        self._changed_at = clock.time()
+        self._ids = itertools.count(1)
+
+    def _in_flight(self) -> set[str]:
+        return {a.external_id for b in self.batches.values() if b.state.is_open for a in b.accounts}
+
+    async def backlog(self, audience_id: str) -> Backlog:
+        pending = len(set(self.dirty) - self._in_flight())
+        return Backlog(
+            inserts=pending,
+            deletes=0,
+            oldest_changed_at=self._changed_at if pending else None,
+            in_flight=len(self._in_flight()),
+        )
+
+    async def plan_batch(self, audience_id: str, action: ListAction, max_rows: int) -> Batch | None:
+        free = [a for key, a in self.dirty.items() if key not in self._in_flight()]
+        if action is not ListAction.INSERT or not free:
+            return None
+        batch = Batch(
+            batch_id=next(self._ids),
+            audience_id=audience_id,
+            action=action,
+            state=BatchState.PLANNED,
+            accounts=tuple(free[:max_rows]),
+            created_at=self._clock.time(),
+        )
+        self.batches[batch.batch_id] = batch
+        return batch
+
+    def _move(self, batch_id: int, state: BatchState, **changes: object) -> None:
+        self.batches[batch_id] = msgspec.structs.replace(
+            self.batches[batch_id], state=state, **changes
+        )
+
+    async def open_batches(self, audience_id: str) -> list[Batch]:
+        return [b for b in self.batches.values() if b.state.is_open]
+
+    async def mark_created(self, batch_id: int, job_id: int) -> None:
+        self._move(batch_id, BatchState.CREATED, job_id=job_id)
+
+    async def mark_uploaded(self, batch_id: int) -> None:
+        self._move(batch_id, BatchState.UPLOADED)
+
+    async def complete_batch(self, batch_id: int, *, list_id: int | None) -> int:
+        batch = self.batches[batch_id]
+        for account in batch.accounts:
+            self.dirty.pop(account.external_id, None)
+        self._move(batch_id, BatchState.COMPLETED)
+        self.events.append(f"checkpoint {batch_id}")
+        return len(batch.accounts)
+
+    async def fail_batch(self, batch_id: int, reason: str) -> None:
+        self._move(batch_id, BatchState.FAILED)
+        self.events.append(f"failed {batch_id}")
+
+    async def abandon_batch(self, batch_id: int, reason: str) -> None:
+        self._move(batch_id, BatchState.ABANDONED)
+
+    async def split_batch(self, batch_id: int) -> tuple[Batch, Batch]:
+        raise AssertionError("no test here splits a batch")
+
+    async def reject_batch(self, batch_id: int, reason: str) -> None:
+        raise AssertionError("no test here rejects a row")
+
+    async def resync(self, audience_id: str) -> int:
+        return 0
+
+    async def add_to_ledger(self, audience_id: str, **deltas: int) -> None:
+        for name, count in deltas.items():
+            self.ledger[name] = self.ledger.get(name, 0) + count
+
+    async def set_audience_state(
+        self, audience_id: str, state: AudienceState, reason: str = ""
+    ) -> None:
+        self.states.append(state)
+
+
+class Highest(random.Random):
+    """Full jitter at its top: every backoff is its cap, so a test knows each wait."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+class Harness:
+    def __init__(
+        self,
+        clock: FakeClock,
+        client: ScriptedClient,
+        store: MemoryDeliveryStore,
+        destination: Destination,
+    ) -> None:
+        self.clock = clock
+        self.client = client
+        self.store = store
+        self.destination = destination
+
+    async def settle(self) -> None:
+        """Let every task run until it waits on the clock or an event."""
+        for _ in range(50):
+            await asyncio.sleep(0)
+
+    async def advance(self, seconds: float) -> None:
+        await self.clock.advance(seconds)
+        await self.settle()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(start=1_000 * 86_400.0 + 3_600.0)
+
+
+@pytest.fixture
+async def running(clock: FakeClock) -> AsyncIterator[tuple[Harness, AudienceActor]]:
+    """An actor of 3 pending accounts (a full batch), running; stopped at the end."""
+    client = ScriptedClient()
+    accounts = [Account(external_id=f"A{i}", name=f"Co {i}") for i in range(3)]
+    store = MemoryDeliveryStore(accounts, clock)
+    limits = BudgetLimits(
+        requests_per_minute=1_000_000.0,
+        daily={},
+        concurrent_import_jobs=4,
+        quota_safety_margin=0.0,
+    )
+    budget = DestinationBudget("dest", limits, MemoryQuotaStore(), clock)
+    await budget.start()
+    settings = ActorSettings(
+        audience_id=AUDIENCE,
+        destination="dest",
+        name="List 1",
+        list_name="List 1",
+        requests_per_minute=6_000.0,
+        max_records=3,
+        max_age_seconds=60.0,
+        max_jobs_in_flight=1,
+        job_poll_initial_seconds=POLL_SECONDS,
+        job_poll_max_seconds=30.0,
+    )
+    destination = Destination("dest", client, budget)
+    actor = AudienceActor(
+        settings,
+        destination=destination,
+        store=store,
+        clock=clock,
+        rng=Highest(),
+    )
+    harness = Harness(clock, client, store, destination)
+    task = asyncio.create_task(actor.run(), name=f"actor:{AUDIENCE}")
+    await harness.settle()
+    try:
+        yield harness, actor
+    finally:
+        actor.stop()
+        # Jobs in flight are let finish: time goes on until the actor has returned.
+        while not task.done():
+            await harness.advance(60.0)
+        await task
+
+
+async def test_a_batch_is_checkpointed_only_once_its_job_completed(
+    running: tuple[Harness, AudienceActor],
+) -> None:
+    h, actor = running
+    h.client.job_states = ["processing"]
+    assert h.client.calls == ["create 101", "upload 101 insert"]
+    assert h.store.events == []
+    # The first poll comes after the initial poll delay; the job still processes.
+    await h.advance(POLL_SECONDS)
+    assert h.client.calls[-1] == "status 101 processing"
+    assert h.store.events == []  # no checkpoint before the acknowledgment
+    # The next poll comes after twice the delay, and finds the job completed.
+    await h.advance(POLL_SECONDS)
+    assert h.client.calls[-1] == "status 101 processing"
+    await h.advance(POLL_SECONDS)
+    assert h.client.calls == [
+        "create 101",
+        "upload 101 insert",
+        "status 101 processing",
+        "status 101 completed",
+    ]
+    assert h.store.events == ["checkpoint 1"]
+    assert h.store.dirty == {}
+    assert actor.jobs_completed == 1
+    assert actor.state is AudienceState.ACTIVE
+
+
+async def test_a_429_waits_at_most_a_minute_each_time_and_loses_nothing(
+    running: tuple[Harness, AudienceActor],
+) -> None:
+    h, actor = running
+    # The actor already made its first upload; script the next ones before it retries.
+    storm = 10  # past GIVE_UP_AFTER, and long enough that an uncapped backoff shows
+    h.client.uploads = [ThrottledError("throttled", status=429) for _ in range(storm)]
+    h.client.calls.clear()
+    # Start again with a fresh batch: the first upload went through, so complete it.
+    await h.advance(POLL_SECONDS)
+    assert h.store.events == ["checkpoint 1"]
+    # Three more accounts: the next batch meets the storm.
+    h.store.dirty = {f"B{i}": Account(external_id=f"B{i}") for i in range(3)}
+    actor.wake()
+    await h.settle()
+    assert [c for c in h.client.calls if c.startswith("upload")] == ["upload 102 insert"]
+    # Backoffs of 1, 2, 4 ... 32 s, then the cap: never more than a minute after a 429.
+    uploads_by_minute = []
+    for _ in range(storm - 3):
+        await h.advance(60.0)
+        uploads_by_minute.append(len([c for c in h.client.calls if c.startswith("upload")]))
+    assert uploads_by_minute == [6, 7, 8, 9, 10, 11, 11]
+    assert h.store.ledger == {"throttled": storm}
+    # The same job, never a second one: a 429 is not a reason to start over.
+    assert [c for c in h.client.calls if c.startswith("create")] == ["create 102"]
+    await h.advance(60.0)
+    assert h.store.events == ["checkpoint 1", "checkpoint 2"]
+    assert h.store.dirty == {}
+    # Eight failures in a row report failed; the first success reports active again.
+    assert h.store.states[-2:] == [AudienceState.FAILED, AudienceState.ACTIVE]
+
+
+async def test_a_failed_job_puts_its_accounts_back_and_they_are_sent_again(
+    running: tuple[Harness, AudienceActor],
+) -> None:
+    h, _ = running
+    h.client.job_states = ["failed"]
+    await h.advance(POLL_SECONDS)
+    assert h.store.events == ["failed 1"]
+    # Still dirty: a new batch, a new job, and this one completes.
+    assert set(h.store.dirty) == {"A0", "A1", "A2"}
+    await h.advance(POLL_SECONDS)
+    assert h.client.calls == [
+        "create 101",
+        "upload 101 insert",
+        "status 101 failed",
+        "create 102",
+        "upload 102 insert",
+        "status 102 completed",
+    ]
+    assert h.store.events == ["failed 1", "checkpoint 2"]
+    assert h.store.dirty == {}
+
+
+async def test_a_refused_token_stops_the_destination_and_holds_the_work(
+    running: tuple[Harness, AudienceActor],
+) -> None:
+    h, actor = running
+    await h.advance(POLL_SECONDS)
+    h.store.dirty = {"C0": Account(external_id="C0")}
+    h.client.uploads = [AuthError("token rejected", status=401)]
+    actor.flush()
+    await h.settle()
+    destination = h.destination
+    assert destination.state is DestinationState.AUTH_FAILED
+    assert actor.state is AudienceState.STOPPED
+    assert h.store.dirty == {"C0": Account(external_id="C0")}  # nothing dropped
+    # The destination is probed again later; the upload then goes through.
+    await h.advance(900.0)
+    assert destination.state is DestinationState.RUNNING
+    assert actor.state is AudienceState.ACTIVE
+    await h.advance(POLL_SECONDS)
+    assert h.store.dirty == {}
