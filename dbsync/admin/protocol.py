@@ -155,7 +155,7 @@ class Pause(Request, frozen=True, tag="pause"):
 
 
 class Resume(Request, frozen=True, tag="resume"):
-    """restart sending for one audience; waits until it is no longer paused"""
+    """restart sending for one audience, after a crash loop too; waits until not paused"""
 
     audience: AudienceId
 
