@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _ctl(args: argparse.Namespace) -> int:
-    from dbsync.ctl import run
+    from dbsync.admin.ctl import run
 
     return run(args, config_path=default_config_path())
 
@@ -96,7 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="config file (default: $DBSYNC_CONFIG or ./config.toml)")
     check.set_defaults(handler=_check_config)
 
-    from dbsync.ctl import add_arguments as add_ctl_arguments
+    from dbsync.admin.ctl import add_arguments as add_ctl_arguments
 
     ctl = commands.add_parser(
         "ctl",

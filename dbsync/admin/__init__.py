@@ -11,6 +11,7 @@ Modules, from the bottom up:
 ``protocol``  the requests, the replies, the fault codes and their exit codes; the
               one module both sides import (msgspec and the standard library only)
 ``client``    a blocking client (no event loop), so that ``dbsync ctl`` starts fast
+``ctl``       the ``dbsync ctl`` front end on that client: arguments, tables, exit codes
 ``access``    who may do what: the caller's uid and groups (SO_PEERCRED) against the
               viewer and operator groups of ``[daemon]``
 ``verbs``     what each verb does to the running daemon

@@ -9,7 +9,7 @@ scripts read: add fields, never rename one.
 Each request class carries the role it needs (``role``): read verbs need a viewer,
 everything that changes something an operator. Adding a verb is: a request Struct and
 its reply Struct here (both in their unions), a ``case`` in
-:func:`dbsync.admin.verbs.perform`, and a renderer in :mod:`dbsync.ctl`; the command
+:func:`dbsync.admin.verbs.perform`, and a renderer in :mod:`dbsync.admin.ctl`; the command
 line is derived from :data:`REQUESTS`.
 
 Imports: msgspec and the standard library only, because ``dbsync ctl`` imports this.

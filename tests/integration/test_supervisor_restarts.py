@@ -19,8 +19,8 @@ import pytest
 import dbsync.actor
 import dbsync.reconcile
 from dbsync.admin.client import exchange
+from dbsync.admin.ctl import render
 from dbsync.admin.protocol import Resume, ResumeReply, Status, StatusReply
-from dbsync.ctl import render
 from dbsync.model import AudienceState
 from tests.support.engine import AudienceConfig, running_engine, wait_until
 from tests.support.reconcile import running_reconcile_engine

@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from dbsync.admin.ctl import render
 from dbsync.admin.protocol import (
     REQUESTS,
     AccountView,
@@ -34,7 +35,6 @@ from dbsync.admin.protocol import (
     encode,
 )
 from dbsync.cli import main
-from dbsync.ctl import render
 from dbsync.exitcodes import ExitCode
 
 REPO = Path(__file__).resolve().parents[2]
