@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import logging
 import math
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -27,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import add_check_flag, emit, say
 
@@ -51,7 +48,7 @@ class Warnings(logging.Handler):
 async def run(
     directory: Path, days: int, day_seconds: float, jobs_per_day: int, accounts: int, batch: int
 ) -> dict[str, Any]:
-    from tests.support.engine import AudienceConfig, fast_tenant, running_engine
+    from dbsync.testing import AudienceConfig, fast_tenant, running_engine
 
     quotas = {
         "import_jobs_per_day": jobs_per_day,

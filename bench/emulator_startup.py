@@ -23,10 +23,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPOSITORY = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPOSITORY))
+from bench._common import add_check_flag, emit, say
 
-from bench._common import add_check_flag, emit, say  # noqa: E402
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 TARGET_SECONDS = 2.0
 

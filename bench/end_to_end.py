@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,19 +24,9 @@ import aiohttp
 import msgspec
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench._common import EmulatorProcess, add_check_flag, emit, say
 
 HIGH = 1_000_000_000
-NO_LIMITS = {
-    "requests_per_minute": HIGH,
-    "import_jobs_per_day": HIGH,
-    "import_uploads_per_day": HIGH,
-    "import_status_per_day": HIGH,
-    "import_list_per_day": HIGH,
-    "concurrent_import_jobs": 100,
-}
 
 
 def emulator_args(accounts: int) -> list[str]:
@@ -56,7 +45,7 @@ def emulator_args(accounts: int) -> list[str]:
 
 
 async def run(directory: Path, url: str, accounts: int, audiences: int, batch: int) -> dict:
-    from tests.support.engine import AudienceConfig, running_daemon, write_config
+    from dbsync.testing import AudienceConfig, running_daemon, write_config
 
     configs = [
         AudienceConfig(
@@ -68,7 +57,8 @@ async def run(directory: Path, url: str, accounts: int, audiences: int, batch: i
         directory,
         url,
         configs,
-        limits=NO_LIMITS,
+        # Over the harness's NO_LIMITS: jobs of every audience in flight at once.
+        limits={"concurrent_import_jobs": 100},
         delivery={
             "job_poll_initial_seconds": 0.05,
             "job_poll_max_seconds": 0.2,

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import multiprocessing
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,8 +38,6 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import uvloop
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import add_check_flag, emit, say
 

@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import uvloop
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import add_check_flag, emit, say
 
@@ -35,7 +32,7 @@ AUDIENCES = 4
 async def run(directory: Path, rate: float, seconds: float, max_age: float) -> dict[str, Any]:
     from dbsync.demandbase.csvfile import read_rows
     from dbsync.demandbase.emulator.routes import Endpoint
-    from tests.support.engine import AudienceConfig, fast_tenant, running_engine
+    from dbsync.testing import AudienceConfig, fast_tenant, running_engine
 
     count = int(rate * seconds)
     audiences = [

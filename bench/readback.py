@@ -20,14 +20,11 @@ import argparse
 import asyncio
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import uvloop
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import add_check_flag, emit, say
 from dbsync.clock import FakeClock

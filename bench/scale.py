@@ -17,12 +17,9 @@ Targets: <= 300 MB resident and <= 2% idle CPU.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (
     DaemonProcess,
@@ -39,7 +36,7 @@ IDLE_CPU_TARGET_PERCENT = 2.0
 
 
 def write_scale_config(directory: Path, base_url: str, audiences: int) -> Path:
-    from tests.support.engine import AudienceConfig, write_config
+    from dbsync.testing import AudienceConfig, write_config
 
     configs = [
         AudienceConfig(

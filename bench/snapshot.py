@@ -14,13 +14,10 @@ Targets: <= 20 s and <= 1 GB.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import DaemonProcess, EmulatorProcess, add_check_flag, emit, say, status_kib
 
@@ -45,7 +42,7 @@ def pending(socket: Path) -> int:
 
 
 def main() -> int:
-    from tests.support.engine import AudienceConfig, write_config
+    from dbsync.testing import AudienceConfig, write_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=1_000_000)
@@ -57,17 +54,13 @@ def main() -> int:
 
     body = csv_body(args.accounts)
     with tempfile.TemporaryDirectory(prefix="dbsync-bench-") as tmp, EmulatorProcess() as emu:
+        # Paused: the snapshot is applied and kept, nothing is sent.
         config = write_config(
             Path(tmp),
             emu.url,
-            [AudienceConfig(AUDIENCE)],
+            [AudienceConfig(AUDIENCE, paused=True)],
             daemon={"drain_seconds": 5.0, "summary_interval_seconds": 60.0},
         )
-        # Paused: the snapshot is applied and kept, nothing is sent.
-        text = config.read_text().replace(
-            'origin = "segmentation"\n', 'origin = "segmentation"\npaused = true\n'
-        )
-        config.write_text(text)
         daemon = DaemonProcess(config)
         ready = daemon.start()
         before = status_kib(daemon.pid)

@@ -22,15 +22,12 @@ import argparse
 import asyncio
 import random
 import sqlite3
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import uvloop
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import add_check_flag, emit, say
 from dbsync.clock import SystemClock

@@ -50,14 +50,14 @@ from dbsync.demandbase.emulator import Faults
 from dbsync.exitcodes import ExitCode
 from dbsync.logs import JsonFormatter
 from dbsync.model import Account, AudienceState
-from tests.support.emulator import running_emulator
-from tests.support.engine import (
+from dbsync.testing import (
     HIGH,
     ApiKeySet,
     AudienceConfig,
     Engine,
     fast_tenant,
     running_daemon,
+    running_emulator,
     running_engine,
     wait_until,
     write_config,

@@ -15,8 +15,13 @@ from pathlib import Path
 
 from dbsync.exitcodes import ExitCode
 from dbsync.model import Account
-from tests.support.engine import AudienceConfig, Engine, strangers
-from tests.support.reconcile import FAST_RECONCILE, running_reconcile_engine
+from dbsync.testing import (
+    FAST_RECONCILE,
+    AudienceConfig,
+    Engine,
+    running_reconcile_engine,
+    strangers,
+)
 
 AUDIENCE = AudienceConfig("readback", max_records=50, max_age_seconds=0.05)
 MANUAL = {**FAST_RECONCILE, "scheduled": False}

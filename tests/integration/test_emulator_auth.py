@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dbsync.clock import FakeClock
 from dbsync.demandbase.emulator import EmulatorSettings, Faults
-from tests.support.emulator import EmulatorApi, running_emulator
+from dbsync.testing import EmulatorApi, running_emulator
 
 CREDENTIALS = {
     "grantType": "client_credentials",

@@ -15,7 +15,7 @@ from dbsync.clock import FakeClock
 from dbsync.demandbase.csvfile import encode_accounts, encode_rows
 from dbsync.demandbase.emulator import EmulatorSettings, Exchange
 from dbsync.demandbase.wire import Endpoint
-from tests.support.emulator import EmulatorApi, running_emulator
+from dbsync.testing import EmulatorApi, running_emulator
 from tests.support.openapi import ContractViolation, validate_exchange, validate_request
 
 SETTINGS = EmulatorSettings(

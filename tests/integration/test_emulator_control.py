@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dbsync.clock import FakeClock
 from dbsync.demandbase.emulator import EmulatorSettings
-from tests.support.emulator import running_emulator
+from dbsync.testing import running_emulator
 
 
 async def test_accounts_pages_through_the_database() -> None:

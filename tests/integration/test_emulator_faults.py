@@ -9,8 +9,7 @@ import pytest
 
 from dbsync.demandbase.csvfile import encode_accounts
 from dbsync.demandbase.emulator import EmulatorSettings, Faults, StatusStorm
-from tests.support.emulator import EmulatorApi, running_emulator
-from tests.support.engine import wait_until
+from dbsync.testing import EmulatorApi, running_emulator, wait_until
 
 SETTINGS = EmulatorSettings(accounts=100, job_delay_seconds=0.0)
 

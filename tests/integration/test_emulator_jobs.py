@@ -13,7 +13,7 @@ from dbsync.demandbase.csvfile import encode_accounts, encode_rows, read_rows
 from dbsync.demandbase.emulator import EmulatorSettings, Faults
 from dbsync.demandbase.wire import EXPORT_RESULT_COLUMNS
 from dbsync.model import Account
-from tests.support.emulator import EmulatorApi, running_emulator
+from dbsync.testing import EmulatorApi, running_emulator
 
 INSTANT = EmulatorSettings(accounts=2000, job_delay_seconds=0.0)
 

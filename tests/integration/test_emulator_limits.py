@@ -11,7 +11,7 @@ import pytest
 
 from dbsync.clock import FakeClock
 from dbsync.demandbase.emulator import EmulatorSettings
-from tests.support.emulator import Answer, running_emulator
+from dbsync.testing import Answer, running_emulator
 
 DAY = 3600.0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dbsync.model import Backlog
-from tests.support.engine import AudienceConfig, running_engine
+from dbsync.testing import AudienceConfig, running_engine
 
 TIMEOUT = 10.0
 

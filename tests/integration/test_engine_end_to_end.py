@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dbsync.model import Account
-from tests.support.engine import AudienceConfig, aep_profile, running_engine, strangers
+from dbsync.testing import AudienceConfig, aep_profile, running_engine, strangers
 
 NATIVE = AudienceConfig("e2e-native", "High-intent EMEA accounts", max_records=25)
 AEP = AudienceConfig("e2e-aep", "Open opportunities, North America", max_records=25)

@@ -17,7 +17,7 @@ import pytest
 
 from dbsync.demandbase.emulator import Faults
 from dbsync.model import AudienceState
-from tests.support.engine import (
+from dbsync.testing import (
     DESTINATION,
     ApiKeySet,
     AudienceConfig,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.engine import DESTINATION, AudienceConfig, fast_tenant, running_engine
+from dbsync.testing import DESTINATION, AudienceConfig, fast_tenant, running_engine
 
 DAY_SECONDS = 4.0
 JOBS_PER_DAY = 8

@@ -28,13 +28,13 @@ import pytest
 
 from dbsync.demandbase.emulator.tenant import ImportState
 from dbsync.model import Account, AudienceState
-from tests.support.emulator import running_emulator
-from tests.support.engine import (
+from dbsync.testing import (
     AudienceConfig,
     Engine,
     aep_profile,
     fast_tenant,
     running_daemon,
+    running_emulator,
     running_engine,
     wait_until,
     write_config,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dbsync.demandbase.emulator import Faults, StatusStorm
-from tests.support.engine import DESTINATION, AudienceConfig, running_engine, wait_until
+from dbsync.testing import DESTINATION, AudienceConfig, running_engine, wait_until
 
 AUDIENCES = [AudienceConfig(f"storm-{i}", max_records=10, max_age_seconds=0.05) for i in range(3)]
 PACE_PER_MINUTE = 6_000

@@ -21,8 +21,7 @@ from typing import Any
 import aiohttp
 
 from dbsync.model import Account
-from tests.support.emulator import running_emulator
-from tests.support.engine import AudienceConfig, fast_tenant, wait_until, write_config
+from dbsync.testing import AudienceConfig, fast_tenant, running_emulator, wait_until, write_config
 
 SECRET_TOKEN = "tok-5b1d9e0c-never-in-a-log"
 AUDIENCE = AudienceConfig("logs-a", max_records=5, max_age_seconds=0.05)
@@ -79,11 +78,9 @@ async def dbsync_run(config: Path, *, journal: bool) -> AsyncIterator[DaemonProc
 
 
 def debug_config(directory: Path, base_url: str) -> Path:
-    config = write_config(directory, base_url, [AUDIENCE])
-    (directory / "emulator-token").write_text(SECRET_TOKEN + "\n")
-    with config.open("a") as toml:
-        toml.write('\n[logging]\nlevel = "debug"\n')
-    return config
+    return write_config(
+        directory, base_url, [AUDIENCE], token=SECRET_TOKEN, logging={"level": "debug"}
+    )
 
 
 async def send_changes(daemon: DaemonProcess, accounts: list[Account]) -> None:

@@ -16,12 +16,16 @@ from pathlib import Path
 import pytest
 
 from dbsync.store import JUDGE_CHUNK_ROWS
-from tests.support.engine import HIGH, AudienceConfig, Engine, fast_tenant, wait_until
-from tests.support.reconcile import (
+from dbsync.testing import (
     FAST_RECONCILE,
+    HIGH,
+    AudienceConfig,
+    Engine,
+    fast_tenant,
     last_report,
     ledger_check,
     running_reconcile_engine,
+    wait_until,
 )
 
 AUDIENCES = [AudienceConfig(f"drops-{i}", max_records=40, max_age_seconds=0.05) for i in range(3)]

@@ -14,8 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.engine import HIGH, AudienceConfig, fast_tenant, wait_until
-from tests.support.reconcile import FAST_RECONCILE, ledger_check, running_reconcile_engine
+from dbsync.testing import (
+    FAST_RECONCILE,
+    HIGH,
+    AudienceConfig,
+    fast_tenant,
+    ledger_check,
+    running_reconcile_engine,
+    wait_until,
+)
 
 LAG_SECONDS = 3.0
 AUDIENCE = AudienceConfig("lag", max_records=100, max_age_seconds=0.05)

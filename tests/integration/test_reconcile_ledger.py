@@ -14,8 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.engine import AudienceConfig, database
-from tests.support.reconcile import FAST_RECONCILE, ledger_check, running_reconcile_engine
+from dbsync.testing import (
+    FAST_RECONCILE,
+    AudienceConfig,
+    database,
+    ledger_check,
+    running_reconcile_engine,
+)
 
 AUDIENCE = AudienceConfig("ledger", max_records=100, max_age_seconds=0.05)
 

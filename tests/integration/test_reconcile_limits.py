@@ -22,8 +22,15 @@ from pathlib import Path
 import pytest
 
 from dbsync.reconcile import days_to_reconcile_all
-from tests.support.engine import HIGH, AudienceConfig, Engine, fast_tenant, wait_until
-from tests.support.reconcile import FAST_RECONCILE, running_reconcile_engine
+from dbsync.testing import (
+    FAST_RECONCILE,
+    HIGH,
+    AudienceConfig,
+    Engine,
+    fast_tenant,
+    running_reconcile_engine,
+    wait_until,
+)
 
 DAY_SECONDS = 2.0
 EXPORTS_PER_DAY = 2

@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 
 from dbsync.reconcile import ReconcileDeferred
-from tests.support.emulator import running_emulator
-from tests.support.engine import AudienceConfig, Engine, running_daemon, wait_until
-from tests.support.reconcile import (
+from dbsync.testing import (
     FAST_RECONCILE,
+    AudienceConfig,
+    Engine,
     fast_export_tenant,
     last_report,
+    running_daemon,
+    running_emulator,
+    wait_until,
     write_reconcile_config,
 )
 

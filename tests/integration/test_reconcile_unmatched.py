@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 
 from dbsync.model import Account
-from tests.support.engine import AudienceConfig, Engine, strangers, wait_until
-from tests.support.reconcile import (
+from dbsync.testing import (
     FAST_RECONCILE,
+    AudienceConfig,
+    Engine,
     last_report,
     ledger_check,
     running_reconcile_engine,
+    strangers,
+    wait_until,
 )
 
 AUDIENCE = AudienceConfig("unmatched", max_records=100, max_age_seconds=0.05)

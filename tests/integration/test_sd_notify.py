@@ -21,8 +21,13 @@ import pytest
 
 from dbsync import systemd
 from dbsync.clock import FakeClock
-from tests.support.emulator import running_emulator
-from tests.support.engine import AudienceConfig, running_daemon, wait_until, write_config
+from dbsync.testing import (
+    AudienceConfig,
+    running_daemon,
+    running_emulator,
+    wait_until,
+    write_config,
+)
 
 WATCHDOG_USEC = 200_000  # pings every 0.1 s
 SUMMARY_SECONDS = 0.1

@@ -22,8 +22,7 @@ from dbsync.admin.client import exchange
 from dbsync.admin.ctl import render
 from dbsync.admin.protocol import Resume, ResumeReply, Status, StatusReply
 from dbsync.model import AudienceState
-from tests.support.engine import AudienceConfig, running_engine, wait_until
-from tests.support.reconcile import running_reconcile_engine
+from dbsync.testing import AudienceConfig, running_engine, running_reconcile_engine, wait_until
 
 A = AudienceConfig("restart-a", max_records=10, max_age_seconds=0.05)
 B = AudienceConfig("restart-b", max_records=10, max_age_seconds=0.05)

@@ -21,14 +21,14 @@ import pytest
 
 from dbsync.demandbase.emulator import EmulatorSettings, Faults, StatusStorm
 from dbsync.model import AudienceState
-from tests.support.emulator import running_emulator
-from tests.support.engine import (
+from dbsync.testing import (
     DESTINATION,
     ApiKeySet,
     AudienceConfig,
     Engine,
     fast_tenant,
     running_daemon,
+    running_emulator,
     wait_until,
     write_config,
 )
@@ -91,12 +91,7 @@ async def engine_with(
             emulator.url,
             AUDIENCES,
             api_key_set=ApiKeySet() if fault.api_key_set else None,
-        )
-        text = config.read_text()
-        default = "request_timeout_seconds = 10\n"
-        assert default in text
-        config.write_text(
-            text.replace(default, f"request_timeout_seconds = {fault.request_timeout_seconds}\n")
+            destination={"request_timeout_seconds": fault.request_timeout_seconds},
         )
         async with running_daemon(config) as daemon:
             yield Engine(emulator, daemon, AUDIENCES)

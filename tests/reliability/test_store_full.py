@@ -22,7 +22,7 @@ import pytest
 from dbsync.demandbase.csvfile import encode_accounts
 from dbsync.model import Account
 from dbsync.store import Store
-from tests.support.engine import AudienceConfig, aep_profile, running_engine, wait_until
+from dbsync.testing import AudienceConfig, aep_profile, running_engine, wait_until
 
 pytestmark = pytest.mark.reliability
 

@@ -1,1 +1,4 @@
-"""Helpers shared by tests: the OpenAPI oracle and a running emulator with an HTTP caller."""
+"""What only the tests need: the OpenAPI oracle that the emulator and the client are held to.
+
+The harness they share with the benchmarks and the demo is :mod:`dbsync.testing`.
+"""

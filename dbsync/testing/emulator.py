@@ -1,4 +1,4 @@
-"""A running emulator on loopback and a thin HTTP caller for tests that speak to it.
+"""A running emulator on loopback, a thin HTTP caller, and tenants far from any limit.
 
 The caller is deliberately raw (status, body bytes, headers), not the dbsync client:
 emulator tests must be able to send what a correct client never would (no token, a
@@ -7,6 +7,10 @@ broken body, a wrong media type) and to read every byte of the answer.
     async with running_emulator(EmulatorSettings(job_delay_seconds=0.0)) as api:
         job_id = await api.create_import_job("EMEA")
         answer = await api.upload(job_id, encode_accounts(accounts), action="insert")
+
+:func:`fast_tenant` is the tenant the harness's runs use unless they ask otherwise:
+jobs that complete in 50 ms and quotas no scenario reaches unasked, so that only the
+scenarios about limits meet one.
 """
 
 from __future__ import annotations
@@ -23,10 +27,31 @@ from dbsync.clock import Clock
 from dbsync.demandbase.csvfile import encode_accounts
 from dbsync.demandbase.emulator import Emulator, EmulatorSettings
 from dbsync.model import Account
+from dbsync.testing.config import HIGH, TOKEN
 
-__all__ = ["TOKEN", "Answer", "EmulatorApi", "running_emulator"]
+__all__ = ["Answer", "EmulatorApi", "fast_export_tenant", "fast_tenant", "running_emulator"]
 
-TOKEN = "emulator-token"
+
+def fast_tenant(**settings: Any) -> EmulatorSettings:
+    """A tenant whose jobs complete in 50 ms and whose limits no scenario reaches unasked."""
+    defaults: dict[str, Any] = {
+        "accounts": 2_000,
+        "seed": 11,
+        "job_delay_seconds": 0.05,
+        "requests_per_minute": HIGH,
+        "import_jobs_per_day": HIGH,
+        "import_uploads_per_day": HIGH,
+        "import_status_per_day": HIGH,
+        "import_list_per_day": HIGH,
+        "concurrent_import_jobs": 100,
+    }
+    return EmulatorSettings(**(defaults | settings))
+
+
+def fast_export_tenant(**settings: Any) -> EmulatorSettings:
+    """:func:`fast_tenant` whose export quotas no scenario reaches either."""
+    quotas = {"export_jobs_per_day": HIGH, "export_status_per_day": HIGH}
+    return fast_tenant(**(quotas | settings))
 
 
 class Answer(NamedTuple):
