@@ -15,12 +15,18 @@ give the lists Demandbase must end up with.
 or right after one was killed) and reconstructs the desired state it holds: folded
 membership, then the journal rows not folded yet, in sequence order, which is what the
 daemon would make of them.
+
+Those two (the subprocess and the SQLite oracle) are this folder's own, independent of
+the code they judge on purpose. The rest comes from the shared harness,
+:mod:`dbsync.testing`: the configuration writer, the tenant far from any limit, the
+NDJSON encoder, waiting for a condition, the verdict "lists equal desired".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import os
 import signal
@@ -29,16 +35,17 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import msgspec
 
+from dbsync import testing
 from dbsync.demandbase.csvfile import encode_accounts
 from dbsync.demandbase.emulator import Emulator, EmulatorSettings, Faults
 from dbsync.model import Account
+from dbsync.testing import AudienceConfig, changes_ndjson, fast_tenant, list_differences
 
 # (audience id, list name): the three audiences every scenario feeds.
 AUDIENCES: tuple[tuple[str, str], ...] = (
@@ -52,29 +59,17 @@ DRAIN_SECONDS = 5.0
 STOP_MARGIN_SECONDS = 10.0
 HEALTH_TIMEOUT_SECONDS = 30.0
 
-# Demandbase's quotas far above what a scenario spends: the scenarios are about
-# crashes, not about budgets (quota use is persisted, so restarts add up).
-_HIGH_QUOTA = 1_000_000
-
-
 BASE_FAULTS = Faults(latency_ms=5.0)
 
 
 def emulator_settings(faults: Faults = BASE_FAULTS) -> EmulatorSettings:
-    """A tenant whose jobs take long enough to be in flight when a kill comes."""
-    return EmulatorSettings(
-        accounts=1_000,
-        seed=7,
-        job_delay_seconds=0.15,
-        requests_per_minute=_HIGH_QUOTA,
-        import_jobs_per_day=_HIGH_QUOTA,
-        import_uploads_per_day=_HIGH_QUOTA,
-        import_status_per_day=_HIGH_QUOTA,
-        import_list_per_day=_HIGH_QUOTA,
-        # Jobs of a killed daemon keep processing while the next one starts its own.
-        concurrent_import_jobs=100,
-        faults=faults,
-    )
+    """A tenant whose jobs take long enough to be in flight when a kill comes.
+
+    Its quotas are far above what a scenario spends (:func:`dbsync.testing.fast_tenant`):
+    the scenarios are about crashes, not budgets, and quota use persists across
+    restarts. Jobs of a killed daemon keep processing while the next one starts its own.
+    """
+    return fast_tenant(accounts=1_000, seed=7, job_delay_seconds=0.15, faults=faults)
 
 
 def tenant_accounts(emulator: Emulator, count: int) -> list[Account]:
@@ -99,56 +94,29 @@ def write_config(
     max_records: int = 20,
     max_age_seconds: float = 0.1,
 ) -> None:
-    """The daemon's config.toml: state beside it, small fast batches, warnings only."""
-    token_file = path.parent / "emulator-token"
-    token_file.write_text(token + "\n")
-    audiences = "".join(
-        f"""
-[[destinations.audiences]]
-id = "{audience_id}"
-name = "{list_name}"
-origin = "segmentation"
-list_name = "{list_name}"
-requests_per_minute = {_HIGH_QUOTA}
-[destinations.audiences.flush]
-max_records = {max_records}
-max_age_seconds = {max_age_seconds}
-"""
-        for audience_id, list_name in AUDIENCES
+    """The daemon's config.toml at ``path``: state beside it, small fast batches, one
+    ingest port for every daemon of a scenario, warnings only."""
+    written = testing.write_config(
+        path.parent,
+        base_url,
+        [
+            AudienceConfig(
+                audience_id,
+                name=list_name,
+                list_name=list_name,
+                max_records=max_records,
+                max_age_seconds=max_age_seconds,
+            )
+            for audience_id, list_name in AUDIENCES
+        ],
+        token=token,
+        daemon={"drain_seconds": DRAIN_SECONDS},
+        ingest={"port": ingest_port},
+        logging={"level": "warning", "format": "json"},
+        limits={"concurrent_import_jobs": 10},
+        delivery={"max_jobs_in_flight_per_audience": 3},
     )
-    path.write_text(
-        f"""
-[daemon]
-state_dir = "{path.parent / "state"}"
-drain_seconds = {DRAIN_SECONDS}
-
-[ingest]
-host = "127.0.0.1"
-port = {ingest_port}
-
-[logging]
-level = "warning"
-format = "json"
-
-[[destinations]]
-name = "emulator"
-base_url = "{base_url}"
-request_timeout_seconds = 10
-[destinations.credentials]
-token = {{ file = "{token_file}" }}
-[destinations.limits]
-requests_per_minute = {_HIGH_QUOTA}
-import_jobs_per_day = {_HIGH_QUOTA}
-import_uploads_per_day = {_HIGH_QUOTA}
-import_status_per_day = {_HIGH_QUOTA}
-import_list_per_day = {_HIGH_QUOTA}
-concurrent_import_jobs = 10
-[destinations.delivery]
-job_poll_initial_seconds = 0.05
-job_poll_max_seconds = 0.5
-max_jobs_in_flight_per_audience = 3
-{audiences}"""
-    )
+    assert written == path, f"the harness writes config.toml, not {path.name}"
 
 
 # --- the daemon process ------------------------------------------------------------------
@@ -287,18 +255,12 @@ class IngestRequest:
 
 
 def ndjson_request(changes: Sequence[tuple[str, Account, bool]], label: str) -> IngestRequest:
-    lines = [
-        msgspec.json.encode(
-            {"audience_id": audience, "account": msgspec.to_builtins(account), "member": member}
-        )
-        for audience, account, member in changes
-    ]
     return IngestRequest(
         label=label,
         method="POST",
         path="/v1/changes",
         content_type="application/x-ndjson",
-        body=b"\n".join(lines) + b"\n",
+        body=changes_ndjson(changes),
         changes=tuple((aud, account.external_id, member) for aud, account, member in changes),
     )
 
@@ -542,28 +504,14 @@ def batch_states(database: Path) -> dict[int, str]:
         db.close()
 
 
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], timeout_seconds: float, what: Callable[[], str]
-) -> None:
-    """Poll ``condition`` until true; fail with ``what()`` after ``timeout_seconds``."""
-    deadline = time.monotonic() + timeout_seconds
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_seconds} s: {what()}")
-        await asyncio.sleep(0.1)
+# The scenarios poll SQLite files, logs and a subprocess: every 100 ms is plenty.
+wait_until = functools.partial(testing.wait_until, poll_seconds=0.1)
 
 
 def difference(expected: dict[str, set[str]], actual: dict[str, set[str]]) -> str:
     """Per audience, what is missing and what is extra (a few ids each)."""
-    lines = []
-    for audience in sorted(expected.keys() | actual.keys()):
-        want, have = expected.get(audience, set()), actual.get(audience, set())
-        if want != have:
-            missing, extra = sorted(want - have), sorted(have - want)
-            lines.append(
-                f"{audience}: {len(missing)} missing {missing[:5]}, {len(extra)} extra {extra[:5]}"
-            )
-    return "; ".join(lines) or "equal"
+    found = list_differences(expected, actual)
+    return "; ".join(f"{audience}: {what}" for audience, what in found.items()) or "equal"
 
 
 def assert_settled_store(view: StoreView, cdp: Cdp) -> None:
