@@ -17,6 +17,10 @@ true contents) equals its desired state, nothing is pending or in flight, every
 acknowledgment has been judged by a read-back (so every repair was verified), the
 expected accounts are set aside as unmatched and every ledger balances; or after the
 timeout. Exit 0 only when every list equals its desired state and the rest holds.
+
+The parts (the configuration, the emulator, the daemon in process, the CDP's three
+senders) are the test harness's, :mod:`dbsync.testing`: the demo runs what the tests
+run, and only its feed, its progress table and its report are its own.
 """
 
 from __future__ import annotations
@@ -27,17 +31,24 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-import aiohttp
 import msgspec
 
 from dbsync import logs
-from dbsync.daemon import Daemon
-from dbsync.demandbase.csvfile import encode_accounts
-from dbsync.demandbase.emulator import Emulator, EmulatorSettings
+from dbsync.demandbase.emulator import EmulatorSettings
 from dbsync.model import Account, Backlog, LedgerCheck, RejectReason
+from dbsync.testing import (
+    AudienceConfig,
+    DaemonExited,
+    Engine,
+    aep_profile,
+    list_differences,
+    running_daemon,
+    running_emulator,
+    strangers,
+    write_config,
+)
 
 __all__ = ["run"]
 
@@ -67,51 +78,31 @@ def run(args: argparse.Namespace) -> int:
         return runner.run(_demo(args.accounts, args.seed, args.timeout_seconds))
 
 
-def _config(base_url: str, state: Path, token_file: Path) -> str:
-    audiences = "\n".join(
-        f"""
-[[destinations.audiences]]
-id = "{audience_id}"
-name = "{name}"
-origin = "segmentation"
-[destinations.audiences.flush]
-max_records = 250
-max_age_seconds = 0.5
-"""
-        for audience_id, name, _ in _AUDIENCES
-    )
-    return f"""
-[daemon]
-state_dir = "{state}"
-drain_seconds = 5
-summary_interval_seconds = 5
-
-[ingest]
-port = 0
-
-[logging]
-level = "warning"
-
-[[destinations]]
-name = "demo"
-description = "the bundled emulator"
-base_url = "{base_url}"
-[destinations.credentials]
-token = {{ file = "{token_file}" }}
-[destinations.limits]
-day_seconds = {_DAY_SECONDS}
-[destinations.delivery]
-job_poll_initial_seconds = 0.3
-job_poll_max_seconds = 1
-pace_recovery_seconds = 2
-[destinations.reconcile]
-visibility_lag_seconds = {_VISIBILITY_LAG_SECONDS * 2}
-interval_seconds = 2
-repair_limit = 3
-export_poll_initial_seconds = 0.3
-export_poll_max_seconds = 1
-{audiences}
-"""
+# The emulated quota day on both sides; fast job polls and read-backs, so that a run
+# takes seconds; Demandbase's published limits otherwise (not the harness's "no limits").
+_TABLES: dict[str, dict[str, object]] = {
+    "destination": {"name": "demo", "description": "the bundled emulator"},
+    "daemon": {"drain_seconds": 5.0, "summary_interval_seconds": 5.0},
+    "logging": {"level": "warning"},
+    "limits": {"day_seconds": _DAY_SECONDS},
+    "delivery": {
+        "job_poll_initial_seconds": 0.3,
+        "job_poll_max_seconds": 1.0,
+        "pace_recovery_seconds": 2.0,
+    },
+    "reconcile": {
+        # A little longer than the emulator's lag, so that a read-back sees the import.
+        "visibility_lag_seconds": _VISIBILITY_LAG_SECONDS * 2,
+        "interval_seconds": 2.0,
+        "repair_limit": 3,
+        "export_poll_initial_seconds": 0.3,
+        "export_poll_max_seconds": 1.0,
+    },
+}
+_CONFIGS = [
+    AudienceConfig(audience_id, name, max_records=250, max_age_seconds=0.5, requests_per_minute=60)
+    for audience_id, name, _ in _AUDIENCES
+]
 
 
 async def _demo(per_audience: int, seed: int, timeout_seconds: float) -> int:
@@ -125,170 +116,90 @@ async def _demo(per_audience: int, seed: int, timeout_seconds: float) -> int:
         visibility_lag_seconds=_VISIBILITY_LAG_SECONDS,
         drop_ratio=_DROP_RATIO,
     )
-    emulator = Emulator(settings)
     with tempfile.TemporaryDirectory(prefix="dbsync-demo-") as tmp:
-        root = Path(tmp)
-        token_file = root / "token"
-        token_file.write_text(settings.token + "\n")
-        async with emulator.serve(host="127.0.0.1", port=0) as base_url:
-            config_path = root / "config.toml"
-            config_path.write_text(_config(base_url, root / "state", token_file))
-            daemon = Daemon(config_path)
-            running = asyncio.create_task(daemon.run(), name="daemon")
-            ready = asyncio.create_task(daemon.ready.wait())
-            await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
-            if running.done():
-                ready.cancel()
-                print("dbsync demo: the daemon did not start", file=sys.stderr)
-                return int(running.result() or 1)
-            assert daemon.ingest_address is not None
-            host, port = daemon.ingest_address
-            ingest = f"http://{host}:{port}"
-            print(f"emulator  {base_url}\ningest    {ingest}")
+        async with running_emulator(settings) as emulator:
+            config = write_config(
+                Path(tmp),
+                emulator.url,
+                _CONFIGS,
+                token=settings.token,
+                presets=False,
+                destination=_TABLES["destination"],
+                daemon=_TABLES["daemon"],
+                logging=_TABLES["logging"],
+                limits=_TABLES["limits"],
+                delivery=_TABLES["delivery"],
+                reconcile=_TABLES["reconcile"],
+            )
             try:
-                async with aiohttp.ClientSession() as http:
-                    tenant = await _tenant_accounts(http, base_url, per_audience * 3)
-                    storm = {
-                        "drop_ratio": _DROP_RATIO,
-                        "status_storm": {"status": 429, "count": _STORM_429S},
-                    }
-                    async with http.post(f"{base_url}/_emulator/faults", json=storm) as answer:
-                        answer.raise_for_status()
-                    print(
-                        f"faults    {_STORM_429S} answers 429, then {_DROP_RATIO:.0%} of"
-                        " completed rows silently dropped"
+                async with running_daemon(config, check_exit=False, ready_timeout=60.0) as daemon:
+                    engine = Engine(emulator, daemon, _CONFIGS)
+                    print(f"emulator  {emulator.url}\ningest    {engine.cdp.url}")
+                    desired, known, state = await _run(
+                        engine, per_audience, rng, started, timeout_seconds
                     )
-                    desired = await _feed(http, ingest, tenant, per_audience, rng)
-                    known = {a.external_id for a in tenant}
-                    state = await _watch(
-                        daemon, http, base_url, desired, known, started, timeout_seconds
-                    )
-            finally:
-                daemon.request_shutdown()
-                await running
-            code = _report(desired, known, state)
-            outcome = "ok" if code == 0 else "FAILED"
-            print(f"dbsync demo: {outcome} in {time.monotonic() - started:.1f} s")
-            return code
+            except DaemonExited as exited:
+                print("dbsync demo: the daemon did not start", file=sys.stderr)
+                return exited.code or 1
+        code = _report(desired, known, state)
+        outcome = "ok" if code == 0 else "FAILED"
+        print(f"dbsync demo: {outcome} in {time.monotonic() - started:.1f} s")
+        return code
 
 
-async def _get_json(http: aiohttp.ClientSession, url: str) -> dict[str, object]:
-    async with http.get(url) as response:
-        response.raise_for_status()
-        document: dict[str, object] = await response.json()
-        return document
-
-
-async def _tenant_accounts(http: aiohttp.ClientSession, base_url: str, count: int) -> list[Account]:
-    page = await _get_json(http, f"{base_url}/_emulator/accounts?limit={count}&offset=0")
-    return msgspec.convert(page["accounts"], list[Account])
+async def _run(
+    engine: Engine, per_audience: int, rng: random.Random, started: float, timeout_seconds: float
+) -> tuple[dict[str, set[str]], set[str], _State]:
+    """Storm, feed, watch: the desired members, the accounts the tenant knows, the last look."""
+    # Three pools, and newcomers for the second snapshot.
+    tenant = await engine.tenant_accounts(per_audience * 3 + per_audience // 10)
+    storm = {"drop_ratio": _DROP_RATIO, "status_storm": {"status": 429, "count": _STORM_429S}}
+    answer = await engine.emulator.set_faults(storm)
+    if answer.status != 200:
+        raise RuntimeError(f"the emulator refused the faults: {answer.status} {answer.body!r}")
+    print(
+        f"faults    {_STORM_429S} answers 429, then {_DROP_RATIO:.0%} of"
+        " completed rows silently dropped"
+    )
+    desired = await _feed(engine, tenant, per_audience, rng)
+    known = {a.external_id for a in tenant}
+    state = await _watch(engine, desired, known, started, timeout_seconds)
+    return desired, known, state
 
 
 async def _feed(
-    http: aiohttp.ClientSession,
-    ingest: str,
-    tenant: list[Account],
-    per_audience: int,
-    rng: random.Random,
+    engine: Engine, tenant: list[Account], per_audience: int, rng: random.Random
 ) -> dict[str, set[str]]:
     """Send adds then removes, three ways; return the desired members per audience."""
+    cdp = engine.cdp
     (emea, _, _), (aep, _, _), (snapshot, _, _) = _AUDIENCES
     pools = [tenant[i * per_audience : (i + 1) * per_audience] for i in range(3)]
-    # Accounts that exist only in the CDP: Demandbase will ignore them.
-    strangers = [
-        Account(external_id=f"CDP-ONLY-{i}", name=f"Unknown Co {i}", domain=f"unknown{i}.example")
-        for i in range(5)
-    ]
     now = time.time()
 
-    emea_members = [*pools[0], *strangers]
-    await _post_ndjson(http, ingest, [(emea, a, True) for a in emea_members], now)
-    await _post_aep(http, ingest, aep, [(a, "realized") for a in pools[1]], now)
-    await _put_snapshot(http, ingest, snapshot, pools[2])
+    def profiles(accounts: list[Account], status: str, ts: float) -> list[dict[str, object]]:
+        # Adobe also sends audiences not activated here: ignored and counted.
+        statuses = {aep: status, "not-activated-here": "realized"}
+        return [aep_profile(a, statuses, qualified_at=ts) for a in accounts]
+
+    # Accounts that exist only in the CDP: Demandbase will ignore them.
+    emea_members = [*pools[0], *strangers(_STRANGERS)]
+    await cdp.changes([(emea, a, True) for a in emea_members], ts=now)
+    await cdp.aep(profiles(pools[1], "realized", now))
+    await cdp.snapshot(snapshot, pools[2])
 
     leaving = rng.sample(pools[0], per_audience // 5)
-    await _post_ndjson(http, ingest, [(emea, a, False) for a in leaving], now + 1)
+    await cdp.changes([(emea, a, False) for a in leaving], ts=now + 1)
     exiting = rng.sample(pools[1], per_audience // 5)
-    await _post_aep(http, ingest, aep, [(a, "exited") for a in exiting], now + 1)
+    await cdp.aep(profiles(exiting, "exited", now + 1))
     kept = rng.sample(pools[2], per_audience - per_audience // 4)
     newcomers = tenant[3 * per_audience : 3 * per_audience + per_audience // 10]
-    await _put_snapshot(http, ingest, snapshot, [*kept, *newcomers])
+    await cdp.snapshot(snapshot, [*kept, *newcomers])
 
     return {
         emea: {a.external_id for a in emea_members} - {a.external_id for a in leaving},
         aep: {a.external_id for a in pools[1]} - {a.external_id for a in exiting},
         snapshot: {a.external_id for a in [*kept, *newcomers]},
     }
-
-
-async def _send(
-    http: aiohttp.ClientSession, method: str, url: str, body: bytes, content_type: str
-) -> None:
-    async with http.request(
-        method, url, data=body, headers={"Content-Type": content_type}
-    ) as response:
-        if response.status != 202:
-            raise RuntimeError(
-                f"{method} {url} answered {response.status}: {await response.text()}"
-            )
-
-
-async def _post_ndjson(
-    http: aiohttp.ClientSession,
-    ingest: str,
-    changes: Sequence[tuple[str, Account, bool]],
-    ts: float,
-) -> None:
-    lines = [
-        msgspec.json.encode(
-            {
-                "audience_id": audience_id,
-                "account": msgspec.to_builtins(account),
-                "member": member,
-                "ts": ts,
-            }
-        )
-        for audience_id, account, member in changes
-    ]
-    await _send(http, "POST", f"{ingest}/v1/changes", b"\n".join(lines), "application/x-ndjson")
-
-
-async def _post_aep(
-    http: aiohttp.ClientSession,
-    ingest: str,
-    audience_id: str,
-    statuses: Sequence[tuple[Account, str]],
-    ts: float,
-) -> None:
-    qualified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-    profiles = [
-        {
-            "segmentMembership": {
-                "ups": {
-                    audience_id: {"status": status, "lastQualificationTime": qualified},
-                    # Adobe also sends audiences not activated here: ignored and counted.
-                    "not-activated-here": {"status": "realized"},
-                }
-            },
-            "accountName": account.name,
-            "accountOrganization": {"domain": account.domain},
-            "accountKey": {"sourceKey": account.external_id},
-        }
-        for account, status in statuses
-    ]
-    await _send(http, "POST", f"{ingest}/v1/aep", msgspec.json.encode(profiles), "application/json")
-
-
-async def _put_snapshot(
-    http: aiohttp.ClientSession, ingest: str, audience_id: str, accounts: Sequence[Account]
-) -> None:
-    await _send(
-        http,
-        "PUT",
-        f"{ingest}/v1/audiences/{audience_id}/members",
-        encode_accounts(accounts),
-        "text/csv",
-    )
 
 
 class _State(msgspec.Struct, kw_only=True):
@@ -300,24 +211,14 @@ class _State(msgspec.Struct, kw_only=True):
     done: bool = False
 
 
-async def _look(
-    daemon: Daemon,
-    http: aiohttp.ClientSession,
-    base_url: str,
-    desired: dict[str, set[str]],
-    known: set[str],
-) -> _State:
-    assert daemon.store is not None
-    document = await _get_json(http, f"{base_url}/_emulator/lists")
-    names = {name: audience_id for audience_id, name, _ in _AUDIENCES}
-    lists = {audience_id: set[str]() for audience_id, _, _ in _AUDIENCES}
-    for name, entry in document.items():
-        if name in names and isinstance(entry, dict):
-            lists[names[name]] = set(entry["members"])
-    backlogs = {a: await daemon.store.backlog(a) for a, _, _ in _AUDIENCES}
-    ledgers = {a: await daemon.store.ledger_check(a) for a, _, _ in _AUDIENCES}
+async def _look(engine: Engine, desired: dict[str, set[str]], known: set[str]) -> _State:
+    store = engine.store
+    by_name = await engine.lists()
+    lists = {config.id: by_name.get(config.list, set()) for config in _CONFIGS}
+    backlogs = {a: await store.backlog(a) for a, _, _ in _AUDIENCES}
+    ledgers = {a: await store.ledger_check(a) for a, _, _ in _AUDIENCES}
     state = _State(lists=lists, backlogs=backlogs, ledgers=ledgers)
-    journal = await daemon.store.pending_journal_rows()
+    journal = await store.pending_journal_rows()
     state.done = not journal and all(
         _audience_done(audience_id, desired, known, state) for audience_id, _, _ in _AUDIENCES
     )
@@ -332,8 +233,11 @@ def _audience_done(
     check = state.ledgers[audience_id]
     counts = check.counts
     unmatched = counts.rejected_by_reason.get(RejectReason.UNMATCHED, 0)
+    equal = not list_differences(
+        {audience_id: want & known}, {audience_id: state.lists[audience_id]}
+    )
     return (
-        state.lists[audience_id] == want & known
+        equal
         and backlog.pending == 0
         and backlog.in_flight == 0
         and check.balanced
@@ -345,9 +249,7 @@ def _audience_done(
 
 
 async def _watch(
-    daemon: Daemon,
-    http: aiohttp.ClientSession,
-    base_url: str,
+    engine: Engine,
     desired: dict[str, set[str]],
     known: set[str],
     started: float,
@@ -358,7 +260,7 @@ async def _watch(
     printed = 0
     deadline = started + timeout_seconds
     while True:
-        state = await _look(daemon, http, base_url, desired, known)
+        state = await _look(engine, desired, known)
         lines = _progress(state, time.monotonic() - started)
         if tty and printed:
             sys.stdout.write(f"\x1b[{printed}F\x1b[J")
