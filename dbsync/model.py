@@ -30,6 +30,7 @@ __all__ = [
     "RejectReason",
 ]
 
+# 256: dbsync.demandbase.wire.EXTERNAL_ID_MAX_CHARS (the model may not import wire).
 AccountKey = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 

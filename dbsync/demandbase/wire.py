@@ -17,8 +17,11 @@ import enum
 import msgspec
 
 __all__ = [
+    "ACCOUNT_DOMAIN_MAX_CHARS",
+    "ACCOUNT_NAME_MAX_CHARS",
     "EXPORT_JOB_NAME_MAX_CHARS",
     "EXPORT_RESULT_COLUMNS",
+    "EXTERNAL_ID_MAX_CHARS",
     "IMPORT_COLUMNS",
     "LIST_ACTIONS",
     "AccountListExportRequest",
@@ -36,6 +39,7 @@ __all__ = [
     "StatusBody",
     "TokenRequest",
     "TokenResponse",
+    "import_row_problem",
 ]
 
 
@@ -85,6 +89,39 @@ LIST_ACTIONS = ("replace", "insert", "delete", "noop")
 
 # Columns of an account import file [DOC: CSV Record Matching and Data Mapping].
 IMPORT_COLUMNS = ("Account Name", "Account Domain", "External Account ID")
+
+# [ASSUMED] the longest name and domain Demandbase imports. The documentation gives
+# no length; a domain is at most 253 characters in DNS, and 255 is the usual column
+# width for both. The emulator refuses longer ones, and ingest refuses them first.
+ACCOUNT_NAME_MAX_CHARS = 255
+ACCOUNT_DOMAIN_MAX_CHARS = 255
+# The longest External Account ID dbsync accepts (dbsync.model.AccountKey says the same).
+EXTERNAL_ID_MAX_CHARS = 256
+
+
+def import_row_problem(name: str, domain: str, external_id: str) -> tuple[str, str] | None:
+    """Why Demandbase refuses an import row with these cells: (column, problem), or None.
+
+    The one definition of a row Demandbase refuses, read by ingest (which answers 400
+    before anything is stored, so that a refused row never spends import jobs) and by
+    the emulator (which fails the job, as Demandbase does). [DOC] Account Name and
+    Account Domain are required on every row, joins and leaves alike; a cell of only
+    whitespace is empty. The External Account ID is optional in an import file, but
+    dbsync keys accounts by it, so one of only whitespace is refused too.
+    """
+    name_column, domain_column, id_column = IMPORT_COLUMNS
+    # isspace() rather than strip(): no copy per row on the ingest hot path.
+    if not name or name.isspace():
+        return name_column, "is empty"
+    if len(name) > ACCOUNT_NAME_MAX_CHARS:
+        return name_column, f"holds {len(name)} characters; at most {ACCOUNT_NAME_MAX_CHARS}"
+    if not domain or domain.isspace():
+        return domain_column, "is empty"
+    if len(domain) > ACCOUNT_DOMAIN_MAX_CHARS:
+        return domain_column, f"holds {len(domain)} characters; at most {ACCOUNT_DOMAIN_MAX_CHARS}"
+    if external_id.isspace() or len(external_id) > EXTERNAL_ID_MAX_CHARS:
+        return id_column, f"must hold 1 to {EXTERNAL_ID_MAX_CHARS} characters, not only spaces"
+    return None
 
 
 class CreateImportJob(_Wire, kw_only=True):

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from dbsync.ingest.bodies import KEY_MAX_LENGTH, Rejected, epoch_seconds
+from dbsync.ingest.bodies import KEY_MAX_LENGTH, Rejected, check_account, received_ts
 from dbsync.model import Account, Change
 
 __all__ = ["AepBatch", "AepMapping", "AepMappingLike", "changes_from_aep", "profiles_in"]
@@ -151,7 +151,7 @@ def _memberships(
                 )
             qualified = membership.get("lastQualificationTime")
             try:
-                ts = now if qualified is None else epoch_seconds(qualified)
+                ts = received_ts(qualified, now)
             except ValueError as exc:
                 raise Rejected(400, str(exc), f"{at}.lastQualificationTime") from None
             found.append((audience_id, member, ts))
@@ -169,11 +169,17 @@ def _account(profile: dict[str, Any], where: str, mapping: AepMappingLike) -> Ac
         raise Rejected(400, "an account key must be a string", at)
     if not external_id.strip() or len(external_id) > KEY_MAX_LENGTH:
         raise Rejected(400, f"an account key must hold 1 to {KEY_MAX_LENGTH} characters", at)
-    return Account(
+    account = Account(
         external_id=external_id,
         name=_text(profile, where, mapping.name_attribute),
         domain=_text(profile, where, mapping.domain_attribute),
     )
+    if problem := check_account(account):
+        field, detail = problem
+        attribute = {"name": mapping.name_attribute, "domain": mapping.domain_attribute}
+        path = _join(where, attribute[field]) if field in attribute else at
+        raise Rejected(400, f"{field} {detail}", path)
+    return account
 
 
 def _identity(profile: dict[str, Any], where: str, namespace: str) -> tuple[object, str]:

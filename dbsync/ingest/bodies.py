@@ -33,18 +33,22 @@ import msgspec
 
 from dbsync import validation
 from dbsync.demandbase.csvfile import read_rows
-from dbsync.demandbase.wire import IMPORT_COLUMNS
+from dbsync.demandbase.wire import IMPORT_COLUMNS, import_row_problem
 from dbsync.model import Account, AccountKey, Change
 
 __all__ = [
     "CHUNK_BYTES",
+    "TS_AHEAD_SECONDS",
+    "TS_EARLIEST",
     "ChangeIn",
     "Items",
     "Rejected",
+    "check_account",
     "decode_json",
     "decode_ndjson",
     "distinct_accounts",
     "epoch_seconds",
+    "received_ts",
     "snapshot_accounts",
     "to_changes",
 ]
@@ -64,7 +68,17 @@ the year 5000, as milliseconds they are after March 1973."""
 KEY_MAX_LENGTH: int = get_args(AccountKey)[1].max_length
 """The longest external account id the model allows."""
 
+TS_EARLIEST = 946_684_800.0
+"""2000-01-01T00:00:00Z: the earliest ``ts`` accepted. No CDP decided an account
+audience before then; an earlier time is an unset date (0, 1970, year 1) or a unit
+mistake, and is refused rather than guessed at."""
+
+TS_AHEAD_SECONDS = 86_400.0
+"""How far past the receiving clock a ``ts`` may be: a day covers any clock skew and a
+time zone written as UTC; further is a unit mistake (milliseconds read as seconds)."""
+
 _NAME_COLUMN, _DOMAIN_COLUMN, _ID_COLUMN = IMPORT_COLUMNS
+_ACCOUNT_FIELDS = {_NAME_COLUMN: "name", _DOMAIN_COLUMN: "domain", _ID_COLUMN: "external_id"}
 
 
 class Rejected(Exception):
@@ -228,11 +242,47 @@ def epoch_seconds(value: object) -> float:
     raise ValueError("a timestamp must be a number or an ISO 8601 string")
 
 
+def received_ts(value: object, now: float) -> float:
+    """Check a sent ``ts`` (or AEP ``lastQualificationTime``) and return the time to record.
+
+    One rule for every form (number of seconds or milliseconds, ISO 8601 text; JSON,
+    NDJSON, AEP): the time must lie between :data:`TS_EARLIEST` and ``now`` plus
+    :data:`TS_AHEAD_SECONDS`, else ``ValueError`` saying so. ``None`` (absent) is fine.
+
+    What is recorded is ``now``, the time dbsync received the change, whatever was
+    sent: the store queues accounts and audiences oldest first by this time, and a
+    sender's clock must not move an audience ahead of changes that have waited longer
+    in dbsync (a ``ts`` of 2001 would otherwise put its audience first at once). The
+    order of a key's changes is the order they arrived in, never their ``ts``.
+    """
+    if value is None:
+        return now
+    seconds = epoch_seconds(value)
+    if not TS_EARLIEST <= seconds <= now + TS_AHEAD_SECONDS:
+        raise ValueError(
+            f"{value!r} is outside the accepted range: from 2000-01-01T00:00:00Z to a day after now"
+        )
+    return now
+
+
+def check_account(account: Account) -> tuple[str, str] | None:
+    """(field, problem) when Demandbase would refuse ``account``'s import row, else None.
+
+    :func:`~dbsync.demandbase.wire.import_row_problem` is the rule; this names the
+    field as a JSON sender wrote it (``name``, ``domain``, ``external_id``).
+    """
+    problem = import_row_problem(account.name, account.domain, account.external_id)
+    if problem is None:
+        return None
+    column, detail = problem
+    return _ACCOUNT_FIELDS[column], detail
+
+
 # --- native changes ------------------------------------------------------------------
 
 
 def to_changes(batch: Items[ChangeIn], active: Set[str], now: float) -> list[Change]:
-    """Changes with their audience checked (404) and time settled (``now`` if absent)."""
+    """Changes with their audience (404), account and ``ts`` (400) checked."""
     changes: list[Change] = []
     append = changes.append
     for i, item in enumerate(batch.items):
@@ -242,17 +292,17 @@ def to_changes(batch: Items[ChangeIn], active: Set[str], now: float) -> list[Cha
                 f"audience {item.audience_id!r} is not activated",
                 batch.field(i, "audience_id"),
             )
+        account = item.account
+        if problem := check_account(account):
+            field, detail = problem
+            raise Rejected(400, f"{field} {detail}", batch.field(i, f"account.{field}"))
         ts = item.ts
-        if ts is None:
-            ts = now
-        elif type(ts) is not float or not 0.0 <= ts < MILLISECONDS_FROM:
+        if ts is not None:
             try:
-                ts = epoch_seconds(ts)
+                received_ts(ts, now)
             except ValueError as exc:
                 raise Rejected(400, str(exc), batch.field(i, "ts")) from None
-        append(
-            Change(audience_id=item.audience_id, account=item.account, member=item.member, ts=ts)
-        )
+        append(Change(audience_id=item.audience_id, account=account, member=item.member, ts=now))
     return changes
 
 
@@ -264,20 +314,38 @@ async def snapshot_accounts(body: bytes, media: Literal["csv", "ndjson", "json"]
     if media == "csv":
         return await _csv_accounts(body)
     if media == "json":
-        return decode_json(body, Account).items
+        batch = decode_json(body, Account)
+        _check_accounts(batch)
+        return batch.items
     accounts: list[Account] = []
     async for batch in decode_ndjson(body, Account):
+        _check_accounts(batch)
         accounts.extend(batch.items)
     return accounts
 
 
+def _check_accounts(batch: Items[Account]) -> None:
+    for i, account in enumerate(batch.items):
+        if problem := check_account(account):
+            field, detail = problem
+            raise Rejected(400, f"{field} {detail}", batch.field(i, field))
+
+
 def _csv_header(body: bytes) -> list[str]:
     first = body.split(b"\n", 1)[0].rstrip(b"\r")
+    if b"\r" in first:
+        # Old Mac line ends: the whole file would read as one line (the csv module
+        # raises on a line break outside quotes), so name the cause instead.
+        raise Rejected(400, "lines end with a bare CR; end them with LF or CRLF", "header")
     try:
         text = first.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise Rejected(400, "the header is not UTF-8", "header") from None
-    header = [name.strip() for name in next(csv.reader([text]), [])]
+    try:
+        cells = next(csv.reader([text], strict=True), [])
+    except csv.Error as exc:
+        raise Rejected(400, f"malformed CSV header: {exc}", "header") from None
+    header = [name.strip() for name in cells]
     for name in header:
         if name not in IMPORT_COLUMNS:
             raise Rejected(
@@ -305,13 +373,11 @@ async def _csv_accounts(body: bytes) -> list[Account]:
                     f"must hold 1 to {KEY_MAX_LENGTH} characters",
                     f"row {number}: {_ID_COLUMN}",
                 )
-            accounts.append(
-                Account(
-                    external_id=external_id,
-                    name=row.get(_NAME_COLUMN, ""),
-                    domain=row.get(_DOMAIN_COLUMN, ""),
-                )
-            )
+            name, domain = row.get(_NAME_COLUMN, ""), row.get(_DOMAIN_COLUMN, "")
+            if problem := import_row_problem(name, domain, external_id):
+                column, detail = problem
+                raise Rejected(400, f"{column} {detail}", f"row {number}: {column}")
+            accounts.append(Account(external_id=external_id, name=name, domain=domain))
             if number % ROWS_PER_TURN == 0:
                 await asyncio.sleep(0)
     except ValueError as exc:

@@ -192,8 +192,11 @@ async def test_snapshots_apply_the_difference(
     http: aiohttp.ClientSession, url: str, store: Store
 ) -> None:
     snapshot = f"{url}/v1/audiences/aud-1/members"
-    csv = b"Account Name,Account Domain,External Account ID\nAcme,acme.com,A\nGlobex,,B\n"
-    ndjson = lines({"external_id": "B"}, {"external_id": "C", "name": "Initech"})
+    csv = b"Account Name,Account Domain,External Account ID\nAcme,acme.com,A\nGlobex,g.com,B\n"
+    ndjson = lines(
+        {"external_id": "B", "name": "Globex", "domain": "g.com"},
+        {"external_id": "C", "name": "Initech", "domain": "i.com"},
+    )
 
     first = await put(http, snapshot, csv, **CSV)
     second = await put(http, snapshot, ndjson, **NDJSON)
@@ -210,9 +213,10 @@ async def test_a_refused_snapshot_changes_nothing(
     http: aiohttp.ClientSession, url: str, store: Store
 ) -> None:
     snapshot = f"{url}/v1/audiences/aud-1/members"
-    await put(http, snapshot, b"External Account ID\nA\nB\n", **CSV)
+    header = b"External Account ID,Account Name,Account Domain\n"
+    await put(http, snapshot, header + b"A,Acme,a.com\nB,B,b.com\n", **CSV)
 
-    status, answer = await put(http, snapshot, b"External Account ID\nC\n\n,\n", **CSV)
+    status, answer = await put(http, snapshot, header + b"C,C,c.com\n\n,D,d.com\n", **CSV)
 
     assert (status, answer["field"]) == (400, "row 2: External Account ID")
     assert await members(store, "aud-1") == {"A", "B"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +24,13 @@ def fixture(name: str) -> Any:
     return msgspec.json.decode((DATA / name).read_bytes())
 
 
-def at(text: str) -> float:
-    return dt.datetime.fromisoformat(text).timestamp()
-
-
 def test_a_single_profile_maps_the_demandbase_mandatory_attributes() -> None:
     batch = changes_from_aep(fixture("single.json"), active=ACTIVE, mapping=DEFAULT, now=NOW)
 
     acme = Account(external_id="0015g00000ACMEAAA1", name="Acme Corporation", domain="acme.com")
     assert batch.changes == [
-        Change(
-            audience_id=CHURN_RISK, account=acme, member=False, ts=at("2022-01-11T21:24:39+00:00")
-        ),
-        Change(
-            audience_id=HIGH_INTENT, account=acme, member=True, ts=at("2022-01-02T23:37:33+00:00")
-        ),
+        Change(audience_id=CHURN_RISK, account=acme, member=False, ts=NOW),
+        Change(audience_id=HIGH_INTENT, account=acme, member=True, ts=NOW),
     ]
     assert batch.profiles == 1
     assert batch.profiles_ignored == 0
@@ -52,18 +43,27 @@ def test_a_single_profile_maps_the_demandbase_mandatory_attributes() -> None:
 def test_an_array_of_destination_sdk_profiles_with_the_key_in_the_identity_map() -> None:
     mapping = AepMapping(domain_attribute="accountEmailDomain", identity_namespace="b2b_account")
 
-    batch = changes_from_aep(fixture("array.json"), active=ACTIVE, mapping=mapping, now=NOW)
+    document = fixture("array.json")
+    with pytest.raises(Rejected) as refused:  # Demandbase refuses an account without a domain
+        changes_from_aep(document, active=ACTIVE, mapping=mapping, now=NOW)
+    document[0]["attributes"]["accountEmailDomain"] = {"value": "globex.example"}
 
-    globex = Account(external_id="0015g00000GLOBAA2", name="Globex Ltd", domain="")
+    batch = changes_from_aep(document, active=ACTIVE, mapping=mapping, now=NOW)
+
+    assert (refused.value.field, refused.value.error) == (
+        "[0].accountEmailDomain",
+        "domain is empty",
+    )
+    globex = Account(external_id="0015g00000GLOBAA2", name="Globex Ltd", domain="globex.example")
     initech = Account(external_id="0015g00000INITAA3", name="Initech", domain="initech.example")
     assert batch.changes == [
-        Change(audience_id=HIGH_INTENT, account=globex, member=True, ts=at("2019-04-15T02:41:50Z")),
-        Change(audience_id=CHURN_RISK, account=globex, member=True, ts=at("2019-04-15T02:41:50Z")),
+        Change(audience_id=HIGH_INTENT, account=globex, member=True, ts=NOW),
+        Change(audience_id=CHURN_RISK, account=globex, member=True, ts=NOW),
         Change(
             audience_id=HIGH_INTENT,
             account=initech,
             member=False,
-            ts=at("2021-10-26T16:59:00.828461Z"),
+            ts=NOW,
         ),
     ]
     assert batch.audiences_ignored == {"8f812592-3f06-416b-bd50-e7831848a31a": 1}
@@ -73,8 +73,8 @@ def test_a_batch_wrapper_counts_what_it_ignores() -> None:
     batch = changes_from_aep(fixture("batch.json"), active=ACTIVE, mapping=DEFAULT, now=NOW)
 
     assert [(c.account.external_id, c.member, c.ts) for c in batch.changes] == [
-        ("0015g00000UMBRAA4", True, at("2019-04-15T02:41:50Z")),
-        ("0015g00000HOOLAA5", False, at("2022-03-01T07:15:00.5Z")),
+        ("0015g00000UMBRAA4", True, NOW),
+        ("0015g00000HOOLAA5", False, NOW),
     ]
     assert batch.changes[0].account.domain == "umbrella.example"
     assert batch.profiles == 3
@@ -88,6 +88,8 @@ def test_a_batch_wrapper_counts_what_it_ignores() -> None:
 def profile(status: object = "realized", **fields: Any) -> dict[str, Any]:
     document: dict[str, Any] = {
         "accountKey": {"sourceKey": "001A"},
+        "accountName": "Acme",
+        "accountOrganization": {"domain": "acme.com"},
         "segmentMembership": {
             "ups": {
                 HIGH_INTENT: {"status": status, "lastQualificationTime": "2022-01-02T23:37:33Z"}
@@ -99,21 +101,62 @@ def profile(status: object = "realized", **fields: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"),
+    "value",
     [
-        (1_641_166_653_000, 1_641_166_653.0),  # epoch milliseconds
-        (1_641_166_653, 1_641_166_653.0),  # epoch seconds
-        ("2022-01-02T23:37:33", 1_641_166_653.0),  # no offset: UTC
-        (None, NOW),  # absent: received now
+        1_641_166_653_000,  # epoch milliseconds
+        1_641_166_653,  # epoch seconds
+        "2022-01-02T23:37:33",  # no offset: UTC
+        "2000-01-01T00:00:00Z",  # the earliest accepted
+        NOW + 86_400,  # a day ahead: clock skew
+        None,  # absent
     ],
 )
-def test_qualification_times_in_each_format(value: object, expected: float) -> None:
+def test_qualification_times_in_each_format_are_checked_and_received_now(value: object) -> None:
     document = profile()
     document["segmentMembership"]["ups"][HIGH_INTENT]["lastQualificationTime"] = value
 
     batch = changes_from_aep(document, active=ACTIVE, mapping=DEFAULT, now=NOW)
 
-    assert batch.changes[0].ts == expected
+    # The queue orders by when dbsync received a change: an old time must not jump it.
+    assert batch.changes[0].ts == NOW
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["1999-12-31T23:59:59Z", "0001-01-01T00:00:00", 0, 946_684_799, NOW + 86_401, "9999-12-31"],
+)
+def test_qualification_times_outside_the_range_are_refused(value: object) -> None:
+    document = profile()
+    document["segmentMembership"]["ups"][HIGH_INTENT]["lastQualificationTime"] = value
+
+    with pytest.raises(Rejected) as refused:
+        changes_from_aep(document, active=ACTIVE, mapping=DEFAULT, now=NOW)
+
+    assert refused.value.field == f"segmentMembership.ups.{HIGH_INTENT}.lastQualificationTime"
+    assert "outside the accepted range" in refused.value.error
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "error"),
+    [
+        ({"accountName": None}, "accountName", "name is empty"),
+        ({"accountName": "  "}, "accountName", "name is empty"),
+        ({"accountName": "n" * 256}, "accountName", "name holds 256 characters; at most 255"),
+        ({"accountOrganization": {}}, "accountOrganization.domain", "domain is empty"),
+        (
+            {"accountOrganization": {"domain": "d" * 256}},
+            "accountOrganization.domain",
+            "domain holds 256 characters; at most 255",
+        ),
+    ],
+)
+def test_accounts_demandbase_refuses_are_refused(
+    fields: dict[str, Any], field: str, error: str
+) -> None:
+    with pytest.raises(Rejected) as refused:
+        changes_from_aep(profile(**fields), active=ACTIVE, mapping=DEFAULT, now=NOW)
+
+    assert (refused.value.status, refused.value.field, refused.value.error) == (400, field, error)
 
 
 def test_a_profile_without_segment_membership_is_ignored() -> None:
@@ -146,7 +189,11 @@ def test_a_profile_without_segment_membership_is_ignored() -> None:
             f"segmentMembership.ups.{HIGH_INTENT}",
         ),
         (profile(accountName=7), 400, "accountName"),
-        (profile(attributes={"accountName": {"value": 7}}), 400, "attributes.accountName"),
+        (
+            profile(accountName=None, attributes={"accountName": {"value": 7}}),
+            400,
+            "attributes.accountName",
+        ),
     ],
 )
 def test_refusals_name_the_field(document: object, status: int, field: str) -> None:

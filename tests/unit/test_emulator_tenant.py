@@ -18,6 +18,7 @@ from dbsync.demandbase.emulator.tenant import (
     UploadRejected,
     read_import_file,
 )
+from dbsync.ingest.bodies import Rejected, snapshot_accounts
 
 HEADER = ("Account Name", "Account Domain", "External Account ID")
 
@@ -46,6 +47,9 @@ def test_an_import_file_gives_its_rows_numbered_from_one() -> None:
             "row 2: column 'Account Domain'",
         ),
         (encode_rows(HEADER, [("a", "a.com", "X-9")]), "row 1: account 'X-9' cannot be imported"),
+        (encode_rows(HEADER, [(" ", "a.com", "1")]), "row 1: column 'Account Name' is empty"),
+        (encode_rows(HEADER, [("n" * 256, "a.com", "1")]), "'Account Name' holds 256 characters"),
+        (encode_rows(HEADER, [("a", "d" * 256, "1")]), "'Account Domain' holds 256 characters"),
     ],
 )
 def test_an_import_file_demandbase_would_refuse_names_the_problem(
@@ -148,3 +152,34 @@ async def test_drops_and_failures_follow_the_faults_in_force_when_the_job_comple
     await clock.advance(10.0)
     assert state.import_job(noop.id) is noop
     assert noop.dropped == []  # a noop changes no list, so nothing is lost
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        ("Acme", "acme.com", "A"),
+        ("", "acme.com", "A"),
+        ("Acme", "\t", "A"),
+        ("n" * 255, "d" * 255, "x" * 256),
+        ("n" * 256, "acme.com", "A"),
+        ("Acme", "d" * 256, "A"),
+        ("Acme", "acme.com", "   "),
+    ],
+)
+async def test_ingest_refuses_exactly_the_rows_the_emulator_refuses(
+    row: tuple[str, str, str],
+) -> None:
+    """One rule in two places: what ingest lets in, the emulator's import accepts."""
+    body = encode_rows(HEADER, [row])
+    try:
+        read_import_file(body, reject_external_ids=frozenset())
+        emulator_accepts = True
+    except UploadRejected:
+        emulator_accepts = False
+    try:
+        await snapshot_accounts(body, "csv")
+        ingest_accepts = True
+    except Rejected:
+        ingest_accepts = False
+
+    assert ingest_accepts == emulator_accepts

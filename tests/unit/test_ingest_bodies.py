@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Literal
 
 import msgspec
 import pytest
@@ -190,7 +191,7 @@ def test_json_refusals_name_the_item_and_field(body: bytes, field: str) -> None:
 # --- native changes ------------------------------------------------------------------
 
 
-async def test_changes_take_their_time_or_now() -> None:
+async def test_changes_are_received_now_whatever_time_they_carry() -> None:
     body = b"\n".join(
         [
             line("A"),
@@ -203,28 +204,80 @@ async def test_changes_take_their_time_or_now() -> None:
 
     changes = to_changes(batch, ACTIVE, NOW)
 
+    # The queue orders by when dbsync received a change, so a sent ts cannot jump it.
     acme = {"name": "Acme", "domain": "acme.com"}
     assert changes == [
-        Change(audience_id="aud-1", account=Account(external_id="A", **acme), member=True, ts=NOW),
-        Change(
-            audience_id="aud-1",
-            account=Account(external_id="B", **acme),
-            member=True,
-            ts=1_641_166_653.5,
-        ),
-        Change(
-            audience_id="aud-1",
-            account=Account(external_id="C", **acme),
-            member=True,
-            ts=1_641_166_653.5,
-        ),
-        Change(
-            audience_id="aud-2",
-            account=Account(external_id="D", **acme),
-            member=False,
-            ts=1_641_166_653.5,
-        ),
+        Change(audience_id="aud-1", account=Account(external_id=key, **acme), member=True, ts=NOW)
+        for key in "ABC"
+    ] + [
+        Change(audience_id="aud-2", account=Account(external_id="D", **acme), member=False, ts=NOW)
     ]
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        -1,
+        0,
+        946_684_799.9,  # just before 2000-01-01
+        "1999-12-31T23:59:59Z",
+        "0001-01-01T00:00:00",
+        "1969-07-20T20:17:00Z",
+        NOW + 86_400.5,  # over a day ahead
+        1e30,
+        1.7e308,
+        "9999-12-31T23:59:59",
+    ],
+)
+async def test_one_range_for_ts_in_every_form(ts: object) -> None:
+    (batch,) = await ndjson(line("A") + b"\n" + line("B", ts=ts))
+
+    with pytest.raises(Rejected) as refused:
+        to_changes(batch, ACTIVE, NOW)
+
+    assert (refused.value.status, refused.value.field) == (400, "line 2: ts")
+
+
+@pytest.mark.parametrize("ts", [946_684_800, "2000-01-01T00:00:00Z", NOW + 86_400, NOW * 1000])
+async def test_the_ends_of_the_ts_range_are_accepted(ts: object) -> None:
+    (batch,) = await ndjson(line("A", ts=ts))
+
+    assert [c.ts for c in to_changes(batch, ACTIVE, NOW)] == [NOW]
+
+
+@pytest.mark.parametrize(
+    ("account", "field", "error"),
+    [
+        ({"external_id": "A", "domain": "acme.com"}, "line 1: account.name", "name is empty"),
+        ({"external_id": "A", "name": " \t", "domain": "a.com"}, "line 1: account.name", "empty"),
+        ({"external_id": "A", "name": "Acme"}, "line 1: account.domain", "domain is empty"),
+        (
+            {"external_id": "A", "name": "n" * 256, "domain": "a.com"},
+            "line 1: account.name",
+            "256 characters; at most 255",
+        ),
+        (
+            {"external_id": "A", "name": "Acme", "domain": "d" * 256},
+            "line 1: account.domain",
+            "256 characters; at most 255",
+        ),
+        (
+            {"external_id": "   ", "name": "Acme", "domain": "a.com"},
+            "line 1: account.external_id",
+            "not only spaces",
+        ),
+    ],
+)
+async def test_accounts_demandbase_refuses_are_400_naming_the_field(
+    account: dict[str, str], field: str, error: str
+) -> None:
+    (batch,) = await ndjson(line("A", account=account))
+
+    with pytest.raises(Rejected) as refused:
+        to_changes(batch, ACTIVE, NOW)
+
+    assert (refused.value.status, refused.value.field) == (400, field)
+    assert error in refused.value.error
 
 
 async def test_an_unknown_audience_is_404_naming_the_line() -> None:
@@ -265,10 +318,46 @@ async def test_a_csv_snapshot_reads_the_import_columns() -> None:
     ]
 
 
-async def test_a_csv_snapshot_may_carry_only_the_id_column() -> None:
-    accounts = await snapshot_accounts(b"External Account ID\n001A\n001B\n", "csv")
+@pytest.mark.parametrize(
+    ("body", "field", "error"),
+    [
+        (b"External Account ID\n001A\n", "row 1: Account Name", "is empty"),
+        (b"Account Name,External Account ID\nAcme,001A\n", "row 1: Account Domain", "is empty"),
+        (
+            b"Account Name,Account Domain,External Account ID\nA,a.com,1\n  ,b.com,2\n",
+            "row 2: Account Name",
+            "is empty",
+        ),
+        (
+            b"Account Name,Account Domain,External Account ID\nA," + b"d" * 256 + b",1\n",
+            "row 1: Account Domain",
+            "at most 255",
+        ),
+    ],
+)
+async def test_csv_rows_demandbase_refuses_are_400_naming_row_and_column(
+    body: bytes, field: str, error: str
+) -> None:
+    with pytest.raises(Rejected) as refused:
+        await snapshot_accounts(body, "csv")
 
-    assert accounts == [Account(external_id="001A"), Account(external_id="001B")]
+    assert (refused.value.status, refused.value.field) == (400, field)
+    assert error in refused.value.error
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"Account Name,Account Domain,External Account ID\rAcme,acme.com,1\r",
+        b"External Account ID\rAcme\r",
+    ],
+)
+async def test_a_csv_with_bare_cr_line_ends_is_400_naming_them(body: bytes) -> None:
+    with pytest.raises(Rejected) as refused:
+        await snapshot_accounts(body, "csv")
+
+    assert (refused.value.status, refused.value.field) == (400, "header")
+    assert "bare CR" in refused.value.error
 
 
 async def test_a_csv_header_alone_is_an_empty_membership() -> None:
@@ -286,7 +375,7 @@ async def test_a_csv_header_alone_is_an_empty_membership() -> None:
         (b"External Account ID,External Account ID\n1,2\n", "header", "twice"),
         (b"\xff\xfeE\x00\n", "header", "not UTF-8"),
         (
-            b"Account Name,External Account ID\nAcme,001A\nGlobex,\n",
+            b"Account Name,Account Domain,External Account ID\nAcme,a.com,001A\nGlobex,g.com,\n",
             "row 2: External Account ID",
             "1 to 256",
         ),
@@ -303,11 +392,35 @@ async def test_csv_refusals_name_the_header_or_row(body: bytes, field: str, erro
 
 
 async def test_ndjson_and_json_snapshots_are_accounts() -> None:
-    accounts = [Account(external_id="001A", name="Acme"), Account(external_id="001B")]
+    accounts = [
+        Account(external_id="001A", name="Acme", domain="acme.com"),
+        Account(external_id="001B", name="B", domain="b.com"),
+    ]
     lines = b"\n".join(encode(a) for a in accounts)
 
     assert await snapshot_accounts(lines, "ndjson") == accounts
     assert await snapshot_accounts(encode(accounts), "json") == accounts
+
+
+@pytest.mark.parametrize(
+    ("media", "body", "field"),
+    [
+        (
+            "ndjson",
+            b'{"external_id": "A", "name": "Acme", "domain": "a.com"}\n{"external_id": "B"}',
+            "line 2: name",
+        ),
+        ("json", b'[{"external_id": "A", "name": "Acme", "domain": " "}]', "[0].domain"),
+        ("json", b'{"external_id": "A", "name": "", "domain": "a.com"}', "name"),
+    ],
+)
+async def test_json_snapshot_accounts_demandbase_refuses_are_400(
+    media: Literal["json", "ndjson"], body: bytes, field: str
+) -> None:
+    with pytest.raises(Rejected) as refused:
+        await snapshot_accounts(body, media)
+
+    assert (refused.value.status, refused.value.field) == (400, field)
     with pytest.raises(Rejected) as refused:
         await snapshot_accounts(b'{"external_id": "001A", "member": true}', "ndjson")
     assert refused.value.field == "line 1: member"

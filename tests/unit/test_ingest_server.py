@@ -6,6 +6,7 @@ nothing of the request.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -106,6 +107,9 @@ async def url(serve: Serve) -> str:
     return base
 
 
+ID_ONLY_CSV = b"External Account ID,Account Name,Account Domain\n001A,Acme,acme.com\n"
+
+
 def change(external_id: str = "001A", **fields: Any) -> dict[str, Any]:
     document: dict[str, Any] = {
         "audience_id": "aud-1",
@@ -139,9 +143,10 @@ async def test_ndjson_changes_are_committed_in_one_call(
 
     assert (status, answer) == (202, {"accepted": 3, "joins": 2, "leaves": 1})
     (appended,) = store.appended
+    # A ts sent is checked, and the time recorded is when ingest received it.
     assert [(c.account.external_id, c.member, c.ts) for c in appended] == [
         ("A", True, NOW),
-        ("B", False, 1_700_000_000.0),
+        ("B", False, NOW),
         ("C", True, NOW),
     ]
 
@@ -265,9 +270,7 @@ async def test_a_store_failure_is_503_and_counts_nothing(
     store.fail = True
 
     status, answer = await call(http, "POST", f"{url}/v1/changes", lines(change()), **NDJSON)
-    snapshot, _ = await call(
-        http, "PUT", f"{url}/v1/audiences/aud-1/members", b"External Account ID\n001A\n", **CSV
-    )
+    snapshot, _ = await call(http, "PUT", f"{url}/v1/audiences/aud-1/members", ID_ONLY_CSV, **CSV)
 
     assert (status, snapshot) == (503, 503)
     assert "nothing" in answer["error"]
@@ -340,10 +343,15 @@ async def test_an_aep_mapping_is_honoured(
         )
     )
 
-    status, answer = await call(
-        http, "POST", f"{url}/v1/aep", (AEP_DATA / "array.json").read_bytes(), **JSON
-    )
+    document = json.loads((AEP_DATA / "array.json").read_bytes())
+    refused = await call(http, "POST", f"{url}/v1/aep", encode(document), **JSON)
+    # The fixture's first profile has no domain, which Demandbase refuses.
+    document[0]["attributes"]["accountEmailDomain"] = {"value": "globex.example"}
 
+    status, answer = await call(http, "POST", f"{url}/v1/aep", encode(document), **JSON)
+
+    assert refused[0] == 400
+    assert refused[1]["field"] == "[0].accountEmailDomain"
     assert (status, answer["accepted"]) == (202, 2)
     assert [c.account.external_id for c in store.appended[0]] == [
         "0015g00000GLOBAA2",  # the primary identity
@@ -388,8 +396,14 @@ async def test_refused_aep_payloads_name_the_field(
 async def test_a_csv_snapshot_replaces_the_membership(
     http: aiohttp.ClientSession, url: str, store: FakeStore
 ) -> None:
-    first = b"Account Name,Account Domain,External Account ID\nAcme,acme.com,001A\nGlobex,,001B\n"
-    second = b"External Account ID\n001B\n001C\n001C\n"
+    first = (
+        b"Account Name,Account Domain,External Account ID\n"
+        b"Acme,acme.com,001A\nGlobex,globex.com,001B\n"
+    )
+    second = (
+        b"External Account ID,Account Name,Account Domain\n"
+        b"001B,B,b.com\n001C,C,c.com\n001C,C,c.com\n"
+    )
 
     assert await call(http, "PUT", f"{url}/v1/audiences/aud-1/members", first, **CSV) == (
         202,
@@ -404,19 +418,25 @@ async def test_a_csv_snapshot_replaces_the_membership(
 
 
 async def test_an_ndjson_snapshot(http: aiohttp.ClientSession, url: str, store: FakeStore) -> None:
-    body = lines({"external_id": "001A", "name": "Acme"}, {"external_id": "001B"})
+    body = lines(
+        {"external_id": "001A", "name": "Acme", "domain": "acme.com"},
+        {"external_id": "001B", "name": "B", "domain": "b.com"},
+    )
 
     status, answer = await call(http, "PUT", f"{url}/v1/audiences/aud-2/members", body, **NDJSON)
 
     assert (status, answer["members"]) == (202, 2)
-    assert store.members["aud-2"]["001A"] == Account(external_id="001A", name="Acme")
+    assert store.members["aud-2"]["001A"] == Account(
+        external_id="001A", name="Acme", domain="acme.com"
+    )
 
 
 @pytest.mark.parametrize(
     ("audience", "body", "headers", "status", "field"),
     [
         ("aud-9", b"External Account ID\n001A\n", CSV, 404, "audience_id"),
-        ("aud-1", b"External Account ID\n001A\n\n,\n", CSV, 400, "row 2: External Account ID"),
+        ("aud-1", ID_ONLY_CSV + b"\n,A,a.com\n", CSV, 400, "row 2: External Account ID"),
+        ("aud-1", b"External Account ID\n001A\n", CSV, 400, "row 1: Account Name"),
         ("aud-1", b"Account ID\n001A\n", CSV, 400, "header"),
         ("aud-1", lines({"external_id": "001A", "member": True}), NDJSON, 400, "line 1: member"),
         (
@@ -454,7 +474,7 @@ async def test_stats_count_requests_changes_and_refusals(
     await call(http, "POST", f"{url}/v1/changes", lines(change("A"), change("B")), **NDJSON)
     await call(http, "POST", f"{url}/v1/changes", b"{", **NDJSON)
     await call(http, "POST", f"{url}/v1/aep", (AEP_DATA / "batch.json").read_bytes(), **JSON)
-    await call(http, "PUT", f"{url}/v1/audiences/aud-1/members", b"External Account ID\n1\n", **CSV)
+    await call(http, "PUT", f"{url}/v1/audiences/aud-1/members", ID_ONLY_CSV, **CSV)
     await call(http, "GET", f"{url}/v1/health")
 
     stats = server.stats

@@ -62,7 +62,7 @@ from dbsync.demandbase.csvfile import encode_rows, read_rows
 from dbsync.demandbase.emulator.accounts import AccountDatabase
 from dbsync.demandbase.emulator.faults import FaultState
 from dbsync.demandbase.emulator.settings import EmulatorSettings
-from dbsync.demandbase.wire import EXPORT_RESULT_COLUMNS
+from dbsync.demandbase.wire import EXPORT_RESULT_COLUMNS, import_row_problem
 
 __all__ = [
     "FIRST_IMPORT_JOB_ID",
@@ -134,9 +134,10 @@ def read_import_file(data: bytes, *, reject_external_ids: frozenset[str]) -> lis
     """The rows of an account import file, or :class:`UploadRejected` naming what is wrong.
 
     [ASSUMED] rules: the file is UTF-8 CSV (a byte-order mark is tolerated); its
-    header names every :data:`REQUIRED_IMPORT_COLUMNS`; no row leaves one of them
-    empty; and no row carries an External Account ID that a ``reject_external_ids``
-    fault names. The first broken row is named by its number and column.
+    header names every :data:`REQUIRED_IMPORT_COLUMNS`; no row breaks
+    :func:`~dbsync.demandbase.wire.import_row_problem` (an empty or over-long name or
+    domain, an id of only spaces); and no row carries an External Account ID that a
+    ``reject_external_ids`` fault names. The first broken row is named by its number and column.
     """
     try:
         records = list(read_rows(data))
@@ -150,9 +151,13 @@ def read_import_file(data: bytes, *, reject_external_ids: frozenset[str]) -> lis
             raise UploadRejected(f"the header lacks the column {column!r}")
     rows: list[ImportRow] = []
     for number, record in enumerate(records, start=1):
-        for column in REQUIRED_IMPORT_COLUMNS:
-            if not record[column].strip():
-                raise UploadRejected(f"row {number}: column {column!r} is empty")
+        # The same rule ingest applies, so that what ingest accepts this accepts.
+        problem = import_row_problem(
+            record["Account Name"], record["Account Domain"], record.get(_EXTERNAL_ID_COLUMN, "")
+        )
+        if problem is not None:
+            column, detail = problem
+            raise UploadRejected(f"row {number}: column {column!r} {detail}")
         external_id = record.get(_EXTERNAL_ID_COLUMN, "").strip()
         if external_id in reject_external_ids:
             raise UploadRejected(f"row {number}: account {external_id!r} cannot be imported")
