@@ -193,6 +193,12 @@ class Daemon:
                 max_body_bytes=config.ingest.max_body_bytes,
                 aep_mapping=config.ingest.aep_mapping,
                 clock=self._clock,
+                header_timeout_seconds=config.ingest.header_timeout_seconds,
+                body_timeout_seconds=config.ingest.body_timeout_seconds,
+                idle_timeout_seconds=config.ingest.idle_timeout_seconds,
+                max_connections=config.ingest.max_connections,
+                max_body_bytes_in_flight=config.ingest.max_body_bytes_in_flight,
+                body_wait_seconds=config.ingest.body_wait_seconds,
             )
             self._install_signals()
             async with asyncio.TaskGroup() as group:

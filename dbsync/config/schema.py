@@ -152,6 +152,36 @@ class IngestSettings(_Table, frozen=True):
     aep_mapping: AepMapping = AepMapping()
     """How AEP profile exports map onto accounts."""
 
+    header_timeout_seconds: Annotated[float, msgspec.Meta(ge=0.1, le=300)] = 10.0
+    """Seconds a new connection has to send its first request's headers; then it is
+    closed. Slow-loris clients that trickle headers hold a descriptor no longer."""
+
+    body_timeout_seconds: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 120.0
+    """Seconds a request has to send its whole body once its headers are in; then it
+    gets 408 and its connection is closed. 120 s carries the largest body at about
+    half a megabyte a second."""
+
+    idle_timeout_seconds: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 30.0
+    """Seconds a kept-alive connection may wait for its next request (or a partial one
+    may stall) before the server closes it."""
+
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 512
+    """Open ingest connections at most. At the limit a new connection closes the
+    oldest one with no request under way (idle, or still sending headers) that has been
+    open for a second; when none can go, the new one is answered 503 and closed. Keep it
+    well below the unit's LimitNOFILE, so that descriptors remain for the store and the
+    admin socket."""
+
+    max_body_bytes_in_flight: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 128 * 1024 * 1024
+    """Request bytes held in memory at once, across requests: a body reserves its
+    Content-Length (max_body_bytes when it has none, no more than this limit) before it
+    is read, and frees it once answered. Decoding costs about three times a body's
+    size, so the default bounds bodies to about 400 MiB of memory."""
+
+    body_wait_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 5.0
+    """Seconds a body waits for room under max_body_bytes_in_flight before it gets 503
+    with Retry-After (0: at once)."""
+
 
 class LoggingSettings(_Table, frozen=True):
     """``[logging]``: the event lines written on stdout."""

@@ -84,11 +84,19 @@ _ACCOUNT_FIELDS = {_NAME_COLUMN: "name", _DOMAIN_COLUMN: "domain", _ID_COLUMN: "
 class Rejected(Exception):
     """A request refused with ``status``; ``field`` says where, for the sender to fix."""
 
-    def __init__(self, status: int, error: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        field: str | None = None,
+        *,
+        retry_after_seconds: int | None = None,
+    ) -> None:
         super().__init__(error)
         self.status = status
         self.error = error
         self.field = field
+        self.retry_after_seconds = retry_after_seconds
 
 
 class ChangeIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):

@@ -10,13 +10,20 @@ Routes (``INTERFACES.md``, "Ingest HTTP API")::
 A request goes through the same gates in the same order, each answering at once:
 bearer token (401; health is open), draining (503), audience named in the path (404),
 content type (415), body size (413, from ``Content-Length`` before anything is read,
-else while reading), then the whole body is decoded and validated (400 naming the
-field, 404 for an audience not activated) before the store is called once. A request
+else while reading), room for the body in memory (it waits, then 503 with Retry-After),
+then the body is read within ``body_timeout_seconds`` (408) and decoded and validated
+(400 naming the field, 404 for an audience not activated; a body whose
+Content-Encoding does not decode is 400 too) before the store is called once. A request
 is therefore applied whole or not at all, and 202 is answered only once the store
 says the transaction committed; a :class:`~dbsync.errors.StoreError` answers 503 and
 nothing of the request was applied. Group commit, many concurrent requests sharing
 one transaction, happens inside the store; the server's part is never to split a
 request.
+
+What a client may hold is bounded by :mod:`dbsync.ingest.connections`: open
+connections, the time to send headers, body and the next request, and the body bytes in
+memory across requests. A client that goes away mid-body, or sends what is not HTTP,
+is one info line, never an error with a traceback.
 
 The activated audiences are asked for on every request, so a reload takes effect for
 the next request. Each rejection is one ``ingest_rejected`` event; the counters in
@@ -25,8 +32,10 @@ the next request. Each rejection is one ``ingest_rejected`` event; the counters 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Literal, Protocol
@@ -46,6 +55,12 @@ from dbsync.ingest.bodies import (
     snapshot_accounts,
     to_changes,
 )
+from dbsync.ingest.connections import (
+    BodyBudget,
+    ConnectionLog,
+    ConnectionTable,
+    GuardedSite,
+)
 from dbsync.model import Account, Change
 
 __all__ = ["ChangeStore", "IngestServer", "IngestStats", "SnapshotCounts"]
@@ -53,6 +68,9 @@ __all__ = ["ChangeStore", "IngestServer", "IngestStats", "SnapshotCounts"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES_IN_FLIGHT = 128 * 1024 * 1024
+# What _read reserved for a request's body, for _gate to release once it is answered.
+_RESERVED = web.RequestKey("dbsync_body_bytes_reserved", int)
 DEFAULT_AEP_MAPPING = AepMapping()
 
 Media = Literal["json", "ndjson", "csv"]
@@ -97,6 +115,9 @@ class IngestStats(msgspec.Struct, frozen=True, kw_only=True):
     aep_profiles_ignored: int
     aep_audiences_ignored: int  # memberships of audiences not activated here
     rejected: dict[int, int]  # by HTTP status
+    connections_refused: int = 0  # over max_connections with every one busy: 503
+    connections_evicted: int = 0  # idle or slow, closed to make room for a new one
+    connections_headers_late: int = 0  # closed for not sending headers in time
 
 
 class IngestServer:
@@ -117,6 +138,12 @@ class IngestServer:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         aep_mapping: AepMappingLike = DEFAULT_AEP_MAPPING,
         clock: Clock | None = None,
+        header_timeout_seconds: float = 10.0,
+        body_timeout_seconds: float = 120.0,
+        idle_timeout_seconds: float = 30.0,
+        max_connections: int = 512,
+        max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
+        body_wait_seconds: float = 5.0,
     ) -> None:
         self._store = store
         self._audiences = audiences
@@ -128,6 +155,13 @@ class IngestServer:
         self._max_body_bytes = max_body_bytes
         self._aep_mapping = aep_mapping
         self._clock = clock or SystemClock()
+        self._body_timeout_seconds = body_timeout_seconds
+        self._idle_timeout_seconds = idle_timeout_seconds
+        self._connections = ConnectionTable(
+            max_connections=max_connections, header_timeout_seconds=header_timeout_seconds
+        )
+        self._budget = BodyBudget(max_body_bytes_in_flight)
+        self._body_wait_seconds = body_wait_seconds
         self._accepting = True
         self._runner: web.AppRunner | None = None
         self._requests = 0
@@ -148,10 +182,18 @@ class IngestServer:
 
     async def start(self) -> tuple[str, int]:
         """Listen; returns the bound address (port 0 asks for a free one)."""
-        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self._app,
+            access_log=None,
+            handle_signals=False,
+            # aiohttp closes a connection that waits this long for a request: after it
+            # opened or after its last response, partial headers included.
+            keepalive_timeout=self._idle_timeout_seconds,
+            logger=ConnectionLog(),
+        )
         await runner.setup()
         self._runner = runner
-        await web.TCPSite(runner, self._host, self._port).start()
+        await GuardedSite(runner, self._host, self._port, self._connections).start()
         host, port = runner.addresses[0][:2]
         log.info("ingest_listening", extra={"host": host, "port": port, "auth": bool(self._token)})
         return host, port
@@ -183,7 +225,23 @@ class IngestServer:
             aep_profiles_ignored=self._aep_profiles_ignored,
             aep_audiences_ignored=self._aep_audiences_ignored,
             rejected=dict(self._rejected),
+            connections_refused=self._connections.refused,
+            connections_evicted=self._connections.evicted,
+            connections_headers_late=self._connections.headers_late,
         )
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
+
+    @property
+    def body_bytes_in_flight(self) -> int:
+        """Body bytes reserved by requests under way (see BodyBudget)."""
+        return self._budget.used
+
+    @property
+    def bodies_waiting(self) -> int:
+        return self._budget.waiting
 
     # --- routes ------------------------------------------------------------------------
 
@@ -263,16 +321,30 @@ class IngestServer:
     ) -> web.StreamResponse:
         self._requests += 1
         started = self._clock.monotonic()
+        guard = self._connections.request_started(request.transport)
         try:
             if self._token is not None and request.path != "/v1/health":
                 self._authorize(request)
             response = await handler(request)
         except Rejected as rejection:
-            return self._refuse(request, rejection)
+            refusal = self._refuse(request, rejection)
+            if rejection.status == 408:
+                # aiohttp would linger reading the rest of a slow body for up to 10 s:
+                # answer now and close, so that the descriptor is free at once.
+                await refusal.prepare(request)
+                await refusal.write_eof()
+                if request.protocol is not None:
+                    request.protocol.force_close()
+            return refusal
         except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
             # The router's refusals get the same JSON body as ours.
             field = "path" if exc.status == 404 else "method"
             return self._refuse(request, Rejected(exc.status, exc.reason.lower(), field))
+        finally:
+            # The body and what was decoded from it are gone once the handler returns.
+            self._budget.release(request.get(_RESERVED, 0))
+            if guard is not None:
+                guard.request_ended()
         log.debug(
             "ingest_answered",
             extra={
@@ -312,11 +384,36 @@ class IngestServer:
             raise Rejected(
                 413, f"{length} bytes exceed the limit of {self._max_body_bytes}", "body"
             )
+        # Room in memory first: the declared size, or the most a body without one may be.
+        reserved = await self._budget.reserve(
+            length if length is not None else self._max_body_bytes, self._body_wait_seconds
+        )
+        if reserved is None:
+            raise Rejected(
+                503,
+                "too many request bodies in memory at once; retry shortly",
+                "body",
+                retry_after_seconds=max(1, math.ceil(self._body_wait_seconds)),
+            )
+        request[_RESERVED] = reserved
         try:
-            return await request.read()
+            async with asyncio.timeout(self._body_timeout_seconds):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:  # a chunked body, past client_max_size
             raise Rejected(
                 413, f"the body exceeds the limit of {self._max_body_bytes} bytes", "body"
+            ) from None
+        except TimeoutError:
+            raise Rejected(
+                408, f"the body did not arrive within {self._body_timeout_seconds:g} s", "body"
+            ) from None
+        except web.RequestPayloadError as exc:
+            # A Content-Encoding that does not decode, or a malformed chunked body.
+            raise Rejected(400, f"the body cannot be read: {exc}", "body") from None
+        except ConnectionError:
+            # The client went away mid-body; nobody reads the answer, the log line counts.
+            raise Rejected(
+                400, "the client closed the connection before its body ended", "body"
             ) from None
 
     def _active(self) -> frozenset[str]:
@@ -345,6 +442,8 @@ class IngestServer:
         response = _json(rejection.status, {"error": rejection.error, "field": rejection.field})
         if rejection.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="dbsync ingest"'
+        if rejection.retry_after_seconds is not None:
+            response.headers["Retry-After"] = str(rejection.retry_after_seconds)
         return response
 
 

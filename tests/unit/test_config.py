@@ -495,6 +495,17 @@ INVALID = [
         id="missing-ingest-token",
     ),
     pytest.param("[daemon\n" + VALID, "", "not valid TOML", id="toml-syntax"),
+    *(
+        pytest.param(f"[ingest]\n{key} = {value}\n" + VALID, f"ingest.{key}", message, id=key)
+        for key, value, message in [
+            ("header_timeout_seconds", "0", ">= 0.1"),
+            ("body_timeout_seconds", "1e9", "<= 3600"),
+            ("idle_timeout_seconds", "inf", "<= 3600"),
+            ("max_connections", "0", ">= 1"),
+            ("max_body_bytes_in_flight", "1024", ">= 1048576"),
+            ("body_wait_seconds", "-1", ">= 0"),
+        ]
+    ),
 ]
 
 
