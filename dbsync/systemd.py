@@ -66,13 +66,19 @@ async def run_watchdog(
     The pings come from the event loop itself, so a loop blocked by a runaway
     computation stops them too. ``healthy`` returns "" when all is well, else what is
     wrong: the ping is then withheld (and the reason logged once per change), so that
-    systemd restarts a daemon that runs but can no longer do its job. Runs until
-    cancelled.
+    systemd restarts a daemon that runs but can no longer do its job. A ``healthy``
+    that raises, or a ping that cannot be sent (:func:`notify` never raises), withholds
+    one ping and no more. Runs until cancelled.
     """
     withheld = ""
     while True:
         await clock.sleep(interval_seconds)
-        problem = await healthy()
+        try:
+            problem = await healthy()
+        except Exception as exc:
+            # A check that fails (out of descriptors, say) is a reason to withhold the
+            # ping, never to end the loop: systemd then decides, as it should.
+            problem = f"the health check failed: {type(exc).__name__}: {exc}"
         if not problem:
             notify("WATCHDOG=1")
         elif problem != withheld:

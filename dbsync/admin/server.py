@@ -13,7 +13,10 @@ Life, as :mod:`dbsync.daemon` drives it:
    starts waits in the backlog rather than being refused.
 2. :meth:`AdminServer.serve`, once the supervisor has started its actors (before
    ``READY=1``): it accepts connections, each exchange in its own task of the server's
-   TaskGroup (``admin:exchange``).
+   TaskGroup (``admin:exchange``). When the process is out of descriptors (EMFILE,
+   ENFILE: a flood of connections elsewhere), accept backs off and tries again, logging
+   ``admin_accept_failed`` once per episode and ``admin_accept_recovered`` after it: a
+   ``dbsync ctl`` waits in the backlog instead of ending the daemon.
 3. :meth:`AdminServer.close`, at shutdown once intake has stopped: no more
    connections; exchanges in progress get :data:`_CLOSE_GRACE_SECONDS` to answer (a
    ``drain`` answers at once) and are then cut; the socket file is removed, if it is
@@ -66,6 +69,10 @@ _WRITE_SECONDS = 10.0
 _CLOSE_GRACE_SECONDS = 2.0
 # How long the start-up probe of an existing socket file waits for a connection.
 _PROBE_SECONDS = 1.0
+# accept() errors that say the process or system is out of a resource for now; the
+# accept loop backs off (up to this long between tries) instead of ending the daemon.
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_BACKOFF_MAX_SECONDS = 1.0
 
 
 class AdminSocketError(Exception):
@@ -222,8 +229,30 @@ class AdminServer:
         controls: Controls,
     ) -> None:
         loop = asyncio.get_running_loop()
+        failures = 0
         while True:
-            connection, _ = await loop.sock_accept(sock)
+            try:
+                connection, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                if exc.errno == errno.ECONNABORTED:
+                    continue  # the client gave up before we got to it
+                if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
+                    raise
+                # Out of descriptors or memory (a flood elsewhere in the process): the
+                # caller waits in the backlog. Log the episode once, back off, go on.
+                if not failures:
+                    log.warning(
+                        "admin_accept_failed",
+                        extra={"path": str(self.path), "error": os.strerror(exc.errno or 0)},
+                    )
+                failures += 1
+                await asyncio.sleep(min(_ACCEPT_BACKOFF_MAX_SECONDS, 0.05 * 2**failures))
+                continue
+            if failures:
+                log.info(
+                    "admin_accept_recovered", extra={"path": str(self.path), "failures": failures}
+                )
+                failures = 0
             task = group.create_task(self._exchange(connection, controls), name="admin:exchange")
             exchanges.add(task)
             task.add_done_callback(exchanges.discard)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import json
 import logging
@@ -619,6 +620,34 @@ async def test_bad_requests_and_unknown_audiences_are_faults(short_dir: Path) ->
         assert unknown.code == ExitCode.FAULT, unknown
         assert unknown.json()["code"] == "unknown_audience"
         assert isinstance(await ask(sock, Status()), StatusReply)
+
+
+async def test_the_accept_loop_survives_running_out_of_descriptors(
+    short_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1. The admin socket's accept() fails with EMFILE, ENFILE, EMFILE (as when ingest
+       clients hold every descriptor), then works again.
+    2. Two status requests.
+    Result: both are answered; the daemon did not end; one ``admin_accept_failed`` for
+    the episode and one ``admin_accept_recovered`` counting its three failures."""
+    caplog.set_level(logging.INFO)
+    sock = socket_path(short_dir)
+    loop = asyncio.get_running_loop()
+    real_accept = loop.sock_accept
+    failures = iter([errno.EMFILE, errno.ENFILE, errno.EMFILE])
+
+    async def accept(listening: socket.socket) -> tuple[socket.socket, Any]:
+        if listening.family == socket.AF_UNIX and (code := next(failures, None)):
+            raise OSError(code, os.strerror(code))
+        return await real_accept(listening)
+
+    monkeypatch.setattr(loop, "sock_accept", accept)
+    async with admin_engine(short_dir, [EMEA]):
+        assert isinstance(await ask(sock, Status()), StatusReply)
+        assert isinstance(await ask(sock, Status()), StatusReply)
+
+    assert len(events(caplog, "admin_accept_failed")) == 1
+    assert [r.__dict__["failures"] for r in events(caplog, "admin_accept_recovered")] == [3]
 
 
 # --- roles ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -181,3 +182,32 @@ async def test_the_watchdog_is_withheld_while_unhealthy_and_said_once(
         assert systemd_socket.count("WATCHDOG=1") == 3
     withheld = [r for r in caplog.records if r.getMessage() == "watchdog_withheld"]
     assert [r.__dict__["reason"] for r in withheld] == ["the store is not answering"]
+
+
+async def test_a_health_check_that_raises_withholds_one_ping_and_the_loop_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1. The health check raises EMFILE once (the process is out of descriptors).
+    Result: that period's ping is withheld with the reason; the loop goes on pinging."""
+    outcomes: list[BaseException | str] = ["", OSError(errno.EMFILE, "Too many open files"), ""]
+
+    async def healthy() -> str:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    clock = FakeClock()
+    with fake_systemd(monkeypatch) as systemd_socket:
+        watchdog = asyncio.create_task(systemd.run_watchdog(10.0, healthy, clock))
+        for _ in range(3):
+            await clock.wait_for_sleepers(1)
+            await clock.advance(10.0)
+        await clock.wait_for_sleepers(1)
+        assert not watchdog.done()
+        watchdog.cancel()
+        await asyncio.gather(watchdog, return_exceptions=True)
+        assert systemd_socket.count("WATCHDOG=1") == 2
+    withheld = [r for r in caplog.records if r.getMessage() == "watchdog_withheld"]
+    assert len(withheld) == 1
+    assert "Too many open files" in withheld[0].__dict__["reason"]
