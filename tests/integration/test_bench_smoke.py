@@ -4,7 +4,7 @@ A smoke test, not a timed one: it never asserts a speed, nor that a target was m
 benchmark reports a missed target in its line and still exits 0). It asserts that each
 script exits 0 and that the last line on its stdout decodes as one JSON object naming the
 benchmark, with the figures the README records and values that make sense for the
-quick sizes (counts equal to what was sent, rates and times positive). The nine
+quick sizes (counts equal to what was sent, rates and times positive). The ten
 scripts run at once, each in its own process, so that the whole takes as long as the
 slowest (the budget's two emulated days).
 """
@@ -31,8 +31,9 @@ BENCHMARKS = [
     "snapshot",
     "latency",
     "readback",
+    "ingest_memory",
 ]
-# Nine benchmarks at once on two shared cores: the bound only catches a hang.
+# Ten benchmarks at once on two shared cores: the bound only catches a hang.
 TIMEOUT_SECONDS = 300
 pytestmark = pytest.mark.timeout(TIMEOUT_SECONDS + 60)
 
@@ -138,6 +139,15 @@ def test_snapshot(outputs: dict[str, tuple[int, str, str]]) -> None:
     assert line["exit_code"] == 0
     assert 0 < line["accepted_seconds"] <= line["applied_seconds"]
     assert line["rss_before_mb"] <= line["peak_rss_mb"]
+
+
+def test_ingest_memory(outputs: dict[str, tuple[int, str, str]]) -> None:
+    line = figures(outputs, "ingest_memory")
+    assert (line["bodies"], line["body_mib"]) == (10, 4)
+    for run in ("unbounded", "bounded"):
+        assert line[f"{run}_rss_before_mb"] <= line[f"{run}_peak_rss_mb"]
+        assert sum(line[f"{run}_statuses"].values()) == 10
+    assert line["bounded_statuses"].keys() <= {"400", "503"}  # nothing of it was stored
 
 
 def test_latency(outputs: dict[str, tuple[int, str, str]]) -> None:

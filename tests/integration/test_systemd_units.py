@@ -90,3 +90,19 @@ def test_the_template_keeps_every_instance_apart_and_is_hardened_alike() -> None
             assert "%i" in value, key
         else:
             assert value == single_value, key
+
+
+@pytest.mark.parametrize("unit", ["dbsync.service", "dbsync@.service"])
+def test_descriptors_and_memory_are_bounded_with_room_for_the_ingest_limits(unit: str) -> None:
+    """LimitNOFILE well above [ingest] max_connections, MemoryMax above the measured peak."""
+    from dbsync.config import IngestSettings
+
+    text = (UNITS / unit).read_text()
+    nofile = re.search(r"^LimitNOFILE=(\d+)$", text, re.MULTILINE)
+    memory = re.search(r"^MemoryMax=(\d+)M$", text, re.MULTILINE)
+    assert nofile is not None, text
+    assert memory is not None, text
+
+    assert int(nofile.group(1)) >= 4 * IngestSettings().max_connections
+    # bench/ingest_memory.py: 533 MiB peak under the default max_body_bytes_in_flight.
+    assert int(memory.group(1)) >= 2 * 533
