@@ -15,9 +15,11 @@ Three pieces close the gaps, each with one job:
 :class:`ConnectionTable`
     every open connection, oldest first, and whether a request is under way on it. At
     ``max_connections`` a new connection closes the oldest one that has no request
-    under way (idle, or still trickling headers): a client with a real request gets
-    in while slow ones hold every slot, which a plain refusal would not allow. When
-    every connection is busy, the new one is answered 503 and closed at once. The
+    under way (idle, or still trickling headers) and has been open longer than
+    :data:`EVICTION_GRACE_SECONDS`: a client with a real request gets in while slow
+    ones hold every slot, which a plain refusal would not allow, and the grace keeps a
+    flood of new connections from evicting it before its headers are read. When no
+    connection can go, the new one is answered 503 and closed at once. The
     first refusal of an episode is logged (``ingest_connections_full``), and its end.
 
 :class:`BodyBudget`
@@ -39,7 +41,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -61,12 +63,24 @@ _FULL = (
 ) % len(_FULL_BODY) + _FULL_BODY
 
 
+EVICTION_GRACE_SECONDS = 1.0
+"""A new connection cannot be evicted for this long: time enough to send headers on any
+sane link, too short for a flood to keep every slot for itself."""
+
+
 class ConnectionTable:
     """Open ingest connections, oldest first; see the module docstring for the policy."""
 
-    def __init__(self, *, max_connections: int, header_timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        header_timeout_seconds: float,
+        eviction_grace_seconds: float = EVICTION_GRACE_SECONDS,
+    ) -> None:
         self.max_connections = max_connections
         self.header_timeout_seconds = header_timeout_seconds
+        self.eviction_grace_seconds = eviction_grace_seconds
         self._open: dict[ConnectionGuard, None] = {}  # insertion order: oldest first
         self._by_transport: dict[asyncio.BaseTransport, ConnectionGuard] = {}
         self._full = False
@@ -93,7 +107,10 @@ class ConnectionTable:
         return True
 
     def _evict_one(self) -> bool:
+        opened_before = asyncio.get_running_loop().time() - self.eviction_grace_seconds
         for guard in self._open:
+            if guard.opened_at > opened_before:
+                break  # the rest are younger still
             if not guard.busy:
                 self._forget(guard)
                 guard.close()
@@ -138,14 +155,16 @@ class ConnectionGuard(asyncio.Protocol):
         self._handler: asyncio.Protocol | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.BaseTransport | None = None
+        self.opened_at = 0.0  # loop time
         self.busy = 0  # requests under way
         self._started = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.opened_at = asyncio.get_running_loop().time()
         if not self._table.admit(self, transport):
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(_FULL)
+            # A stream transport (uvloop's is not an asyncio.WriteTransport subclass).
+            cast(asyncio.Transport, transport).write(_FULL)
             transport.close()
             return
         self._timer = asyncio.get_running_loop().call_later(

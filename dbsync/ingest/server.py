@@ -56,6 +56,7 @@ from dbsync.ingest.bodies import (
     to_changes,
 )
 from dbsync.ingest.connections import (
+    EVICTION_GRACE_SECONDS,
     BodyBudget,
     ConnectionLog,
     ConnectionTable,
@@ -144,6 +145,7 @@ class IngestServer:
         max_connections: int = 512,
         max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
         body_wait_seconds: float = 5.0,
+        eviction_grace_seconds: float = EVICTION_GRACE_SECONDS,
     ) -> None:
         self._store = store
         self._audiences = audiences
@@ -158,7 +160,9 @@ class IngestServer:
         self._body_timeout_seconds = body_timeout_seconds
         self._idle_timeout_seconds = idle_timeout_seconds
         self._connections = ConnectionTable(
-            max_connections=max_connections, header_timeout_seconds=header_timeout_seconds
+            max_connections=max_connections,
+            header_timeout_seconds=header_timeout_seconds,
+            eviction_grace_seconds=eviction_grace_seconds,
         )
         self._budget = BodyBudget(max_body_bytes_in_flight)
         self._body_wait_seconds = body_wait_seconds

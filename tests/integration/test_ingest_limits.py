@@ -141,7 +141,7 @@ async def test_a_body_not_finished_in_time_is_408_and_the_connection_closes(
 async def test_at_the_cap_a_new_connection_closes_the_oldest_idle_one(
     serve: Serve, streams: list[Stream], http: aiohttp.ClientSession
 ) -> None:
-    server = await serve(max_connections=2)
+    server = await serve(max_connections=2, eviction_grace_seconds=0)
     slow = [await connect(server, streams) for _ in range(2)]
     for _, writer in slow:
         writer.write(b"GET /v1/health HTTP/1.1\r\n")  # headers started, never finished
@@ -153,6 +153,22 @@ async def test_at_the_cap_a_new_connection_closes_the_oldest_idle_one(
     assert await closed_by_server(slow[0][0]) == b""  # the oldest made room
     assert server.stats.connections_evicted >= 1
     assert server.stats.connections_refused == 0
+
+
+async def test_a_connection_in_its_grace_period_is_not_evicted(
+    serve: Serve, streams: list[Stream]
+) -> None:
+    server = await serve(max_connections=1, eviction_grace_seconds=3600)
+    young_reader, young = await connect(server, streams)
+    young.write(b"GET /v1/health HTTP/1.1\r\n")
+    await until(lambda: server.open_connections == 1)
+
+    reader, writer = await connect(server, streams)
+    writer.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+
+    assert (await closed_by_server(reader)).startswith(b"HTTP/1.1 503")
+    young.write(b"Host: x\r\n\r\n")  # the young one was kept, and is answered
+    assert (await young_reader.readline()).startswith(b"HTTP/1.1 200")
 
 
 async def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(
