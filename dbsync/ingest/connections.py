@@ -45,6 +45,7 @@ from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 __all__ = ["BodyBudget", "ConnectionGuard", "ConnectionLog", "ConnectionTable", "GuardedSite"]
 
@@ -314,7 +315,9 @@ class ConnectionLog(logging.Logger):
         error = exc_info if isinstance(exc_info, BaseException) else None
         if error is None and exc_info is True:
             error = sys.exc_info()[1]
-        if isinstance(error, HttpProcessingError | ConnectionError):
+        # RequestPayloadError: a body that does not decode, met while aiohttp drains
+        # what a refused request left unread.
+        if isinstance(error, HttpProcessingError | ConnectionError | RequestPayloadError):
             log.info("ingest_bad_request", extra={"error": _describe(error)})
         elif error_level:
             log.error(
@@ -328,4 +331,6 @@ def _describe(error: BaseException) -> str:
     """The class and aiohttp's message, without the echoed request line or headers."""
     if isinstance(error, HttpProcessingError):
         return f"{type(error).__name__}: {error.message}"[:200]
+    if isinstance(error, RequestPayloadError) and error.args:
+        return f"{type(error).__name__}: {error.args[0]}"[:200]
     return f"{type(error).__name__}: {error}"[:200]

@@ -333,3 +333,23 @@ async def test_a_malformed_request_is_one_info_line_without_traceback(
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+async def test_a_refused_request_with_a_body_that_does_not_decode_logs_no_error(
+    serve: Serve, streams: list[Stream], caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp drains what a refused request left unread; a body that does not decode
+    fails there, outside our handler: still the client's fault, one info line."""
+    caplog.set_level(logging.DEBUG)
+    server = await serve()
+    caplog.clear()
+    reader, writer = await connect(server, streams)
+    broken = b"\x1f\x8b not gzip at all " * 4
+    writer.write(
+        b"POST /v1/changes HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+        b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(broken), broken)
+    )
+
+    assert (await reader.readline()).startswith(b"HTTP/1.1 415")
+    await until(lambda: server.open_connections == 0)
+    assert client_noise(caplog) == []

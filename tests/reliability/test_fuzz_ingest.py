@@ -20,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import gzip
 import io
 import json
+import logging
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,3 +295,119 @@ def test_no_ingest_request_gets_a_5xx_or_leaves_a_refusal_stored(tmp_path: Path)
         print(f"answers by status: {dict(sorted(fuzz.answers.items()))}")
         assert 202 in fuzz.answers, fuzz.answers
         assert any(400 <= status < 500 for status in fuzz.answers), fuzz.answers
+
+
+# --- the transport: line endings, content encodings, truncated bodies ----------------------
+
+
+@dataclass(frozen=True)
+class Framed:
+    """A request as bytes on the wire, and whether the client hangs up mid-body."""
+
+    request: Request
+    line_ending: bytes
+    encoding: str
+    truncate_at: int | None  # body bytes sent before hanging up; None: all of them
+
+    def body(self) -> bytes:
+        body = self.request.body.replace(b"\r\n", b"\n").replace(b"\n", self.line_ending)
+        match self.encoding:
+            case "gzip":
+                return gzip.compress(body)
+            case "deflate":
+                return zlib.compress(body)
+            case "gzip-truncated":
+                return gzip.compress(body)[: max(1, len(body) // 2)]
+            case "gzip-not":
+                return b"\x1f\x8b not gzip " + body
+            case "deflate-not":
+                return b"not deflate " + body
+        return body
+
+    def wire(self) -> tuple[bytes, bytes]:
+        """(head, body) as sent; the head declares the whole body's length."""
+        body = self.body()
+        encoding = self.encoding.split("-")[0]
+        head = [f"{self.request.method} {self.request.path} HTTP/1.1", "Host: fuzz"]
+        if self.request.content_type:
+            head.append(f"Content-Type: {self.request.content_type}")
+        if encoding != "identity":
+            head.append(f"Content-Encoding: {encoding}")
+        head += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+        return "\r\n".join(head).encode(), body
+
+
+@st.composite
+def framed(draw: st.DrawFn) -> Framed:
+    request = draw(requests())
+    encoding = draw(
+        st.sampled_from(
+            ["identity", "gzip", "deflate", "gzip-truncated", "gzip-not", "deflate-not"]
+        )
+    )
+    truncate_at = draw(st.none() | st.integers(0, max(0, len(request.body) - 1)))
+    line_ending = draw(st.sampled_from([b"\n", b"\r\n", b"\r"]))
+    return Framed(request, line_ending, encoding, truncate_at)
+
+
+class Wire:
+    """Raw requests to a real server; every refusal logged is inspected for a 5xx."""
+
+    def __init__(self, fuzz: Harness, host: str, port: int) -> None:
+        self.fuzz, self.host, self.port = fuzz, host, port
+        self.statuses: dict[int, int] = {}
+
+    async def check(self, framed: Framed) -> None:
+        server = self.fuzz.server
+        before = await self.fuzz.stored()
+        head, body = framed.wire()
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            if framed.truncate_at is None:
+                writer.write(head + body)
+                status_line = await reader.readline()
+                status = int(status_line.split()[1])
+                self.statuses[status] = self.statuses.get(status, 0) + 1
+                assert status == 202 or 400 <= status < 500, (status_line, framed)
+                if status == 202:
+                    return
+            else:
+                writer.write(head + body[: framed.truncate_at])
+                await writer.drain()
+        finally:
+            writer.close()
+        # Refused, or cut off: wait until the server is done with it, then nothing of it
+        # may be stored and no answer of the server may have been a 5xx.
+        async with asyncio.timeout(30):
+            while server.open_connections > 0:
+                await asyncio.sleep(0.001)
+        assert await self.fuzz.stored() == before, framed
+        assert all(status < 500 for status in server.stats.rejected), server.stats.rejected
+
+
+def test_no_framing_line_ending_or_encoding_gets_a_5xx(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Random requests as raw bytes: LF, CRLF or bare-CR line ends; identity, gzip or
+    deflate bodies, valid, truncated or not compressed at all; and clients that hang up
+    mid-body. Result: every answer is 202 or a 4xx, nothing of a refused or cut-off
+    request is stored, no 5xx was answered, and nothing was logged at error level."""
+    with asyncio.Runner() as runner:
+        manager = harness(tmp_path)
+        fuzz = runner.run(manager.__aenter__())
+        host, port = fuzz.url.removeprefix("http://").rsplit(":", 1)
+        wire = Wire(fuzz, host, int(port))
+        try:
+
+            @given(request=framed())
+            def one(request: Framed) -> None:
+                runner.run(wire.check(request))
+
+            one()
+        finally:
+            runner.run(manager.__aexit__(None, None, None))
+        print(f"answers by status: {dict(sorted(wire.statuses.items()))}")
+    assert 202 in wire.statuses, wire.statuses
+    assert any(400 <= status < 500 for status in wire.statuses), wire.statuses
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
