@@ -63,7 +63,9 @@ class ListedAccount(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 class Change(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """``account`` should (``member``) or should not be in ``audience_id``'s list.
 
-    ``ts`` is when the CDP decided it (epoch seconds), or when dbsync received it.
+    ``ts`` is when dbsync received it (epoch seconds): ingest checks a ``ts`` the CDP
+    sends (:func:`dbsync.ingest.bodies.received_ts`) but records the receipt, so that
+    no sender's clock reorders the queue.
     """
 
     audience_id: str
