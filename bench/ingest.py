@@ -146,7 +146,12 @@ async def ingest(plan: Plan, directory: Path, big_mib: int) -> tuple[Outcome, fl
     from dbsync.store import Store
 
     audiences = audience_ids(plan)
-    async with Store.open(directory / "ingest.sqlite3", clock=SystemClock()) as store:
+    async with (
+        Store.open(directory / "ingest.sqlite3", clock=SystemClock()) as store,
+        asyncio.TaskGroup() as services,
+    ):
+        # The group commit runs as the daemon runs it: a service in a TaskGroup.
+        services.create_task(store.committer.run(), name="store:group-commit")
         server = IngestServer(
             store,
             audiences=lambda: audiences,
@@ -160,6 +165,7 @@ async def ingest(plan: Plan, directory: Path, big_mib: int) -> tuple[Outcome, fl
             stall, big_changes = await _one_big_body(url, plan, big_mib)
         finally:
             await server.close()
+            store.committer.stop()
     return outcome, stall, big_changes
 
 

@@ -28,8 +28,8 @@ import uvloop
 
 from bench._common import add_check_flag, emit, say
 from dbsync.clock import FakeClock
-from dbsync.model import Account, Change, ListAction, ListedAccount
-from dbsync.store import AudienceSpec, Store
+from dbsync.model import Account, AudienceSpec, Change, ListAction, ListedAccount
+from dbsync.store import Store
 
 AUDIENCE = "bench-readback"
 LOST_SHARE = 0.05

@@ -31,8 +31,8 @@ import uvloop
 
 from bench._common import add_check_flag, emit, say
 from dbsync.clock import SystemClock
-from dbsync.model import Account, Change, ListAction
-from dbsync.store import AudienceSpec, Store
+from dbsync.model import Account, AudienceSpec, Change, ListAction
+from dbsync.store import Store
 
 AUDIENCE = "bench-audience"
 
@@ -113,8 +113,12 @@ async def measure_store(
 
         started = time.perf_counter()
         async with asyncio.TaskGroup() as tasks:
-            for _ in range(callers):
-                tasks.create_task(caller())
+            committer = tasks.create_task(store.committer.run(), name="store:group-commit")
+            async with asyncio.TaskGroup() as callers_group:
+                for _ in range(callers):
+                    callers_group.create_task(caller())
+            store.committer.stop()
+            await committer
         append_seconds = time.perf_counter() - started
         transactions = store.transactions - before
         figures["append_rows_per_second"] = len(rows) / append_seconds

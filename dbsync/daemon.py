@@ -50,6 +50,7 @@ from dbsync.demandbase.wire import Endpoint
 from dbsync.destination import ImportClient
 from dbsync.errors import ConfigError, StoreError
 from dbsync.exitcodes import ExitCode
+from dbsync.folder import Folder
 from dbsync.ingest import IngestServer
 from dbsync.reconcile import ReconcilePlan
 from dbsync.restarts import RestartPolicy
@@ -202,6 +203,9 @@ class Daemon:
             )
             self._install_signals()
             async with asyncio.TaskGroup() as group:
+                # The store's services: ingest's group commit, and the fold behind it.
+                committing = group.create_task(store.committer.run(), name="store:group-commit")
+                folding = group.create_task(Folder(store, supervisor.wake).run(), name="folder")
                 supervising = group.create_task(supervisor.run(), name="supervisor")
                 await supervisor.ready.wait()
                 self.ingest_address = await ingest.start()
@@ -251,8 +255,11 @@ class Daemon:
                     # A signal after the drain (one asked by `dbsync ctl drain`, say)
                     # has nothing left to cut short.
                     self._drain_deadline = None
-                for task in service:
+                for task in [*service, folding]:
                     task.cancel()
+                # Appends still arriving (requests cut short by the drain) commit alone.
+                store.committer.stop()
+                await committing
         log.info("daemon_stopped")
         return ExitCode.OK
 

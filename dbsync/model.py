@@ -1,7 +1,9 @@
 """The Structs that cross boundaries between parts: accounts and membership changes.
 
 Everything here is a frozen msgspec Struct with no behaviour beyond validation, so
-that ingest, store, actors and reconciler speak one shape.
+that ingest, store, actors and reconciler speak one shape. The store's answers live
+here too (:class:`AudienceRecord`, :class:`ReadbackVerdict`, ...): the store's facade
+returns nothing else, so a second backend can return the same.
 """
 
 from __future__ import annotations
@@ -17,17 +19,27 @@ from dbsync.states import AudienceState, BatchState
 __all__ = [
     "Account",
     "AccountKey",
+    "AudienceRecord",
+    "AudienceSpec",
     "AudienceState",
     "Backlog",
     "Batch",
     "BatchState",
+    "BatchSummary",
     "Change",
     "LedgerCheck",
     "LedgerCounts",
     "ListAction",
     "ListedAccount",
     "LossCause",
+    "LossTally",
+    "ReadbackVerdict",
+    "ReconcileFacts",
+    "ReconcileRun",
     "RejectReason",
+    "RejectedAccount",
+    "SnapshotResult",
+    "SyncResult",
 ]
 
 # 256: dbsync.demandbase.wire.EXTERNAL_ID_MAX_CHARS (the model may not import wire).
@@ -196,3 +208,112 @@ class LedgerCheck(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def balanced(self) -> bool:
         return not self.imbalances
+
+
+# --- what the store takes and answers -----------------------------------------------------
+
+
+class AudienceSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A configured audience, as :meth:`~dbsync.store.Store.sync_audiences` takes it."""
+
+    audience_id: str
+    destination: str
+    name: str
+    list_name: str
+    list_id: int | None = None
+
+
+class AudienceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    audience_id: str
+    destination: str
+    name: str
+    list_name: str
+    list_id: int | None
+    state: AudienceState
+    state_reason: str
+    checkpoint_seq: int
+    updated_at: float
+    operator_paused: bool  # by ``dbsync ctl pause``, until ``ctl resume``
+
+
+class BatchSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """A finished batch, as ``status`` shows the last one."""
+
+    batch_id: int
+    action: ListAction
+    state: BatchState  # completed or failed
+    rows: int
+    job_id: int | None
+    created_at: float
+    finished_at: float
+
+
+class SyncResult(msgspec.Struct, frozen=True, kw_only=True):
+    added: list[str]
+    renamed: list[tuple[str, str, str]]  # (audience id, old name, new name)
+    deactivated: list[str]
+    reactivated: list[str]
+
+
+class SnapshotResult(msgspec.Struct, frozen=True, kw_only=True):
+    members: int
+    added: int
+    removed: int
+    unchanged: int
+
+
+class RejectedAccount(msgspec.Struct, frozen=True, kw_only=True):
+    audience_id: str
+    account: Account
+    member: bool
+    reason: str
+    rejected_at: float
+    attempts: int
+
+
+class ReconcileRun(msgspec.Struct, frozen=True, kw_only=True):
+    """A read-back whose Data Export job was created and not yet judged."""
+
+    run_id: int
+    audience_id: str
+    list_id: int
+    export_job_id: str
+    started_at: float
+
+
+class ReadbackVerdict(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`~dbsync.store.Store.apply_readback` found in one list and did about it."""
+
+    listed: int  # accounts in the list
+    expected: int  # accounts judged that must be in the list
+    verified: int  # of those, in it
+    lost: dict[str, int]  # by cause (LossCause)
+    repaired: int  # lost accounts marked to send again
+    extra_removed: int  # accounts in the list that should not be: marked for removal
+    unmatched: tuple[Account, ...]  # set aside: still missing after the repair limit
+    not_removable: tuple[Account, ...]  # set aside: still there after the repair limit
+    too_young: int  # not judged: acknowledged (or changed) within the visibility lag
+    unsettled: int  # not judged: pending, in flight or already set aside
+    # Listed, not ours, no external id: no delete row can name them. Reports kept
+    # before it was counted decode as 0.
+    extra_kept: int = 0
+
+
+class ReconcileFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What scheduling needs to know of one audience."""
+
+    audience_id: str
+    list_id: int | None
+    first_acked_at: float | None
+    last_started_at: float | None  # the last read-back attempt, whatever its outcome
+    last_completed_at: float | None
+
+
+class LossTally(msgspec.Struct, frozen=True, kw_only=True):
+    """Completed batches of a destination, throttled or not, and the verdicts on their rows."""
+
+    throttled: bool
+    batches: int
+    acknowledged: int
+    verified: int
+    lost: int

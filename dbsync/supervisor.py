@@ -1,8 +1,8 @@
 """The supervisor: actors' lifecycle, the destinations they share, and config reloads.
 
-It owns one TaskGroup that holds everything long-running besides the servers: one
-task per actor (``actor:<audience id>``), the store's folder (journal -> desired
-state, waking the actors it touched), each destination budget's window keeper, each
+It owns one TaskGroup that holds everything long-running besides the servers and the
+store's services (group commit, folder: the daemon runs those): one
+task per actor (``actor:<audience id>``), each destination budget's window keeper, each
 destination's reconciler (``reconciler:<destination>``, reading lists back within the
 export quotas; see :mod:`dbsync.reconcile`), and the summary lines
 (:mod:`dbsync.summaries`).
@@ -142,10 +142,7 @@ class Supervisor:
         """Run every actor until :meth:`stop`; then wait for them and return."""
         async with asyncio.TaskGroup() as group:
             self._group = group
-            helpers = [
-                group.create_task(self._store.run_folder(self.wake), name="folder"),
-                group.create_task(self._summaries(), name="summary"),
-            ]
+            helpers = [group.create_task(self._summaries(), name="summary")]
             await self._apply(self._plans.values(), first=True)
             self.ready.set()
             await self._stopping.wait()

@@ -68,9 +68,9 @@ from dbsync.admin.protocol import (
 )
 from dbsync.clock import Clock
 from dbsync.config import Config
-from dbsync.model import AudienceState
+from dbsync.model import AudienceRecord, AudienceState
 from dbsync.reconcile import ReconcileDeferred, ReconcileReport
-from dbsync.store import AudienceRecord, Store
+from dbsync.store import Store
 from dbsync.supervisor import Supervisor
 
 __all__ = ["AdminFault", "Controls", "perform"]

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from dbsync.clock import SystemClock
-from dbsync.model import Account, Change
-from dbsync.store import AudienceSpec, Store
+from dbsync.folder import Folder
+from dbsync.model import Account, AudienceSpec, Change
+from dbsync.store import Store
 
 pytestmark = pytest.mark.crash
 
@@ -57,7 +58,7 @@ async def test_a_snapshot_first_after_a_restart_still_wakes_the_journal_audience
             if woken >= {"left", "snap"}:
                 both.set()
 
-        folder = asyncio.create_task(store.run_folder(on_folded), name="folder")
+        folder = asyncio.create_task(Folder(store, on_folded).run(), name="folder")
         try:
             async with asyncio.timeout(5):
                 await both.wait()

@@ -168,9 +168,12 @@ async def test_concurrent_requests_all_land_sharing_transactions(
 
     before = store.transactions
 
-    answers = await asyncio.gather(
-        *(post(http, f"{url}/v1/changes", body, **NDJSON) for body in requests)
-    )
+    async with asyncio.TaskGroup() as services:
+        services.create_task(store.committer.run())  # as the daemon runs it
+        answers = await asyncio.gather(
+            *(post(http, f"{url}/v1/changes", body, **NDJSON) for body in requests)
+        )
+        store.committer.stop()
 
     assert {status for status, _ in answers} == {202}
     assert store.transactions - before < len(requests)  # group commit shared them

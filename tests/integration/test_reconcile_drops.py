@@ -74,7 +74,7 @@ async def test_dropped_rows_are_counted_lost_and_repaired_until_lists_equal_desi
     desired state; every sum of the ledger balances; the loss estimate's rate is those
     losses per thousand judged rows; ``loss_detected`` warned. The same when each
     read-back judges its 150 accounts 16 at a time, between deliveries."""
-    monkeypatch.setattr("dbsync.store.JUDGE_CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr("dbsync.store.readback.JUDGE_CHUNK_ROWS", chunk_rows)
     async with running_reconcile_engine(
         tmp_path,
         AUDIENCES,

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
-import dbsync.store as store_module
+import dbsync.store.readback as readback_module
 from dbsync.clock import FakeClock
 from dbsync.errors import StoreError
-from dbsync.model import Account, Change, ListAction, ListedAccount
-from dbsync.store import _MIGRATIONS, JUDGE_CHUNK_ROWS, AudienceSpec, ReadbackVerdict, Store
+from dbsync.model import Account, AudienceSpec, Change, ListAction, ListedAccount, ReadbackVerdict
+from dbsync.store import JUDGE_CHUNK_ROWS, Store
+from dbsync.store.schema import MIGRATIONS
 
 AUDIENCE = "aud-1"
 CUTOFF = 1500.0
@@ -36,7 +37,7 @@ def change(key: str, member: bool, *, ts: float = 1.0) -> Change:
 def chunk_rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     """Every judgment here runs twice: in one transaction, and two accounts at a time."""
     rows: int = request.param
-    monkeypatch.setattr("dbsync.store.JUDGE_CHUNK_ROWS", rows)
+    monkeypatch.setattr("dbsync.store.readback.JUDGE_CHUNK_ROWS", rows)
     return rows
 
 
@@ -190,7 +191,7 @@ async def test_a_version_2_file_migrates_with_a_balanced_ledger(
     sum holds, and the delivered members await their first verdict."""
     path = tmp_path / "old.sqlite3"
     with sqlite3.connect(path, isolation_level=None) as db:
-        for script in _MIGRATIONS[:2]:
+        for script in MIGRATIONS[:2]:
             for statement in script.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -265,7 +266,7 @@ async def test_a_judgment_cut_by_a_crash_resumes_where_it_stopped(
     listed.append(Account(external_id="NOBODY", name="Nobody", domain="nobody.example"))
     run = await store.start_reconcile_run(AUDIENCE, 7, "job", CUTOFF)
 
-    judge_chunk = store_module._judge_chunk
+    apply_chunk = readback_module._apply_chunk
     calls = 0
 
     def dies_after_one(*args: Any) -> Any:
@@ -273,9 +274,9 @@ async def test_a_judgment_cut_by_a_crash_resumes_where_it_stopped(
         calls += 1
         if calls == 2:
             raise sqlite3.OperationalError("disk I/O error")
-        return judge_chunk(*args)
+        return apply_chunk(*args)
 
-    monkeypatch.setattr(store_module, "_judge_chunk", dies_after_one)
+    monkeypatch.setattr(readback_module, "_apply_chunk", dies_after_one)
     with pytest.raises(StoreError, match="disk I/O error"):
         await store.apply_readback(run.run_id, listed, judged_before=CUTOFF, repair_limit=3)
     cut = await store.ledger_check(AUDIENCE)

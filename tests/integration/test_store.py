@@ -11,8 +11,10 @@ import pytest
 
 from dbsync.clock import FakeClock
 from dbsync.errors import StoreError
-from dbsync.model import Account, AudienceState, BatchState, Change, ListAction
-from dbsync.store import _MIGRATIONS, AudienceSpec, Store
+from dbsync.folder import Folder
+from dbsync.model import Account, AudienceSpec, AudienceState, BatchState, Change, ListAction
+from dbsync.store import Store
+from dbsync.store.schema import MIGRATIONS
 
 AUDIENCE = "aud-1"
 
@@ -51,7 +53,7 @@ async def test_a_new_file_is_created_and_migrated(tmp_path: Path, clock: FakeClo
     async with Store.open(path, clock=clock):
         pass
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS)
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     async with Store.open(path, clock=clock):  # opening an existing v1 file works
         pass
@@ -68,9 +70,12 @@ async def test_a_newer_schema_is_refused(tmp_path: Path, clock: FakeClock) -> No
 
 async def test_concurrent_appends_share_transactions(store: Store) -> None:
     before = store.transactions
-    counts = await asyncio.gather(
-        *(store.append_changes([change(f"K{i}", True)]) for i in range(200))
-    )
+    async with asyncio.TaskGroup() as services:
+        services.create_task(store.committer.run())  # as the daemon runs it
+        counts = await asyncio.gather(
+            *(store.append_changes([change(f"K{i}", True)]) for i in range(200))
+        )
+        store.committer.stop()
     assert sum(counts) == 200
     assert await store.pending_journal_rows() == 200
     # The first caller commits alone; everyone who arrived meanwhile shares the next.
@@ -84,18 +89,21 @@ async def test_a_failed_group_commit_writes_nothing_and_fails_every_caller(
         db.execute("INSERT INTO changes (audience_id) VALUES ('half written')")
         raise sqlite3.OperationalError("disk I/O error")
 
-    import dbsync.store as module
+    import dbsync.store.journal as module
 
-    original = module._insert_changes
-    module._insert_changes = broken  # type: ignore[assignment]
+    original = module.insert_changes
+    module.insert_changes = broken  # type: ignore[assignment]
     try:
-        results = await asyncio.gather(
-            store.append_changes([change("A", True)]),
-            store.append_changes([change("B", True)]),
-            return_exceptions=True,
-        )
+        async with asyncio.TaskGroup() as services:
+            services.create_task(store.committer.run())
+            results = await asyncio.gather(
+                store.append_changes([change("A", True)]),
+                store.append_changes([change("B", True)]),
+                return_exceptions=True,
+            )
+            store.committer.stop()
     finally:
-        module._insert_changes = original
+        module.insert_changes = original
     assert all(isinstance(r, StoreError) for r in results)
     assert await store.pending_journal_rows() == 0
 
@@ -331,7 +339,7 @@ async def test_quota_spending_survives_a_reopen(tmp_path: Path, clock: FakeClock
 
 async def test_the_folder_wakes_the_audiences_it_touched(store: Store) -> None:
     woken: asyncio.Queue[set[str]] = asyncio.Queue()
-    folder = asyncio.create_task(store.run_folder(woken.put_nowait))
+    folder = asyncio.create_task(Folder(store, woken.put_nowait).run())
     await store.append_changes([change("A", True), change("B", True, audience="aud-2")])
     assert await asyncio.wait_for(woken.get(), 5) == {AUDIENCE, "aud-2"}
     folder.cancel()

@@ -27,7 +27,9 @@ WRITER = textwrap.dedent(
     from pathlib import Path
     from dbsync.clock import SystemClock
     from dbsync.model import Account, Change
-    from dbsync.store import AudienceSpec, Store
+    from dbsync.folder import Folder
+    from dbsync.model import AudienceSpec
+    from dbsync.store import Store
 
     async def main() -> None:
         async with Store.open(Path(sys.argv[1]), clock=SystemClock()) as store:
@@ -35,7 +37,8 @@ WRITER = textwrap.dedent(
                 [AudienceSpec(audience_id="aud-1", destination="d", name="A", list_name="A")]
             )
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(store.run_folder(lambda audiences: None))
+                tasks.create_task(store.committer.run())
+                tasks.create_task(Folder(store, lambda audiences: None).run())
                 committed = 0
                 while True:
                     batch = [

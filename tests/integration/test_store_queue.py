@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from dbsync.clock import FakeClock
-from dbsync.model import Account, Backlog, Change, ListAction
-from dbsync.store import _MIGRATIONS, AudienceSpec, Store
+from dbsync.model import Account, AudienceSpec, Backlog, Change, ListAction
+from dbsync.store import Store
+from dbsync.store.schema import MIGRATIONS
 
 AUDIENCES = ("aud-1", "aud-2")
 
@@ -142,7 +143,7 @@ async def test_sequence_numbers_never_restart_when_the_journal_empties(
 async def test_a_version_1_file_is_migrated_with_its_queue_and_sequence(path: Path) -> None:
     with sqlite3.connect(path, isolation_level=None) as db:
         db.execute("PRAGMA journal_mode = WAL")
-        db.executescript(_MIGRATIONS[0])
+        db.executescript(MIGRATIONS[0])
         db.execute("PRAGMA user_version = 1")
         db.execute(
             "INSERT INTO audiences (audience_id, destination, name, list_name, state,"
@@ -170,7 +171,7 @@ async def test_a_version_1_file_is_migrated_with_its_queue_and_sequence(path: Pa
         await store.fold_pending()
         assert (await store.backlog("aud-1")).inserts == 2
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS)
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         (seq,) = db.execute("SELECT seq FROM membership WHERE external_id = 'new'").fetchone()
     db.close()
     assert seq > 40  # above every seq the version 1 file had handed out

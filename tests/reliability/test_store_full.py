@@ -35,23 +35,23 @@ async def set_max_pages(store: Store, pages: int | None) -> None:
     """Cap the store file at ``pages`` (None: its current size), on its writer thread."""
 
     def cap() -> None:
-        db = store._write_db
+        db = store._engine._write_db
         assert db is not None
         limit = pages if pages is not None else db.execute("PRAGMA page_count").fetchone()[0]
         db.execute(f"PRAGMA max_page_count = {int(limit)}")
 
-    await store._write(cap)
+    await store._engine.write(cap)
 
 
 async def compact(store: Store) -> None:
     """VACUUM on the writer thread: no free page is left for a write to reuse."""
 
     def vacuum() -> None:
-        db = store._write_db
+        db = store._engine._write_db
         assert db is not None
         db.execute("VACUUM")
 
-    await store._write(vacuum)
+    await store._engine.write(vacuum)
 
 
 def changes_body(accounts: list[Account], member: bool) -> bytes:

@@ -8,6 +8,7 @@ import pytest
 
 from dbsync.config import ReconcileSettings, decode_config
 from dbsync.errors import ConfigError
+from dbsync.model import LossTally, ReconcileFacts
 from dbsync.reconcile import (
     days_to_reconcile_all,
     due_at,
@@ -15,7 +16,6 @@ from dbsync.reconcile import (
     predict_next,
     turn_order,
 )
-from dbsync.store import LossTally, ReconcileFacts
 
 SETTINGS = ReconcileSettings(visibility_lag_seconds=100.0, interval_seconds=1000.0)
 

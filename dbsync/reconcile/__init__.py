@@ -47,7 +47,7 @@ import logging
 import math
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import NoReturn, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, NoReturn, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
@@ -58,7 +58,14 @@ from dbsync.demandbase import wire
 from dbsync.demandbase.wire import EXPORT_JOB_NAME_MAX_CHARS, Endpoint
 from dbsync.destination import STOPPED_PROBE_SECONDS, Destination
 from dbsync.errors import DbsyncError, DemandbaseError, PermissionDeniedError, ThrottledError
-from dbsync.model import Account, LedgerCheck, ListedAccount
+from dbsync.model import (
+    Account,
+    LedgerCheck,
+    ListedAccount,
+    LossTally,
+    ReconcileFacts,
+    ReconcileRun,
+)
 from dbsync.retry import (
     GIVE_UP_AFTER,
     LearnedDuration,
@@ -69,7 +76,9 @@ from dbsync.retry import (
     poll_until,
 )
 from dbsync.states import ExportJobState
-from dbsync.store import LossTally, ReconcileFacts, ReconcileRun, Store
+
+if TYPE_CHECKING:
+    from dbsync.store import Store
 
 __all__ = [
     "ExportClient",

@@ -1,0 +1,128 @@
+"""The configured audiences: what each feeds, its state, and an operator's pause.
+
+Nothing is ever deleted: an audience gone from the configuration is *deactivated*
+(its list is left as it is) and comes back with its history if it returns. The list
+an audience feeds is fixed at its first activation, since the public API cannot
+rename a list.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from dbsync.model import AudienceRecord, AudienceSpec, AudienceState, SyncResult
+from dbsync.store.engine import Engine
+
+__all__ = [
+    "audiences",
+    "ping",
+    "set_audience_state",
+    "set_operator_paused",
+    "sync_audiences",
+]
+
+
+async def sync_audiences(engine: Engine, specs: Sequence[AudienceSpec]) -> SyncResult:
+    """Make the stored audiences match the configuration; nothing is ever deleted."""
+    now = engine.now()
+
+    def work(db: sqlite3.Connection) -> SyncResult:
+        known = {
+            row[0]: row for row in db.execute("SELECT audience_id, name, state FROM audiences")
+        }
+        added, renamed, reactivated = [], [], []
+        for spec in specs:
+            row = known.get(spec.audience_id)
+            if row is None:
+                db.execute(
+                    "INSERT INTO audiences (audience_id, destination, name, list_name,"
+                    " list_id, state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        spec.audience_id,
+                        spec.destination,
+                        spec.name,
+                        spec.list_name,
+                        spec.list_id,
+                        AudienceState.ACTIVE,
+                        now,
+                    ),
+                )
+                added.append(spec.audience_id)
+                continue
+            _, old_name, state = row
+            if old_name != spec.name:
+                renamed.append((spec.audience_id, old_name, spec.name))
+            if state == AudienceState.DEACTIVATED:
+                reactivated.append(spec.audience_id)
+                state = AudienceState.ACTIVE
+            db.execute(
+                "UPDATE audiences SET destination = ?, name = ?, state = ?,"
+                " list_id = COALESCE(list_id, ?), updated_at = ? WHERE audience_id = ?",
+                (spec.destination, spec.name, state, spec.list_id, now, spec.audience_id),
+            )
+        wanted = {spec.audience_id for spec in specs}
+        deactivated = [
+            audience_id
+            for audience_id, row in known.items()
+            if audience_id not in wanted and row[2] != AudienceState.DEACTIVATED
+        ]
+        db.executemany(
+            "UPDATE audiences SET state = ?, updated_at = ? WHERE audience_id = ?",
+            [(AudienceState.DEACTIVATED, now, a) for a in deactivated],
+        )
+        return SyncResult(
+            added=added, renamed=renamed, deactivated=deactivated, reactivated=reactivated
+        )
+
+    return await engine.transaction(work)
+
+
+async def audiences(engine: Engine) -> dict[str, AudienceRecord]:
+    rows = await engine.read(
+        "SELECT audience_id, destination, name, list_name, list_id, state, state_reason,"
+        " checkpoint_seq, updated_at, operator_paused FROM audiences ORDER BY audience_id"
+    )
+    return {
+        row[0]: AudienceRecord(
+            audience_id=row[0],
+            destination=row[1],
+            name=row[2],
+            list_name=row[3],
+            list_id=row[4],
+            state=AudienceState(row[5]),
+            state_reason=row[6],
+            checkpoint_seq=row[7],
+            updated_at=row[8],
+            operator_paused=bool(row[9]),
+        )
+        for row in rows
+    }
+
+
+async def set_audience_state(
+    engine: Engine, audience_id: str, state: AudienceState, reason: str = ""
+) -> None:
+    now = engine.now()
+    await engine.transaction(
+        lambda db: db.execute(
+            "UPDATE audiences SET state = ?, state_reason = ?, updated_at = ?"
+            " WHERE audience_id = ?",
+            (state, reason, now, audience_id),
+        )
+    )
+
+
+async def set_operator_paused(engine: Engine, audience_id: str, paused: bool) -> None:
+    """Remember an operator's pause (or its end) across restarts and reloads."""
+    await engine.transaction(
+        lambda db: db.execute(
+            "UPDATE audiences SET operator_paused = ? WHERE audience_id = ?",
+            (int(paused), audience_id),
+        )
+    )
+
+
+async def ping(engine: Engine) -> None:
+    """Read one row of the file: raises StoreError if the store cannot be read."""
+    await engine.read("SELECT 1 FROM audiences LIMIT 1")

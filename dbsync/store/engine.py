@@ -1,0 +1,142 @@
+"""The store's two doors: writes on one writer thread, reads on aiosqlite.
+
+Concurrency: one writer. Every write runs as one Python function inside a dedicated
+thread that owns the write connection, so a transaction whose statements depend on
+each other (fold, plan) costs one hop off the event loop rather than one await per
+statement. Reads go through aiosqlite on a second connection (WAL lets them run
+beside the writer). Durability: WAL with ``synchronous=NORMAL``: a committed
+transaction survives a crash of the process (kill -9); after a power loss the last
+commits may roll back, which re-sends, never skips, since ``delivered`` only moves
+forward on an acknowledgment that would then be lost too.
+
+Nothing here leaves the store package: the noun modules take an :class:`Engine` and
+hand back model Structs, and the :class:`~dbsync.store.Store` facade holds the one
+engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from dbsync.clock import Clock
+from dbsync.errors import StoreError
+from dbsync.store import schema
+
+__all__ = ["Engine", "Transaction"]
+
+T = TypeVar("T")
+
+# A unit of work on the writer's connection, run inside one transaction.
+Transaction = Callable[[sqlite3.Connection], T]
+
+
+class Engine:
+    """The SQLite file: a writer thread with its connection, and a reader connection."""
+
+    def __init__(self, path: Path, clock: Clock) -> None:
+        self.path = path
+        self.clock = clock
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbsync-store")
+        self._write_db: sqlite3.Connection | None = None
+        self._read_db: aiosqlite.Connection | None = None
+        self.transactions = 0  # write transactions committed, for tests and stats
+
+    async def open(self) -> None:
+        try:
+            await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from exc
+        await self.write(self._connect_writer)
+        try:
+            self._read_db = await aiosqlite.connect(self.path, timeout=30.0)
+            await self._read_db.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+
+    def _connect_writer(self) -> None:
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA foreign_keys = ON")
+        try:
+            schema.migrate(db, self.path)
+        except BaseException:
+            db.close()
+            raise
+        db.execute("PRAGMA temp_store = MEMORY")
+        schema.create_temp_tables(db)
+        self._write_db = db
+
+    async def close(self) -> None:
+        if self._read_db is not None:
+            await self._read_db.close()
+            self._read_db = None
+
+        def close_writer() -> None:
+            if self._write_db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._write_db.execute("PRAGMA optimize")
+                    self._write_db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._write_db.close()
+                self._write_db = None
+
+        try:
+            await self.write(close_writer)
+        finally:
+            self._writer.shutdown(wait=True)
+
+    async def write(self, work: Callable[..., T], *args: Any) -> T:
+        """Run ``work(*args)`` on the writer thread (outside any transaction)."""
+        loop = asyncio.get_running_loop()
+        try:
+            # The writer thread finishes a transaction even if this caller is cancelled:
+            # the transaction is atomic either way.
+            return await loop.run_in_executor(self._writer, functools.partial(work, *args))
+        except sqlite3.Error as exc:
+            raise StoreError(f"{getattr(work, '__name__', 'write')}: {exc}") from exc
+
+    def in_writer(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in one IMMEDIATE transaction; on the writer thread only."""
+        db = self._write_db
+        assert db is not None, "the store is closed"
+        assert threading.current_thread().name.startswith("dbsync-store")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(db)
+            db.execute("COMMIT")
+        except BaseException:
+            # SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR):
+            # a second ROLLBACK would raise and hide the cause ("database or disk is full").
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.transactions += 1
+        return result
+
+    async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in one write transaction, off the event loop."""
+        return await self.write(self.in_writer, work)
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        db = self._read_db
+        assert db is not None, "the store is closed"
+        try:
+            # One hop to the connection's thread: the statement runs to its end before
+            # another read starts. Executing and fetching in two hops would let other
+            # reads run while it is open, and they would all share its old snapshot.
+            return list(await db.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+
+    def now(self) -> float:
+        return self.clock.time()

@@ -1,0 +1,294 @@
+"""The journal: ingest's appends, their group commit, snapshots, and the fold.
+
+Ingest answers 202 once its changes are appended to ``changes`` (invariant 1):
+appending is the fast path, several times a keyed upsert's rate, so the answer never
+waits for desired state. Concurrent appends are written together by the
+:class:`GroupCommitter`, a service whose :meth:`~GroupCommitter.run` the daemon
+awaits in its TaskGroup: callers that arrive while a commit runs are written by the
+next one, in one transaction. A failed transaction fails every caller in it, and
+writes none. Without the service running (a tool or a test using the store alone),
+each append commits in its own transaction.
+
+*Folding* moves journal rows into ``membership`` behind ingest (the service that
+drives it is :class:`dbsync.folder.Folder`): :func:`fold_chunk` keeps the last change
+per account of a chunk, moves the dirty set's counters and the ledger, upserts, and
+deletes the chunk from the journal, in one transaction. A snapshot
+(:func:`replace_members`) folds everything first, so that "current members" includes
+changes not folded yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dbsync.errors import StoreError
+from dbsync.model import Account, Change, SnapshotResult
+from dbsync.store import ledger, queue
+from dbsync.store.engine import Engine
+
+__all__ = [
+    "FOLD_CHUNK_ROWS",
+    "GroupCommitter",
+    "Journal",
+    "fold_chunk",
+    "insert_changes",
+]
+
+FOLD_CHUNK_ROWS = 50_000
+
+# Journal rows: (audience_id, external_id, name, domain, member, ts).
+_Rows = list[tuple[Any, ...]]
+
+
+def insert_changes(group: Sequence[tuple[_Rows, object]], db: sqlite3.Connection) -> None:
+    """Append every caller's rows of ``group`` to the journal, in the caller's transaction."""
+    insert = (
+        "INSERT INTO changes (audience_id, external_id, name, domain, member, ts)"
+        " VALUES (?, ?, ?, ?, ?, ?)"
+    )
+    for rows, _ in group:
+        db.executemany(insert, rows)
+
+
+class GroupCommitter:
+    """Commits the appends of concurrent callers together; a service (:meth:`run`)."""
+
+    def __init__(self, engine: Engine, on_committed: Callable[[], None]) -> None:
+        self._engine = engine
+        self._on_committed = on_committed
+        self._queue: list[tuple[_Rows, asyncio.Future[int]]] = []
+        self._committing: list[tuple[_Rows, asyncio.Future[int]]] = []
+        self._wakeup = asyncio.Event()
+        self._running = False
+        self._stopping = False
+
+    async def append(self, rows: _Rows) -> int:
+        """Append ``rows``; durable when this returns."""
+        if not self._running:
+            await self._engine.transaction(functools.partial(insert_changes, [(rows, None)]))
+            self._on_committed()
+            return len(rows)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((rows, future))
+        self._wakeup.set()
+        # Shielded: a caller that goes away (client disconnect) must not leave the
+        # group's result unread; the commit itself happens regardless.
+        return await asyncio.shield(future)
+
+    async def run(self) -> None:
+        """Commit appends a group at a time until :meth:`stop`, then what is queued."""
+        self._running = True
+        try:
+            while self._queue or not self._stopping:
+                if not self._queue:
+                    await self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                self._committing, self._queue = self._queue, []
+                await self._commit(self._committing)
+                self._committing = []
+        finally:
+            self._running = self._stopping = False
+            # Cancelled with callers waiting: they learn it rather than wait forever (a
+            # group whose transaction did commit is then sent again: harmless, a set).
+            stopped = StoreError("the store's group commit stopped")
+            for _, future in [*self._committing, *self._queue]:
+                if not future.done():
+                    future.set_exception(stopped)
+            self._committing, self._queue = [], []
+
+    def stop(self) -> None:
+        """Let :meth:`run` return once the queue is empty; later appends commit alone."""
+        self._stopping = True
+        self._wakeup.set()
+
+    async def _commit(self, group: list[tuple[_Rows, asyncio.Future[int]]]) -> None:
+        try:
+            await self._engine.transaction(functools.partial(insert_changes, group))
+        except Exception as exc:
+            error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for rows, future in group:
+            if not future.done():
+                future.set_result(len(rows))
+        self._on_committed()
+
+
+class Journal:
+    """The journal of one store: appends, snapshots, and what the folder waits on."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._appended = asyncio.Event()
+        # Audiences whose journal rows a snapshot folded: the folder wakes them.
+        self._folded_elsewhere: set[str] = set()
+        self.committer = GroupCommitter(engine, self._appended.set)
+
+    async def open(self) -> None:
+        if await self.pending_rows():
+            self._appended.set()  # changes accepted before a restart still need folding
+
+    async def append(self, changes: Sequence[Change]) -> int:
+        if not changes:
+            return 0
+        rows = [
+            (c.audience_id, c.account.external_id, c.account.name, c.account.domain, c.member, c.ts)
+            for c in changes
+        ]
+        return await self.committer.append(rows)
+
+    async def pending_rows(self) -> int:
+        rows = await self._engine.read("SELECT COUNT(*) FROM changes")
+        return int(rows[0][0])
+
+    async def wait_appended(self) -> None:
+        """Until something was appended (or left to fold) since the last call."""
+        await self._appended.wait()
+        self._appended.clear()
+
+    def take_folded_elsewhere(self) -> set[str]:
+        """Audiences a snapshot folded since the last call: their actors need waking."""
+        elsewhere, self._folded_elsewhere = self._folded_elsewhere, set()
+        return elsewhere
+
+    async def fold(self, max_rows: int = FOLD_CHUNK_ROWS) -> dict[str, int]:
+        """Fold up to ``max_rows`` journal rows into desired state; {audience: rows}."""
+        return await self._engine.transaction(lambda db: fold_chunk(db, max_rows))
+
+    async def replace_members(
+        self, audience_id: str, accounts: Sequence[Account], *, ts: float
+    ) -> SnapshotResult:
+        """Apply a full snapshot: its difference from desired state becomes changes.
+
+        Every snapshot account is appended as a member (which also refreshes names and
+        domains); every current member missing from it is appended as a removal. The
+        journal is folded first, so that "current" includes changes not folded yet.
+        """
+        folded: set[str] = set()
+
+        def work(db: sqlite3.Connection) -> SnapshotResult:
+            while chunk := fold_chunk(db, FOLD_CHUNK_ROWS):
+                folded.update(chunk)
+            current = {
+                row[0]: row
+                for row in db.execute(
+                    "SELECT external_id, name, domain FROM membership"
+                    " WHERE audience_id = ? AND desired = 1",
+                    (audience_id,),
+                )
+            }
+            wanted = {a.external_id: a for a in accounts}
+            removed = [row for key, row in current.items() if key not in wanted]
+            rows = [
+                (audience_id, a.external_id, a.name, a.domain, True, ts) for a in wanted.values()
+            ]
+            rows += [(audience_id, key, name, domain, False, ts) for key, name, domain in removed]
+            insert_changes([(rows, None)], db)
+            unchanged = sum(1 for key in wanted if key in current)
+            return SnapshotResult(
+                members=len(wanted),
+                added=len(wanted) - unchanged,
+                removed=len(removed),
+                unchanged=unchanged,
+            )
+
+        result = await self._engine.transaction(work)
+        # Changes of other audiences folded here never reach the folder's fold: it must
+        # still wake their actors, or an idle one would not see them until its next change.
+        self._folded_elsewhere |= folded
+        self._appended.set()
+        return result
+
+
+def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
+    """Fold the oldest ``max_rows`` journal rows into ``membership``; {audience: rows}.
+
+    In this order, all in the caller's transaction: keep the last change per account
+    of the chunk; from the rows as they were, count the queue's change and clear the
+    rejections that a new state, name or domain makes worth another try; upsert;
+    delete the chunk from the journal; count it in the ledger; move the checkpoint.
+    Set-based statements over a temporary table: one pass per step, not per row.
+    """
+    (last_seq,) = db.execute(
+        "SELECT MAX(seq) FROM (SELECT seq FROM changes ORDER BY seq LIMIT ?)", (max_rows,)
+    ).fetchone()
+    if last_seq is None:
+        return {}
+    received = {
+        audience_id: (count, max_seq)
+        for audience_id, count, max_seq in db.execute(
+            "SELECT audience_id, COUNT(*), MAX(seq) FROM changes WHERE seq <= ?"
+            " GROUP BY audience_id",
+            (last_seq,),
+        )
+    }
+    db.execute("DELETE FROM temp.fold_chunk")
+    # In seq order, so that a later change to the same account overwrites an earlier one.
+    db.execute(
+        "INSERT INTO temp.fold_chunk (audience_id, external_id, name, domain, member, seq, ts)"
+        " SELECT audience_id, external_id, name, domain, member, seq, ts FROM changes"
+        " WHERE seq <= ? ORDER BY seq"
+        " ON CONFLICT DO UPDATE SET name = excluded.name, domain = excluded.domain,"
+        " member = excluded.member, seq = excluded.seq, ts = excluded.ts",
+        (last_seq,),
+    )
+    # Pending = desired <> delivered, not in flight, not rejected. Before: the row as it
+    # is; after: desired := member and, if the rejection is cleared, rejected := 0.
+    deltas = db.execute(
+        "SELECT f.audience_id, COUNT(*),"
+        " TOTAL(m.desired <> m.delivered AND m.in_flight IS NULL AND m.rejected = 0"
+        "       AND m.desired = 1),"
+        " TOTAL(m.desired <> m.delivered AND m.in_flight IS NULL AND m.rejected = 0"
+        "       AND m.desired = 0),"
+        " TOTAL(f.member <> COALESCE(m.delivered, 0) AND m.in_flight IS NULL"
+        "       AND (COALESCE(m.rejected, 0) = 0 OR m.desired <> f.member"
+        "            OR m.name <> f.name OR m.domain <> f.domain) AND f.member = 1),"
+        " TOTAL(f.member <> COALESCE(m.delivered, 0) AND m.in_flight IS NULL"
+        "       AND (COALESCE(m.rejected, 0) = 0 OR m.desired <> f.member"
+        "            OR m.name <> f.name OR m.domain <> f.domain) AND f.member = 0)"
+        " FROM temp.fold_chunk f LEFT JOIN membership m USING (audience_id, external_id)"
+        " GROUP BY f.audience_id"
+    ).fetchall()
+    db.execute(
+        "DELETE FROM rejected WHERE (audience_id, external_id) IN ("
+        " SELECT m.audience_id, m.external_id FROM membership m INDEXED BY membership_rejected"
+        " JOIN temp.fold_chunk f USING (audience_id, external_id) WHERE m.rejected = 1"
+        " AND (m.desired <> f.member OR m.name <> f.name OR m.domain <> f.domain))"
+    )
+    db.execute(
+        "INSERT INTO membership (audience_id, external_id, name, domain, desired, seq, changed_at)"
+        " SELECT audience_id, external_id, name, domain, member, seq, ts FROM temp.fold_chunk"
+        " WHERE true"
+        " ON CONFLICT DO UPDATE SET"
+        " rejected = CASE WHEN desired <> excluded.desired OR name <> excluded.name"
+        "   OR domain <> excluded.domain THEN 0 ELSE rejected END,"
+        " repairs = CASE WHEN name <> excluded.name OR domain <> excluded.domain"
+        "   THEN 0 ELSE repairs END,"
+        " changed_at = CASE WHEN desired <> excluded.desired"
+        "   THEN excluded.changed_at ELSE changed_at END,"
+        " name = excluded.name, domain = excluded.domain,"
+        " desired = excluded.desired, seq = excluded.seq"
+    )
+    db.execute("DELETE FROM changes WHERE seq <= ?", (last_seq,))
+    for audience_id, accounts, old_inserts, old_deletes, new_inserts, new_deletes in deltas:
+        count, max_seq = received[audience_id]
+        ledger.count(db, audience_id, received=count, superseded=count - accounts)
+        queue.move(
+            db,
+            audience_id,
+            inserts=int(new_inserts - old_inserts),
+            deletes=int(new_deletes - old_deletes),
+        )
+        db.execute(
+            "UPDATE audiences SET folded_seq = MAX(folded_seq, ?) WHERE audience_id = ?",
+            (max_seq, audience_id),
+        )
+        queue.advance_checkpoint(db, audience_id)
+    return {audience_id: count for audience_id, (count, _) in received.items()}
