@@ -8,7 +8,8 @@ measures, on the same rows and in the same run:
 * the raw upsert (``measure_raw_upsert``, importable: bench/ingest.py prints it
   beside the ingest rate);
 * ``Store.append_changes`` (the ingest path: journal appends, group-committed);
-* ``Store.fold_pending`` (journal into desired state, deduplicated per chunk);
+* ``Store.fold_pending`` (journal into desired state, deduplicated per chunk, in
+  transactions of ``--fold-chunk`` rows: the store's own size by default);
 * what an actor then pays with a large dirty set: ``backlog`` and ``plan_batch``.
 
     python bench/store_upsert.py [--rows 1000000] [--keys 3000000] [--batch 10000] [--quick]
@@ -32,7 +33,7 @@ import uvloop
 from bench._common import add_check_flag, emit, say
 from dbsync.clock import SystemClock
 from dbsync.model import Account, AudienceSpec, Change, ListAction
-from dbsync.store import Store
+from dbsync.store import FOLD_CHUNK_ROWS, Store
 
 AUDIENCE = "bench-audience"
 
@@ -175,7 +176,9 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=3_000_000)
     parser.add_argument("--batch", type=int, default=10_000, help="rows per transaction/request")
     parser.add_argument("--callers", type=int, default=4, help="concurrent append_changes callers")
-    parser.add_argument("--fold-chunk", type=int, default=50_000, help="rows per fold")
+    parser.add_argument(
+        "--fold-chunk", type=int, default=FOLD_CHUNK_ROWS, help="rows per fold transaction"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="20,000 rows of 2,000")
     add_check_flag(parser)
@@ -203,6 +206,7 @@ def main() -> int:
             "rows": args.rows,
             "keys": args.keys,
             "batch": args.batch,
+            "fold_chunk": args.fold_chunk,
             "raw_upsert_rows_per_second": round(RAW[0]),
             **{
                 key: round(value) if key.endswith("per_second") else round(value, 1)

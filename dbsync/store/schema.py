@@ -254,12 +254,13 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-# Where the fold gathers a chunk, the last change per account (writer connection only).
+# Where the fold gathers a chunk: the last change per account, and how many changes
+# the account had in the chunk (``n``). Writer connection only.
 _FOLD_CHUNK_TABLE = (
     "CREATE TEMP TABLE fold_chunk ("
     " audience_id TEXT NOT NULL, external_id TEXT NOT NULL, name TEXT NOT NULL,"
     " domain TEXT NOT NULL, member INTEGER NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,"
-    " PRIMARY KEY (audience_id, external_id)) WITHOUT ROWID"
+    " n INTEGER NOT NULL, PRIMARY KEY (audience_id, external_id)) WITHOUT ROWID"
 )
 
 
