@@ -1,0 +1,553 @@
+"""Read-back: what each Demandbase list really holds, compared with desired state, repaired.
+
+A completed import job is the only acknowledgment Demandbase gives, and it carries no
+per-row result: rows it throttled or could not match are silently missing from the
+list. So one :class:`Reconciler` per destination reads each audience's list back
+through the Data Export API (create an account-list export, poll it, download the
+results file) and hands the members to :meth:`~dbsync.store.Store.apply_readback`,
+which judges the audience's accounts by the rule of :mod:`dbsync.reconcile.judge`:
+
+* only settled accounts (nothing pending, in flight or set aside) acknowledged longer
+  than ``visibility_lag_seconds`` before the export started are judged: Demandbase
+  applies loaded data late, so a recent change missing from the list is not a loss;
+* a member missing, or an acknowledged removal still listed, is *lost* (by cause) and
+  marked dirty again, so that its actor sends it again; after ``repair_limit`` repairs
+  it is set aside instead, as ``unmatched`` (Demandbase has no account matching it) or
+  ``not_removable``, with its identifiers, rather than sent forever;
+* a listed account that dbsync never acknowledged there is *extra*: marked for removal.
+
+Then the ledger's sums are checked (:class:`~dbsync.model.LedgerCheck`) and the report
+is kept in the store, logged (``reconcile_completed``, ``loss_detected``,
+``accounts_set_aside``, ``ledger_imbalance``) and shown by ``dbsync ctl``.
+
+Scheduling, within Demandbase's export limits (60 jobs a day, one at a time):
+
+* each export job and each status read is charged to the destination's
+  :class:`~dbsync.budget.DestinationBudget` first, which persists the day's spending;
+  a read-back starts only when today's quota still has room for its job and a status
+  read, and at most ``concurrent_export_jobs`` run at once (a slot is held from the
+  job's creation until its results are judged);
+* an audience is due ``interval_seconds`` after its last read-back started, or, never
+  read back, once its first acknowledged job is older than the visibility lag; among
+  the due ones the one read back longest ago goes first, so with more audiences than
+  exports a day they take turns and each is read back within
+  :func:`days_to_reconcile_all` days;
+* a read-back's export job is recorded as soon as Demandbase accepted it: a restart
+  resumes polling it instead of paying for another.
+
+The reconciler never holds up delivery: it spends only the export quotas, stops
+(cancelled) when the drain begins, and an export or permission error fails the
+read-back, never the destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import NoReturn, Protocol, TypeVar, runtime_checkable
+
+import msgspec
+
+from dbsync.clock import Clock, wait_event
+from dbsync.config import Destination as DestinationConfig
+from dbsync.config import ReconcileSettings
+from dbsync.demandbase import wire
+from dbsync.demandbase.wire import EXPORT_JOB_NAME_MAX_CHARS, Endpoint
+from dbsync.destination import STOPPED_PROBE_SECONDS, Destination
+from dbsync.errors import DbsyncError, DemandbaseError, PermissionDeniedError, ThrottledError
+from dbsync.model import (
+    LedgerCheck,
+    ListedAccount,
+    LossTally,
+    ReadbackVerdict,
+    ReconcileFacts,
+    ReconcileRun,
+)
+from dbsync.reconcile.losses import LossEstimate, estimate_losses
+from dbsync.reconcile.report import (
+    ReconcileReport,
+    decode_report,
+    encode_report,
+    log_report,
+    make_report,
+)
+from dbsync.reconcile.schedule import due_at, predict_next, turn_order
+from dbsync.retry import (
+    GIVE_UP_AFTER,
+    LearnedDuration,
+    OnRefused,
+    RetryPolicy,
+    backoff_seconds,
+    call_with_retries,
+    poll_until,
+)
+from dbsync.states import ExportJobState
+
+__all__ = [
+    "ExportClient",
+    "ReadbackStore",
+    "ReconcileDeferred",
+    "ReconcilePlan",
+    "Reconciler",
+]
+
+# Every module of the package logs as ``dbsync.reconcile``: the name is in each event.
+log = logging.getLogger("dbsync.reconcile")
+T = TypeVar("T")
+
+# With nothing due, look again this often at most (a list id may have been learned).
+_RECHECK_SECONDS = 60.0
+_MIN_WAIT_SECONDS = 0.05
+# A call gives up after GIVE_UP_AFTER failures: the read-back fails and waits for its
+# next turn. A 401 or a 403 fails this read-back only: stopping the destination is its
+# actors' business, and a missing export permission must not stop delivery.
+_POLICY = RetryPolicy(give_up_after=GIVE_UP_AFTER, on_refused=OnRefused.RAISE)
+_EXPORT_DONE = (ExportJobState.FINISHED, ExportJobState.FAILED)
+_UNLIMITED = 1_000_000_000
+
+
+class ReconcileDeferred(DbsyncError):
+    """A read-back cannot run now; ``retry_at`` (epoch seconds) is when it can, ``reason`` why."""
+
+    def __init__(self, reason: str, *, retry_at: float) -> None:
+        self.reason = reason
+        self.retry_at = retry_at
+        super().__init__(f"{reason}; retry at {retry_at:.3f}")
+
+
+class ReconcilePlan(msgspec.Struct, frozen=True, kw_only=True):
+    """What a destination's reconciler runs with, derived from its configuration."""
+
+    settings: ReconcileSettings = ReconcileSettings()
+    concurrent_export_jobs: int = 1
+    list_ids: dict[str, int] = msgspec.field(default_factory=dict)  # configured, by audience
+
+    @classmethod
+    def from_config(cls, destination: DestinationConfig) -> ReconcilePlan:
+        return cls(
+            settings=destination.reconcile,
+            concurrent_export_jobs=destination.limits.concurrent_export_jobs,
+            list_ids={a.id: a.list_id for a in destination.audiences if a.list_id is not None},
+        )
+
+
+@runtime_checkable
+class ExportClient(Protocol):
+    """The part of :class:`~dbsync.demandbase.client.DemandbaseClient` a reconciler uses."""
+
+    async def create_account_list_export(
+        self, job_name: str, account_list_id: int
+    ) -> wire.ExportJobDetails: ...
+
+    async def get_export_job(self, job_id: str) -> wire.ExportJobStatus: ...
+
+    async def read_export_accounts(self, results_url: str) -> list[ListedAccount]: ...
+
+
+class ReadbackStore(Protocol):
+    """The part of :class:`~dbsync.store.Store` a reconciler uses."""
+
+    async def reconcile_facts(self, audience_ids: Iterable[str]) -> list[ReconcileFacts]: ...
+
+    async def last_reconcile_reports(self, audience_ids: Iterable[str]) -> dict[str, bytes]: ...
+
+    async def open_reconcile_runs(self, audience_ids: Iterable[str]) -> list[ReconcileRun]: ...
+
+    async def start_reconcile_run(
+        self, audience_id: str, list_id: int, export_job_id: str, started_at: float
+    ) -> ReconcileRun: ...
+
+    async def apply_readback(
+        self,
+        run_id: int,
+        listed: Sequence[ListedAccount],
+        *,
+        judged_before: float,
+        repair_limit: int,
+    ) -> ReadbackVerdict | None: ...
+
+    async def ledger_check(self, audience_id: str, *, recount: bool = True) -> LedgerCheck: ...
+
+    async def finish_reconcile_run(self, run_id: int, report: bytes) -> None: ...
+
+    async def fail_reconcile_run(self, run_id: int, reason: str) -> None: ...
+
+    async def loss_tallies(self, destination: str, since: float = 0.0) -> list[LossTally]: ...
+
+
+class _ReadBackFailed(Exception):
+    """A read-back ended without a verdict (logged as ``reconcile_failed``)."""
+
+
+class Reconciler:
+    """Reads one destination's lists back, in turns, within its export quotas."""
+
+    def __init__(
+        self,
+        destination: Destination,
+        client: ExportClient,
+        plan: ReconcilePlan,
+        *,
+        store: ReadbackStore,
+        clock: Clock,
+        audience_ids: Callable[[], Iterable[str]],
+        wake: Callable[[Iterable[str]], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.plan = plan
+        self._destination = destination
+        self._client = client
+        self._settings = plan.settings
+        self._store = store
+        self._clock = clock
+        self._audience_ids = audience_ids
+        self._wake = wake
+        self._rng = rng or random.Random()
+        self._free_slots = plan.concurrent_export_jobs
+        self._wakeup = asyncio.Event()
+        self._running: dict[str, float] = {}  # audience -> when its export started
+        self._last: dict[str, ReconcileReport] = {}
+        self._loaded: set[str] = set()
+        self._next: dict[str, float] = {}
+        self._export_duration = LearnedDuration(
+            self._settings.export_poll_initial_seconds, self._settings.export_poll_max_seconds
+        )
+        # Refreshed after each read-back, for the destination's summary line.
+        self.last_estimate: LossEstimate | None = None
+        # Set by stop(); the supervisor's restart backoff ends on it too.
+        self.stopping = asyncio.Event()
+        self._task: asyncio.Task[object] | None = None
+
+    @property
+    def name(self) -> str:
+        return self._destination.name
+
+    # --- what the supervisor and the admin socket call -------------------------------------
+
+    def state(self, audience_id: str) -> tuple[ReconcileReport | None, float | None]:
+        """The audience's last report and when its next read-back is due (None: not planned)."""
+        return self._last.get(audience_id), self._next.get(audience_id)
+
+    async def reconcile_now(self, audience_id: str) -> ReconcileReport:
+        """Read the audience's list back now, within the quota, and return the report.
+
+        Raises:
+            KeyError: the audience is not one of this destination's.
+            ReconcileDeferred: not possible now (no list id yet, the destination is
+                stopped, today's exports are spent, an export is running, or the
+                read-back failed); ``retry_at`` says when to ask again.
+        """
+        if audience_id not in set(self._audience_ids()):
+            raise KeyError(audience_id)
+        now = self._clock.time()
+        await self._load_reports([audience_id])
+        [facts] = await self._store.reconcile_facts([audience_id])
+        if facts.list_id is None:
+            raise ReconcileDeferred(
+                "no Demandbase list id yet: the first completed import job records it"
+                " (or set list_id in the audience's configuration)",
+                retry_at=now + self._recheck_seconds(),
+            )
+        if not self._destination.is_running:
+            raise ReconcileDeferred(
+                f"destination {self.name} is stopped ({self._destination.stopped_reason})",
+                retry_at=now + STOPPED_PROBE_SECONDS,
+            )
+        room, window_ends_at = self._room()
+        if room <= 0:
+            raise ReconcileDeferred(
+                f"today's export quota of destination {self.name} is spent",
+                retry_at=window_ends_at,
+            )
+        if not self._take_slot():
+            others = ", ".join(sorted(self._running)) or "another audience"
+            started = min(self._running.values(), default=now)
+            raise ReconcileDeferred(
+                f"an export is running ({others}); Demandbase runs"
+                f" {self.plan.concurrent_export_jobs} at a time",
+                retry_at=max(now, started + self._export_duration.seconds) + _MIN_WAIT_SECONDS,
+            )
+        try:
+            return await self._read_back(audience_id, facts.list_id)
+        except _ReadBackFailed as exc:
+            retry_at = self._clock.time() + backoff_seconds(self._rng, 0)
+            raise ReconcileDeferred(f"the read-back failed: {exc}", retry_at=retry_at) from exc
+        finally:
+            self._release_slot()
+
+    async def loss_estimate(self, since: float = 0.0) -> LossEstimate:
+        """Lost accounts per thousand sent, overall and while throttled (ledger by batch)."""
+        return estimate_losses(self.name, since, await self._store.loss_tallies(self.name, since))
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to end, at once: an export it leaves running is resumed later."""
+        self.stopping.set()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def run(self) -> None:
+        """Resume the exports a stop left running, then read lists back in turns, forever."""
+        self._task = asyncio.current_task()
+        if self.stopping.is_set():
+            return
+        ids = list(self._audience_ids())
+        await self._load_reports(ids)
+        for run in await self._store.open_reconcile_runs(ids):
+            while not self._take_slot():
+                await self._wait(None)
+            try:
+                log.info(
+                    "reconcile_resumed",
+                    extra={
+                        "audience": run.audience_id,
+                        "destination": self.name,
+                        "export_job_id": run.export_job_id,
+                    },
+                )
+                self._running[run.audience_id] = run.started_at
+                await self._finish(run)
+            except _ReadBackFailed:
+                pass
+            finally:
+                self._running.pop(run.audience_id, None)
+                self._release_slot()
+        while True:
+            await self._wait(await self._step())
+
+    async def _step(self) -> float | None:
+        """Start the read-back whose turn it is, if any can start; else how long to wait."""
+        ids = list(self._audience_ids())
+        await self._load_reports(ids)
+        facts = await self._store.reconcile_facts(ids)
+        now = self._clock.time()
+        room, window_ends_at = self._room()
+        if not self._settings.scheduled:
+            self._next = {}
+            return None  # on demand only
+        self._next = predict_next(
+            facts,
+            self._settings,
+            now=now,
+            room_today=max(0, room),
+            per_day=self._per_day(),
+            window_ends_at=window_ends_at,
+            day_seconds=self._destination.budget.limits.day_seconds,
+            export_seconds=self._export_duration.seconds,
+        )
+        order = turn_order(facts, self._settings, now)
+        if not order:
+            dues = [at for f in facts if (at := due_at(f, self._settings)) is not None]
+            return min([self._recheck_seconds(), *(at - now for at in dues)])
+        if room <= 0:
+            # The budget rolls its window at the boundary; never spin while it does.
+            return max(window_ends_at - now, _MIN_WAIT_SECONDS)
+        if not self._destination.is_running:
+            await self._destination.wait_running(self._clock)
+            return 0.0
+        if not self._take_slot():
+            return None  # woken when the slot is released
+        turn = order[0]
+        assert turn.list_id is not None
+        try:
+            await self._read_back(turn.audience_id, turn.list_id)
+        except _ReadBackFailed:
+            pass
+        finally:
+            self._release_slot()
+        return 0.0
+
+    async def _wait(self, seconds: float | None) -> None:
+        if seconds is not None and seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        if seconds is not None:
+            seconds = max(seconds, _MIN_WAIT_SECONDS)
+        await wait_event(self._wakeup, self._clock, seconds)
+        self._wakeup.clear()
+
+    def _recheck_seconds(self) -> float:
+        lag = self._settings.visibility_lag_seconds or math.inf
+        return max(_MIN_WAIT_SECONDS, min(_RECHECK_SECONDS, self._settings.interval_seconds, lag))
+
+    def _take_slot(self) -> bool:
+        if self._free_slots <= 0:
+            return False
+        self._free_slots -= 1
+        return True
+
+    def _release_slot(self) -> None:
+        self._free_slots += 1
+        self._wakeup.set()
+
+    def _room(self) -> tuple[int, float]:
+        """Exports today's quota still allows (0 when its status reads are spent too)."""
+        snapshot = self._destination.budget.snapshot()
+        room = _UNLIMITED
+        for endpoint in (Endpoint.EXPORT_CREATE_JOB, Endpoint.EXPORT_JOB_STATUS):
+            if (allowed := snapshot.allowed.get(endpoint)) is not None:
+                room = min(room, allowed - snapshot.used.get(endpoint, 0))
+        return room, snapshot.window_ends_at
+
+    def _per_day(self) -> int:
+        allowed = self._destination.budget.snapshot().allowed
+        return allowed.get(Endpoint.EXPORT_CREATE_JOB, _UNLIMITED)
+
+    async def _load_reports(self, audience_ids: Iterable[str]) -> None:
+        missing = set(audience_ids) - self._loaded
+        if not missing:
+            return
+        for audience_id, body in (await self._store.last_reconcile_reports(missing)).items():
+            try:
+                self._last[audience_id] = decode_report(body)
+            except msgspec.DecodeError:
+                log.warning("reconcile_report_unreadable", extra={"audience": audience_id})
+        self._loaded |= missing
+
+    # --- one read-back ---------------------------------------------------------------------
+
+    async def _read_back(self, audience_id: str, list_id: int) -> ReconcileReport:
+        started = self._clock.time()
+        self._running[audience_id] = started
+        try:
+            job_name = f"dbsync {audience_id}"[:EXPORT_JOB_NAME_MAX_CHARS]
+            try:
+                job = await self._call(
+                    Endpoint.EXPORT_CREATE_JOB,
+                    lambda: self._client.create_account_list_export(job_name, list_id),
+                )
+            except DemandbaseError as exc:
+                self._failed(audience_id, "", f"the export job was not created: {exc}", exc)
+                raise _ReadBackFailed(str(exc)) from exc
+            run = await self._store.start_reconcile_run(audience_id, list_id, job.job_id, started)
+            log.info(
+                "reconcile_started",
+                extra={
+                    "audience": audience_id,
+                    "destination": self.name,
+                    "list_id": list_id,
+                    "export_job_id": job.job_id,
+                },
+            )
+            return await self._finish(run)
+        finally:
+            self._running.pop(audience_id, None)
+            self._wakeup.set()  # predictions change: the loop looks again
+
+    async def _finish(self, run: ReconcileRun) -> ReconcileReport:
+        """Poll the export sparingly until finished, download it, judge, report."""
+        try:
+            # Status reads have a daily quota too (300 for 60 exports): each wait is longer.
+            status = await poll_until(
+                lambda: self._call(
+                    Endpoint.EXPORT_JOB_STATUS,
+                    lambda: self._client.get_export_job(run.export_job_id),
+                ),
+                lambda status: (
+                    status.job_status in (ExportJobState.FINISHED, ExportJobState.FAILED)
+                ),
+                clock=self._clock,
+                initial_seconds=self._export_duration.seconds,
+                maximum_seconds=self._settings.export_poll_max_seconds,
+            )
+        except DemandbaseError as exc:
+            await self._fail(run, f"the export job could not be read: {exc}", exc)
+        if status.job_status == ExportJobState.FAILED:
+            await self._fail(run, f"Demandbase failed the export: {status.message or ''}")
+        self._export_duration.learn(self._clock.time() - run.started_at)
+        try:
+            listed = await self._call(
+                Endpoint.EXPORT_DOWNLOAD,
+                lambda: self._client.read_export_accounts(status.results_url),
+            )
+        except DemandbaseError as exc:
+            await self._fail(run, f"the results file could not be read: {exc}", exc)
+        judged_before = run.started_at - self._settings.visibility_lag_seconds
+        verdict = await self._store.apply_readback(
+            run.run_id,
+            listed,
+            judged_before=judged_before,
+            repair_limit=self._settings.repair_limit,
+        )
+        if verdict is None:
+            await self._fail(run, "the read-back was judged already")
+        # Repaired accounts are pending again: their actor sends them.
+        self._wake([run.audience_id])
+        check = await self._store.ledger_check(run.audience_id)
+        report = make_report(
+            verdict,
+            check,
+            audience_id=run.audience_id,
+            destination=self.name,
+            list_id=run.list_id,
+            export_job_id=run.export_job_id,
+            started_at=run.started_at,
+            finished_at=self._clock.time(),
+            judged_before=judged_before,
+        )
+        await self._store.finish_reconcile_run(run.run_id, encode_report(report))
+        self._last[run.audience_id] = report
+        log_report(report, check, repair_limit=self._settings.repair_limit)
+        self.last_estimate = await self.loss_estimate()
+        return report
+
+    async def _fail(
+        self, run: ReconcileRun, reason: str, error: Exception | None = None
+    ) -> NoReturn:
+        await self._store.fail_reconcile_run(run.run_id, reason)
+        self._failed(run.audience_id, run.export_job_id, reason, error)
+        raise _ReadBackFailed(reason)
+
+    def _failed(
+        self, audience_id: str, export_job_id: str, reason: str, error: Exception | None
+    ) -> None:
+        fields: dict[str, object] = {
+            "audience": audience_id,
+            "destination": self.name,
+            "export_job_id": export_job_id,
+            "reason": reason,
+        }
+        if isinstance(error, PermissionDeniedError):
+            fields["missing_permission"] = error.permission
+        log.warning("reconcile_failed", extra=fields)
+
+    # --- one call, with the retry policy (dbsync.retry) and the reconciler's hooks -----
+
+    async def _call(self, endpoint: Endpoint, request: Callable[[], Awaitable[T]]) -> T:
+        """Spend budget and make the request, retrying 429s and transient failures."""
+        return await call_with_retries(
+            endpoint, request, policy=_POLICY, hooks=self, clock=self._clock, rng=self._rng
+        )
+
+    async def before_attempt(self, endpoint: Endpoint) -> None:
+        while not self._destination.is_running:
+            await self._destination.wait_running(self._clock)
+        await self._destination.budget.spend(endpoint)
+
+    async def refused(self, endpoint: Endpoint, error: DemandbaseError) -> None:
+        raise AssertionError("a reconciler's policy raises 401/403 to its caller")
+
+    async def throttled(self, endpoint: Endpoint, error: ThrottledError) -> None:
+        await self._destination.budget.on_throttled(error.retry_after)
+
+    async def retrying(
+        self, endpoint: Endpoint, error: DemandbaseError, attempt: int, delay: float
+    ) -> None:
+        log.warning(
+            "reconcile_retry",
+            extra={
+                "destination": self.name,
+                "endpoint": endpoint,
+                "status": error.status,
+                "error_code": error.error_code,
+                "attempt": attempt,
+                "retry_in_seconds": round(delay, 3),
+            },
+        )
+
+    async def succeeded(self, endpoint: Endpoint) -> None:
+        pass
