@@ -287,9 +287,11 @@ def _open_batch(
         "INSERT INTO batch_items (batch_id, external_id, seq) VALUES (?, ?, ?)",
         [(batch_id, key, seq) for key, _, _, seq in accounts],
     )
-    db.executemany(
-        "UPDATE membership SET in_flight = ? WHERE audience_id = ? AND external_id = ?",
-        [(batch_id, audience_id, key) for key, _, _, _ in accounts],
+    # One statement over the batch's items, in key order, not one per account.
+    db.execute(
+        "UPDATE membership SET in_flight = ?1 WHERE audience_id = ?2 AND external_id IN"
+        " (SELECT external_id FROM batch_items WHERE batch_id = ?1)",
+        (batch_id, audience_id),
     )
     return Batch(
         batch_id=batch_id,
