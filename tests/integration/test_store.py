@@ -82,6 +82,40 @@ async def test_concurrent_appends_share_transactions(store: Store) -> None:
     assert store.transactions - before <= 3
 
 
+async def test_a_stopped_committer_commits_its_queue_and_later_appends_alone(
+    store: Store,
+) -> None:
+    """The daemon stops the group commit after its drain: what is queued is written
+    before run() returns, and an append arriving later still commits (alone)."""
+    async with asyncio.TaskGroup() as services:
+        committing = services.create_task(store.committer.run())
+        queued = [
+            asyncio.create_task(store.append_changes([change(f"Q{i}", True)])) for i in range(5)
+        ]
+        await asyncio.sleep(0)  # the appends are queued
+        store.committer.stop()
+        await committing
+        assert await asyncio.gather(*queued) == [1] * 5
+    before = store.transactions
+    assert await store.append_changes([change("LATE", True)]) == 1
+    assert store.transactions - before == 1
+    assert await store.pending_journal_rows() == 6
+
+
+async def test_a_cancelled_committer_fails_its_callers_instead_of_leaving_them_waiting(
+    store: Store,
+) -> None:
+    committing = asyncio.create_task(store.committer.run())
+    await asyncio.sleep(0)  # running
+    waiting = [asyncio.create_task(store.append_changes([change(f"W{i}", True)])) for i in range(3)]
+    await asyncio.sleep(0)  # queued behind a commit that never starts
+    committing.cancel()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, StoreError) for r in results), results
+    with pytest.raises(asyncio.CancelledError):
+        await committing
+
+
 async def test_a_failed_group_commit_writes_nothing_and_fails_every_caller(
     store: Store,
 ) -> None:
