@@ -38,9 +38,10 @@ __all__ = [
     "insert_changes",
 ]
 
-# Journal rows per fold transaction. Large, because a sorted set-based fold pays
-# per page touched, not per row: 100,000 rows fold several times faster a row than
-# 10,000 (bench/README.md), and one such transaction holds the writer ~0.3 s.
+# Journal rows per fold transaction. Large, because a sorted fold pays per page as
+# much as per row: a chunk rewrites (and commits) each page of membership it touches
+# once, however many of its rows land there. Not larger, because one transaction
+# holds the store's one writer, and ingest's commits wait behind it (~1 s here).
 FOLD_CHUNK_ROWS = 100_000
 
 # Journal rows: (audience_id, external_id, name, domain, member, ts).
