@@ -96,17 +96,31 @@ state_dir=/var/lib/dbsync
 
 # Only a real install talks to systemd; --root leaves the running system alone.
 live() { [[ -z $root ]]; }
+# systemd runs this machine (sd_booted(3)); in a container or an image build it does not,
+# and there is no manager to reload or to stop units with.
+booted() { live && [[ -d /run/systemd/system ]]; }
 
 uninstall() {
     if live && command -v systemctl >/dev/null; then
-        # The units go away: stop what runs from them first, the template's instances too.
-        mapfile -t running < <(systemctl list-units --all --plain --no-legend \
-            'dbsync.service' 'dbsync@*.service' | awk '{print $1}')
-        if ((${#running[@]})); then
-            say "stopping and disabling: ${running[*]}"
-            systemctl disable --now "${running[@]}" || true
+        # The units go away: stop and disable what runs or is enabled from them first,
+        # the template's instances too.
+        local -a names
+        mapfile -t names < <(
+            {
+                echo dbsync.service
+                find /etc/systemd/system -path '*.wants/dbsync*.service' -printf '%f\n'
+                if booted; then
+                    systemctl list-units --all --plain --no-legend \
+                        'dbsync.service' 'dbsync@*.service' | awk '{print $1}'
+                fi
+            } 2>/dev/null | sort -u
+        )
+        say "stopping and disabling: ${names[*]}"
+        if booted; then
+            systemctl disable --now "${names[@]}" || true
+        else
+            systemctl disable "${names[@]}" || true
         fi
-        systemctl disable dbsync.service >/dev/null 2>&1 || true
     fi
     if [[ -L $root$link && $(readlink "$root$link") == *opt/dbsync/bin/dbsync ]]; then
         rm -f "$root$link"
@@ -116,7 +130,7 @@ uninstall() {
         rm -f "$root$unit_dir/$unit"
     done
     rm -f "$root$sysusers" "$root$tmpfiles"
-    if live && command -v systemctl >/dev/null; then
+    if booted; then
         systemctl daemon-reload
     fi
     say "dbsync is uninstalled."
@@ -161,6 +175,15 @@ say "building $root$venv from $source_dir"
 mkdir -p "$(dirname "$stage")"
 rm -rf "$stage"
 "$python" -m venv "$stage"
+# The daemon runs as an unprivileged user: an interpreter only root may run (one under
+# /root, say) would install fine and fail at the first start.
+# (Through sh, as the entry point runs it: setpriv's own exec can still reach it.)
+# shellcheck disable=SC2016 # $0 is for the inner sh
+if live && ! setpriv --reuid=65534 --regid=65534 --clear-groups \
+    /bin/sh -c 'exec "$0" -c ""' "$stage/bin/python3" 2>/dev/null; then
+    die "$python ($("$python" -c 'import sys; print(sys.executable)')) cannot be run by" \
+        "other users, so not by the service either: run with PYTHON=/usr/bin/python3"
+fi
 pip=("$stage/bin/python" -m pip --quiet --disable-pip-version-check --no-input)
 # The exact versions CI proved, hashes checked (hatchling, in the lock, builds the wheel).
 "${pip[@]}" install --require-hashes -r "$source_dir/requirements/run.txt"
@@ -254,18 +277,24 @@ if ! live; then
     say "$version laid out under $root"
     exit 0
 fi
-systemctl daemon-reload
 say "$version is installed in $venv."
+if ! booted; then
+    say "systemd does not run here: the units take effect when it does."
+    exit 0
+fi
+systemctl daemon-reload
 if systemctl is-active --quiet dbsync.service; then
     say "dbsync.service still runs the previous version: systemctl restart dbsync"
 else
     cat <<EOF
-Next steps:
+Next steps (README.md, "Install on a VM"):
   1. edit $config (every key: $doc_dir/config.reference.toml)
   2. the Demandbase token, encrypted for this machine:
        systemd-creds encrypt --name=demandbase-token - /etc/credstore.encrypted/demandbase-token
   3. sudo -u dbsync dbsync check-config
-  4. dbsync probe --config $config --yes
+  4. probe the tenant's contract, as the service would run:
+       systemd-run --pipe --wait --collect -p User=dbsync -p StateDirectory=dbsync \\
+         -p LoadCredentialEncrypted=demandbase-token dbsync probe --config $config --yes
   5. systemctl enable --now dbsync && dbsync ctl status
 EOF
 fi
