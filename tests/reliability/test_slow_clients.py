@@ -45,6 +45,10 @@ pytestmark = [pytest.mark.reliability, pytest.mark.timeout(120)]
 REPO = Path(__file__).resolve().parents[2]
 # Each phase waits for conditions; this bounds each wait, far beyond what they take.
 WAIT_SECONDS = 30.0
+# Tries of GET /v1/health, paced 20 ms apart, before it must have answered 200: a new
+# connection competes with the flood for a slot, and on a busy machine the flood's
+# reconnects win more often. 1,500 paced tries are about the WAIT_SECONDS bound.
+HEALTH_TRIES = 1_500
 
 
 class Daemon:
@@ -276,7 +280,7 @@ async def test_the_cap_keeps_health_and_ctl_answering_through_slow_clients(
 
         try:
             # During: a real request gets in, the admin socket answers.
-            assert await health(session, running.ingest, tries=200) == 200
+            assert await health(session, running.ingest, tries=HEALTH_TRIES) == 200
             code, out = await ctl_status(short_dir / "config.toml")
             assert code == 0, out
             assert running.alive, running.log()
@@ -286,7 +290,9 @@ async def test_the_cap_keeps_health_and_ctl_answering_through_slow_clients(
         await attacker.all_closed_by_server()
 
         assert attacker.closed_by_server > 0
-        assert await health(session, running.ingest) == 200
+        # Connections the attack left in the listen backlog are accepted (and count)
+        # for a moment after it stopped; a monitor's retry gets past them.
+        assert await health(session, running.ingest, tries=HEALTH_TRIES) == 200
         code, out = await ctl_status(short_dir / "config.toml")
         assert code == 0, out
         assert running.alive, running.log()
@@ -324,7 +330,7 @@ async def test_running_out_of_descriptors_is_waited_out(short_dir: Path, long: b
         code, out = await status
 
         assert code == 0, out
-        assert await health(session, running.ingest) == 200
+        assert await health(session, running.ingest, tries=HEALTH_TRIES) == 200
         assert running.alive, running.log()
         assert len(running.named("admin_accept_failed")) == 1
         assert running.named("admin_accept_recovered")
