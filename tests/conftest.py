@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -32,3 +33,14 @@ def _async_tests_leave_no_tasks(request: pytest.FixtureRequest) -> None:
     # Requested first, so that it is torn down last, after the test's own fixtures.
     if inspect.iscoroutinefunction(getattr(request, "function", None)):
         request.getfixturevalue("_no_leaked_tasks")
+
+
+@pytest.fixture
+def private_dev_credentials() -> None:
+    """dev/credentials as a checkout needs them: readable by their owner only.
+
+    dbsync refuses a secret file others can read, and git keeps no mode but the
+    executable bit, so a fresh clone has them 0644 (README: chmod 600 once).
+    """
+    for secret in (Path(__file__).resolve().parents[1] / "dev" / "credentials").iterdir():
+        secret.chmod(0o600)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import grp
+import ipaddress
 import os
 import re
 import urllib.parse
@@ -129,7 +130,20 @@ def _translate(exc: msgspec.ValidationError) -> ConfigError:
     if isinstance(target, mi.LiteralType) and (found := _INVALID_ENUM.fullmatch(message)):
         allowed = ", ".join(map(str, target.values))
         return ConfigError(key, f"invalid value {found['value']}; expected one of: {allowed}")
+    if isinstance(target, mi.FloatType | mi.IntType) and (allowed := _allowed_range(target)):
+        return ConfigError(key, f"{message[:1].lower() + message[1:]}; allowed: {allowed}")
     return ConfigError(key, message[:1].lower() + message[1:])
+
+
+def _allowed_range(number: mi.FloatType | mi.IntType) -> str:
+    """The range a number key accepts, in words (``from 1 to 86400``); "" if unbounded."""
+    low = f"from {number.ge:g}" if number.ge is not None else ""
+    low = f"above {number.gt:g}" if number.gt is not None else low
+    high = f"to {number.le:g}" if number.le is not None else ""
+    high = f"below {number.lt:g}" if number.lt is not None else high
+    if isinstance(number, mi.FloatType) and (low or high):
+        high = f"{high} (finite)" if high else "(finite)"
+    return " ".join(part for part in (low, high) if part)
 
 
 def _join(key: str, name: str) -> str:
@@ -208,6 +222,12 @@ def _resolve_secret(ref: SecretRef | None, base_dir: Path) -> SecretRef | None:
 
 def _validate(config: Config) -> None:
     """The checks no single field can make; each error names the key to fix."""
+    if not config.destinations:
+        raise ConfigError(
+            "destinations",
+            "no destination: at least one [[destinations]] table is required (an empty"
+            " or truncated file would otherwise deactivate every audience on reload)",
+        )
     socket_bytes = len(os.fsencode(config.daemon.admin_socket))
     if socket_bytes > _UNIX_SOCKET_PATH_MAX_BYTES:
         raise ConfigError(
@@ -268,6 +288,15 @@ def _validate(config: Config) -> None:
                 )
 
 
+def _is_loopback(host: str) -> bool:
+    if host.casefold() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _validate_destination(destination: Destination, key: str) -> None:
     if destination.entity_type.casefold() != "account":
         raise ConfigError(
@@ -288,6 +317,12 @@ def _validate_destination(destination: Destination, key: str) -> None:
         )
     if url.query or url.fragment:
         raise ConfigError(f"{key}.base_url", "must not carry a query or a fragment")
+    if url.scheme == "http" and not _is_loopback(url.hostname):
+        raise ConfigError(
+            f"{key}.base_url",
+            f"http:// to {url.hostname} would send the bearer token in clear: https:// is"
+            " required unless the host is loopback (127.0.0.0/8, ::1 or localhost)",
+        )
 
     refs = destination.credentials
     has_key_set = refs.client_id is not None or refs.client_secret is not None

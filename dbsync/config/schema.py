@@ -34,8 +34,12 @@ __all__ = [
     "SecretRef",
 ]
 
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
-NonNegativeSeconds = Annotated[float, msgspec.Meta(ge=0)]
+# Every duration is finite and has a range. Below 10 ms a loop that sleeps for one
+# spins; a week is longer than any wait dbsync has, and refuses ``inf``, which would
+# turn a timeout into a hang. NaN fails every bound.
+_WEEK_SECONDS = 7 * 86400.0
+Seconds = Annotated[float, msgspec.Meta(ge=0.01, le=_WEEK_SECONDS)]
+NonNegativeSeconds = Annotated[float, msgspec.Meta(ge=0, le=_WEEK_SECONDS)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
 AudienceId = Annotated[
     str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
@@ -76,9 +80,10 @@ class DaemonSettings(_Table, frozen=True):
     gives up on them (they are sent again after the restart). 20 s leaves systemd's
     45 s TimeoutStopSec room for the store to close."""
 
-    summary_interval_seconds: Seconds = 60.0
+    summary_interval_seconds: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 60.0
     """Seconds between two ``audience_summary`` log lines per audience: one a minute is
-    fine-grained enough for alerts and cheap enough for the journal."""
+    fine-grained enough for alerts and cheap enough for the journal. From 1 s (a line
+    per audience a second is already a flood) to a day."""
 
     restart_max_crashes: Count = 5
     """Crashes of one actor (or reconciler) within ``restart_window_seconds`` after which
@@ -412,8 +417,9 @@ class Destination(_Table, frozen=True):
     """Scheme and host of Demandbase's APIs (a path prefix is allowed, for a proxy).
     The emulator serves the same paths on http://127.0.0.1:8471."""
 
-    request_timeout_seconds: Seconds = 30.0
-    """Seconds one HTTP request may take, connection included, before it is retried."""
+    request_timeout_seconds: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 30.0
+    """Seconds one HTTP request may take, connection included, before it is retried
+    (0.1 to 3,600)."""
 
     limits: Limits = Limits()
     """Demandbase's limits for this tenant."""
@@ -441,8 +447,9 @@ class Config(_Table, frozen=True, dict=True):
     """``[logging]``."""
 
     destinations: tuple[Destination, ...] = ()
-    """``[[destinations]]``: the Demandbase tenants fed, each with its audiences. None
-    is valid (ingest then knows no audience), which helps while setting up."""
+    """``[[destinations]]``: the Demandbase tenants fed, each with its audiences. At
+    least one: a file without any is refused, since it is far more often a truncated
+    file than a wish, and a reload with it would deactivate every audience."""
 
     def audiences(self) -> Iterator[tuple[Destination, Audience]]:
         """Every audience with its destination, in file order."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def read_secret(ref: SecretRef, *, key: str) -> str:
             never the content.
     """
     if ref.file is not None:
-        return _read_secret_file(ref.file, key=f"{key}.file")
+        return _read_secret_file(ref.file, key=f"{key}.file", private=True)
     if ref.credential is not None:
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
@@ -129,7 +130,7 @@ def load_ingest_token(ingest: IngestSettings) -> str | None:
     """The bearer token ingest requests must carry, or None when none is configured."""
     if ingest.token_file is None:
         return None
-    return _read_secret_file(ingest.token_file, key="ingest.token_file")
+    return _read_secret_file(ingest.token_file, key="ingest.token_file", private=True)
 
 
 def check_secrets(config: Config) -> list[str]:
@@ -154,9 +155,19 @@ def check_secrets(config: Config) -> list[str]:
     return notes
 
 
-def _read_secret_file(path: Path, *, key: str) -> str:
+def _read_secret_file(path: Path, *, key: str, private: bool = False) -> str:
+    """The one line of secret in ``path``.
+
+    ``private``: the file is the operator's, not systemd's (whose credentials are
+    private by construction), so it is refused, as ssh refuses a private key, unless
+    only its owner can read it and that owner is the daemon's user or root: anyone
+    else could read the secret, or change it.
+    """
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            if private:
+                _check_private(path, os.fstat(file.fileno()), key=key)
+            data = file.read()
     except OSError as exc:
         raise ConfigError(key, f"cannot read secret {path}: {exc.strerror or exc}") from exc
     try:
@@ -174,6 +185,22 @@ def _read_secret_file(path: Path, *, key: str) -> str:
         # visible reason.
         raise ConfigError(key, f"secret {path} starts or ends with white space")
     return text
+
+
+def _check_private(path: Path, status: os.stat_result, *, key: str) -> None:
+    mode = stat.S_IMODE(status.st_mode)
+    if mode & 0o077:
+        raise ConfigError(
+            key,
+            f"permissions {mode:04o} for {path} are too open: a secret file must not be"
+            f" accessible by group or others (chmod 600 {path})",
+        )
+    if status.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(
+            key,
+            f"{path} is owned by uid {status.st_uid}: a secret file must belong to the"
+            f" daemon's user (uid {os.geteuid()}) or root",
+        )
 
 
 def secret_refs(config: Config) -> Iterator[tuple[str, SecretRef]]:

@@ -249,6 +249,9 @@ def _token_file(directory: Path, token: str) -> CredentialRefs:
 
 def _secret_file(directory: Path, key: str, secret: str) -> SecretRef:
     path = directory / ("emulator-token" if key == "token" else f"emulator-{key}")
+    # Private, as the daemon requires of a secret file (dbsync.config.secrets).
+    path.touch(mode=0o600)
+    path.chmod(0o600)
     path.write_text(secret + "\n")
     return SecretRef(file=path)
 

@@ -51,6 +51,7 @@ def dbsync(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 
 @pytest.fixture
 def config_dir(tmp_path: Path) -> Path:
+    (tmp_path / "token").touch(mode=0o600)
     (tmp_path / "token").write_text("not-a-real-token\n")
     return tmp_path
 
@@ -62,6 +63,22 @@ def test_version() -> None:
     assert result.stdout.strip() == f"dbsync {__version__}"
 
 
+def test_secret_file_readable_by_others_exits_78_like_ssh(config_dir: Path) -> None:
+    path = config_dir / "config.toml"
+    path.write_text(GOOD)
+    (config_dir / "token").chmod(0o644)
+
+    result = dbsync("check-config", "--config", str(path))
+
+    assert result.returncode == ExitCode.CONFIG
+    assert (
+        f"destinations[0].credentials.token.file: permissions 0644 for {config_dir / 'token'}"
+        " are too open" in result.stderr
+    )
+    assert "not-a-real-token" not in result.stderr
+
+
+@pytest.mark.usefixtures("private_dev_credentials")
 def test_shipped_config_is_valid() -> None:
     result = dbsync("check-config", "--config", "config.toml")
 
@@ -106,8 +123,27 @@ def test_config_path_from_the_environment(config_dir: Path) -> None:
             "destinations[0].credentials.token.file: cannot read secret",
         ),
         (GOOD + "[oops", "not valid TOML"),
+        ("", "destinations: no destination: at least one [[destinations]] table is required"),
+        (
+            GOOD.replace(
+                "[[destinations]]", "[daemon]\nsummary_interval_seconds = 1e-300\n[[destinations]]"
+            ),
+            "daemon.summary_interval_seconds: expected `float` >= 1.0; allowed: from 1 to 86400",
+        ),
+        (
+            GOOD.replace('name = "tenant"', 'name = "tenant"\nbase_url = "http://db.example"'),
+            "destinations[0].base_url: http:// to db.example would send the bearer token in clear",
+        ),
     ],
-    ids=["custom-upload", "typo", "missing-secret", "toml-syntax"],
+    ids=[
+        "custom-upload",
+        "typo",
+        "missing-secret",
+        "toml-syntax",
+        "empty-file",
+        "summary-flood",
+        "plaintext-remote",
+    ],
 )
 def test_bad_config_exits_78_naming_the_key(config_dir: Path, text: str, expected: str) -> None:
     path = config_dir / "config.toml"

@@ -31,7 +31,7 @@ from dbsync.testing import (
 )
 
 WATCHDOG_USEC = 200_000  # pings every 0.1 s
-SUMMARY_SECONDS = 0.1
+SUMMARY_SECONDS = 1.0  # the shortest interval the configuration accepts
 
 
 class FakeSystemd:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -46,6 +47,7 @@ VALID = DESTINATION + audience()
 @pytest.fixture
 def base_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A config directory holding the secret file ``token``; no systemd credentials."""
+    (tmp_path / "token").touch(mode=0o600)
     (tmp_path / "token").write_text(SECRET + "\n")
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     return tmp_path
@@ -58,6 +60,7 @@ def decode(text: str, base_dir: Path) -> Config:
 # --- The shipped development config ------------------------------------------------
 
 
+@pytest.mark.usefixtures("private_dev_credentials")
 def test_shipped_config_loads_and_feeds_the_emulator(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     config = load_config(REPO / "config.toml")
@@ -291,7 +294,10 @@ INVALID = [
     ),
     pytest.param("[ingest]\nport = 70000\n" + VALID, "ingest.port", "<= 65535", id="port-range"),
     pytest.param(
-        "[daemon]\ndrain_seconds = -1\n" + VALID, "daemon.drain_seconds", "> 0", id="negative"
+        "[daemon]\ndrain_seconds = -1\n" + VALID,
+        "daemon.drain_seconds",
+        ">= 0.01; allowed: from 0.01 to 604800 (finite)",
+        id="negative",
     ),
     pytest.param(
         "[daemon]\nstate_dir = 3\n" + VALID, "daemon.state_dir", "expected a path", id="path-type"
@@ -317,7 +323,7 @@ INVALID = [
     pytest.param(
         VALID + "[destinations.audiences.flush]\nmax_age_seconds = 0\n",
         "destinations[0].audiences[0].flush.max_age_seconds",
-        "> 0",
+        ">= 0.01",
         id="flush-age",
     ),
     pytest.param(
@@ -509,6 +515,130 @@ INVALID = [
 ]
 
 
+def destination_with(line: str) -> str:
+    """VALID with one more key in its [[destinations]] table."""
+    return DESTINATION.replace('name = "tenant"\n', f'name = "tenant"\n{line}\n') + audience()
+
+
+# Values that decode, and that no operator means: each is refused naming the key and
+# the range it must be in.
+DEGENERATE = [
+    pytest.param(
+        "[daemon]\nsummary_interval_seconds = 1e-300\n" + VALID,
+        "daemon.summary_interval_seconds",
+        "allowed: from 1 to 86400 (finite)",
+        id="summary-flood",
+    ),
+    pytest.param(
+        "[daemon]\ndrain_seconds = inf\n" + VALID,
+        "daemon.drain_seconds",
+        "allowed: from 0.01 to 604800 (finite)",
+        id="infinite-drain",
+    ),
+    pytest.param(
+        "[daemon]\nrestart_window_seconds = nan\n" + VALID,
+        "daemon.restart_window_seconds",
+        "allowed: from 0.01 to 604800 (finite)",
+        id="nan-window",
+    ),
+    pytest.param(
+        destination_with("request_timeout_seconds = inf"),
+        "destinations[0].request_timeout_seconds",
+        "allowed: from 0.1 to 3600 (finite)",
+        id="infinite-request-timeout",
+    ),
+    pytest.param(
+        VALID + "[destinations.delivery]\njob_poll_initial_seconds = 1e-9\n",
+        "destinations[0].delivery.job_poll_initial_seconds",
+        "allowed: from 0.01 to 604800 (finite)",
+        id="tiny-poll",
+    ),
+    pytest.param(
+        VALID + "[destinations.reconcile]\nvisibility_lag_seconds = -inf\n",
+        "destinations[0].reconcile.visibility_lag_seconds",
+        "allowed: from 0 to 604800 (finite)",
+        id="negative-infinite-lag",
+    ),
+    pytest.param("", "destinations", "at least one [[destinations]]", id="empty-file"),
+    pytest.param(
+        "[daemon]\ndrain_seconds = 5\n", "destinations", "no destination", id="no-destination"
+    ),
+    pytest.param(
+        destination_with('base_url = "http://uapi.demandbase.com"'),
+        "destinations[0].base_url",
+        "https:// is required unless the host is loopback",
+        id="plaintext-remote",
+    ),
+    pytest.param(
+        destination_with('base_url = "http://10.0.0.7:8471"'),
+        "destinations[0].base_url",
+        "would send the bearer token in clear",
+        id="plaintext-private-address",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), DEGENERATE)
+def test_degenerate_configuration_is_refused_with_the_allowed_range(
+    text: str, key: str, message: str, base_dir: Path
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        decode(text, base_dir)
+
+    assert caught.value.key == key
+    assert message in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    ["http://127.0.0.1:8471", "http://127.8.9.10", "http://[::1]:8471", "http://localhost"],
+)
+def test_plain_http_is_accepted_to_loopback_only(base_url: str, base_dir: Path) -> None:
+    config = decode(destination_with(f'base_url = "{base_url}"'), base_dir)
+
+    assert config.destinations[0].base_url == base_url
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o601])
+def test_secret_file_open_to_group_or_others_is_refused_like_ssh(tmp_path: Path, mode: int) -> None:
+    token = tmp_path / "token"
+    token.write_text(SECRET + "\n")
+    token.chmod(mode)
+
+    with pytest.raises(ConfigError) as caught:
+        read_secret(SecretRef(file=token), key="destinations[0].credentials.token")
+
+    assert caught.value.key == "destinations[0].credentials.token.file"
+    assert caught.value.message.startswith(f"permissions {mode:04o} for {token} are too open")
+    assert SECRET not in str(caught.value)
+
+
+def test_secret_file_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    token = tmp_path / "token"
+    token.touch(mode=0o600)
+    token.write_text(SECRET + "\n")
+    os.chown(token, 4242, 4242)
+
+    with pytest.raises(ConfigError) as caught:
+        read_secret(SecretRef(file=token), key="destinations[0].credentials.token")
+
+    assert "owned by uid 4242" in caught.value.message
+    assert "daemon's user" in caught.value.message
+
+
+def test_ingest_token_file_must_be_private(base_dir: Path) -> None:
+    config = decode('[ingest]\ntoken_file = "token"\n' + VALID, base_dir)
+    (base_dir / "token").chmod(0o644)
+
+    with pytest.raises(ConfigError) as caught:
+        load_ingest_token(config.ingest)
+
+    assert caught.value.key == "ingest.token_file"
+    assert "are too open" in caught.value.message
+
+
 @pytest.mark.parametrize(("text", "key", "message"), INVALID)
 def test_invalid_configuration_names_the_key(
     text: str, key: str, message: str, base_dir: Path
@@ -548,6 +678,7 @@ def test_non_utf8_file_is_refused(base_dir: Path) -> None:
 
 def test_secret_file_loses_one_trailing_newline(tmp_path: Path) -> None:
     token = tmp_path / "token"
+    token.touch(mode=0o600)
     for content in (f"{SECRET}\n", f"{SECRET}\r\n", SECRET):
         token.write_text(content, newline="")
         assert read_secret(SecretRef(file=token), key="k") == SECRET
@@ -564,6 +695,7 @@ def test_secret_file_loses_one_trailing_newline(tmp_path: Path) -> None:
 )
 def test_bad_secret_file_is_named_never_shown(tmp_path: Path, content: str, message: str) -> None:
     token = tmp_path / "token"
+    token.touch(mode=0o600)
     token.write_text(content)
 
     with pytest.raises(ConfigError) as caught:

@@ -72,6 +72,10 @@ _PROBE = textwrap.dedent(
 )
 
 
+# A configuration needs a destination; ctl reads only admin_socket, never the secret.
+A_DESTINATION = '[[destinations]]\nname = "t"\ncredentials = { token = { file = "token" } }\n'
+
+
 def probe(*argv: str, env: dict[str, str] | None = None) -> dict[str, object]:
     """Run ``dbsync <argv>`` in a fresh interpreter; its exit code and heavy modules."""
     done = subprocess.run(
@@ -98,7 +102,7 @@ def test_ctl_imports_neither_the_event_loop_nor_the_daemon(tmp_path: Path) -> No
     assert by_socket["heavy"] == []
 
     config = tmp_path / "config.toml"
-    config.write_text(f'[daemon]\nadmin_socket = "{tmp_path / "b.sock"}"\n')
+    config.write_text(f'[daemon]\nadmin_socket = "{tmp_path / "b.sock"}"\n{A_DESTINATION}')
     by_config = probe("ctl", "--config", str(config), "quota")
     assert by_config["code"] == ExitCode.UNAVAILABLE, by_config
     assert by_config["heavy"] == []
@@ -132,8 +136,8 @@ def test_the_socket_comes_from_the_default_config_chain(tmp_path: Path) -> None:
     Result: ctl tries A, then B when --config is given (69 both, naming the path), and
     exits 78 naming the bad key for the invalid one."""
     first, second, broken = (tmp_path / name for name in ("a.toml", "b.toml", "c.toml"))
-    first.write_text(f'[daemon]\nadmin_socket = "{tmp_path / "a.sock"}"\n')
-    second.write_text(f'[daemon]\nadmin_socket = "{tmp_path / "b.sock"}"\n')
+    first.write_text(f'[daemon]\nadmin_socket = "{tmp_path / "a.sock"}"\n{A_DESTINATION}')
+    second.write_text(f'[daemon]\nadmin_socket = "{tmp_path / "b.sock"}"\n{A_DESTINATION}')
     broken.write_text("[daemon]\nadmin_sockett = 1\n")
 
     from_env = probe("ctl", "status", env={"DBSYNC_CONFIG": str(first)})
