@@ -5,6 +5,7 @@
     ├── DemandbaseError             a Demandbase call failed; ``retriable`` says what to do
     │   ├── ThrottledError          429: slow down and retry (``error_code``, ``retry_after``)
     │   ├── TransientError          5xx, timeouts, resets: retry with backoff
+    │   ├── RedirectError           3xx, never followed: retry with backoff (``location``)
     │   ├── AuthError               401 that a fresh token did not cure: stop the destination
     │   ├── PermissionDeniedError   403: a permission is missing; never refresh, never retry
     │   ├── BadRequestError         400: the request is wrong; do not repeat it unchanged
@@ -27,6 +28,7 @@ __all__ = [
     "NotFoundError",
     "PayloadError",
     "PermissionDeniedError",
+    "RedirectError",
     "StoreError",
     "ThrottledError",
     "TransientError",
@@ -103,6 +105,25 @@ class TransientError(DemandbaseError):
     """5xx, a timeout or a dropped connection: the same request may succeed later."""
 
     retriable = True
+
+
+class RedirectError(DemandbaseError):
+    """3xx: Demandbase, or something in front of it, sent us elsewhere; never followed.
+
+    Following would send the bearer token wherever a proxy points, and a same-origin
+    loop made aiohttp raise an error whose repr holds the request's headers. The error
+    carries the status and ``location`` (without its query, which may be signed), and
+    nothing more. Retriable: no request was processed, so a repeat is safe, and what
+    redirects (a proxy, a moved endpoint) is fixed outside dbsync, so the work waits
+    with the reason in ``dbsync ctl status`` and goes again on its own once it is;
+    a crash, or a stop that needs a reload, would help no one.
+    """
+
+    retriable = True
+
+    def __init__(self, message: str, *, location: str = "", **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.location = location
 
 
 class AuthError(DemandbaseError):

@@ -25,6 +25,7 @@ import msgspec
 
 from dbsync.clock import Clock, wait_event
 from dbsync.config import DaemonSettings
+from dbsync.demandbase.http import describe_transport_error, is_transport_error
 from dbsync.errors import StoreError
 
 __all__ = ["RestartBudgetSpent", "RestartPolicy", "describe", "run_with_restarts"]
@@ -102,8 +103,11 @@ async def run_with_restarts(
             crashes.append(now)
             giving_up = len(crashes) >= policy.max_crashes
             delay = policy.delay(len(crashes))
-            log.exception(
+            log.error(
                 event,
+                # The traceback too, unless it holds an error of the HTTP stack, whose
+                # own words may carry the request's secrets (demandbase/http.py).
+                exc_info=None if _holds_transport_error(exc) else exc,
                 extra={
                     **fields,
                     "crashes": len(crashes),
@@ -129,8 +133,33 @@ def describe(exc: BaseException) -> str:
     """An exception as an operator reads it: its class and message, not its repr.
 
     A TaskGroup wraps what its tasks raised: the operator wants those, not the wrapper.
+    An error of the HTTP stack that escaped the transport is put into words by the
+    transport's one function for them, never by its own message.
     """
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(describe(inner) for inner in exc.exceptions)
+    if is_transport_error(exc):
+        return describe_transport_error(exc)
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _holds_transport_error(exc: BaseException) -> bool:
+    """Whether ``exc``, its group or its chain holds an error of the HTTP stack."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if is_transport_error(current):
+            return True
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        # As a traceback shows them: the cause, and the context unless suppressed.
+        if current.__cause__ is not None:
+            pending.append(current.__cause__)
+        if current.__context__ is not None and not current.__suppress_context__:
+            pending.append(current.__context__)
+    return False

@@ -53,6 +53,7 @@ from dbsync.admin.protocol import (
     encode,
 )
 from dbsync.admin.verbs import AdminFault, Controls, perform
+from dbsync.restarts import describe
 
 __all__ = ["AdminServer", "AdminSocketError"]
 
@@ -262,7 +263,7 @@ class AdminServer:
         try:
             await self._exchange_once(connection, controls)
         except Exception as exc:
-            log.exception("admin_exchange_failed", extra={"error": repr(exc)})
+            log.exception("admin_exchange_failed", extra={"error": describe(exc)})
 
     async def _exchange_once(self, connection: socket.socket, controls: Controls) -> None:
         loop = asyncio.get_running_loop()
@@ -326,7 +327,7 @@ class AdminServer:
         except AdminFault as fault:
             reply = Fault(code=fault.code, message=fault.message)
         except Exception as exc:
-            log.exception("admin_command_failed", extra={**fields, "error": repr(exc)})
+            log.exception("admin_command_failed", extra={**fields, "error": describe(exc)})
             reply = Fault(code=FaultCode.INTERNAL, message="the daemon failed; its log says why")
         if request.role is Role.OPERATOR:
             outcome = reply.code if isinstance(reply, Fault) else "ok"

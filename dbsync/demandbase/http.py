@@ -16,11 +16,22 @@ Error bodies
     ``ErrorDto`` on the Export API and for 429s); whichever is present is read, and
     junk such as a proxy's HTML page still gives the class that the status calls for.
 
+Redirects
+    Never followed (``allow_redirects=False``): a 3xx is a ``RedirectError`` with its
+    status and Location. Following one would carry the bearer token wherever it
+    points, and a same-origin loop once surfaced as aiohttp's ``TooManyRedirects``,
+    whose repr holds the request's headers, token included.
+
 Secrets
     Errors are built from the endpoint's name, the status, the answer's body and
-    headers, never from the request, and name a network failure by its class only
-    (aiohttp puts URLs in some messages), so that neither a token, a client secret nor
-    a signed URL can reach an error or a log line.
+    headers, never from the request. An exception of the HTTP stack (aiohttp's
+    ``ClientError`` family, ssl errors, ``OSError``, timeouts) is put into words by
+    :func:`describe_transport_error` alone, which keeps its class, the method, the URL
+    without its query and the status, and nothing else (no headers, no request_info,
+    no message: aiohttp's quote URLs with their query, and a results URL is signed),
+    so that neither a token, a client secret nor a signature can reach an error, a
+    log line, the store or ``dbsync ctl``. The aiohttp exception is not chained to ours
+    for the same reason: a logged traceback prints every exception of the chain.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import asyncio
 import datetime
 import email.utils
 import logging
+import ssl
 import time
 from collections.abc import Mapping
 from typing import NamedTuple, Protocol, TypedDict, TypeVar
@@ -46,11 +58,19 @@ from dbsync.errors import (
     NotFoundError,
     PayloadError,
     PermissionDeniedError,
+    RedirectError,
     ThrottledError,
     TransientError,
 )
 
-__all__ = ["RequestObserver", "decode_answer", "error_for", "send"]
+__all__ = [
+    "RequestObserver",
+    "decode_answer",
+    "describe_transport_error",
+    "error_for",
+    "is_transport_error",
+    "send",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -133,6 +153,9 @@ def error_for(
             )
         case 408:
             return TransientError(f"request timed out: {reason.text}", **ids)
+        case _ if 300 <= status < 400:
+            location = _without_secrets(headers.get("Location", "")) or "(none)"
+            return RedirectError(f"redirect to {location} not followed", location=location, **ids)
         case _ if status >= 500:
             return TransientError(f"server error: {reason.text}", **ids)
         case _:
@@ -189,6 +212,49 @@ def _epoch_seconds(http_date: str) -> float | None:
     return moment.timestamp()
 
 
+# --- An exception of the HTTP stack, in words that are safe anywhere ----------------
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the HTTP stack, whose own words may carry secrets."""
+    return isinstance(exc, aiohttp.ClientError | ssl.SSLError)
+
+
+def describe_transport_error(
+    exc: BaseException, *, method: str = "", url: str | yarl.URL | None = None, status: int = 0
+) -> str:
+    """``exc`` as it may be logged, stored or shown: class, method, URL, status; no more.
+
+    The method, URL and status come from the caller, else from what aiohttp recorded
+    of the request (``request_info``); the URL loses its query, fragment and user info.
+    Nothing else of ``exc`` is read: its message and repr can quote the query, the
+    request's headers (the bearer token) and, for TLS, certificate details.
+    """
+    if isinstance(exc, aiohttp.ClientResponseError):
+        status = status or exc.status
+        info = exc.request_info
+        method = method or info.method
+        url = url if url is not None else info.real_url
+    parts = [type(exc).__name__]
+    if method:
+        parts.append(method)
+    if url is not None and (shown := _without_secrets(url)):
+        parts.append(shown)
+    if status:
+        parts.append(f"status={status}")
+    return " ".join(parts)
+
+
+def _without_secrets(url: str | yarl.URL) -> str:
+    """``url`` without query, fragment or user info ("" if it does not parse)."""
+    try:
+        parsed = url if isinstance(url, yarl.URL) else yarl.URL(url, encoded=True)
+        parsed = parsed.with_query(None).with_fragment(None)
+        return str(parsed.with_user(None) if parsed.is_absolute() else parsed)
+    except (TypeError, ValueError):
+        return ""
+
+
 # --- One HTTP attempt ---------------------------------------------------------------
 
 
@@ -207,20 +273,29 @@ async def send(
     """Make one attempt at ``endpoint``: the body of a 2xx answer, else a ``DemandbaseError``.
 
     The attempt is timed on the event loop's clock, the one that its timeout runs on.
+    A 3xx is a ``RedirectError``: redirects are never followed.
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
     status = 0
     try:
         async with session.request(
-            method, url, headers=headers, params=params, data=data, timeout=client_timeout
+            method,
+            url,
+            headers=headers,
+            params=params,
+            data=data,
+            timeout=client_timeout,
+            allow_redirects=False,
         ) as response:
             status = response.status
             body = await response.read()
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+    except (aiohttp.ClientError, OSError) as exc:
+        # OSError covers TimeoutError and ssl's errors. Not chained (see Secrets).
+        described = describe_transport_error(exc, method=method, url=url, status=status)
         raise TransientError(
-            f"no complete answer: {type(exc).__name__}", endpoint=endpoint, status=status
-        ) from exc
+            f"no complete answer: {described}", endpoint=endpoint, status=status
+        ) from None
     finally:
         elapsed_seconds = loop.time() - started
         _log.debug(
