@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -42,6 +43,10 @@ T = TypeVar("T")
 # ceiling, not an allocation: SQLite grows the cache only as pages are read.
 _WRITER_CACHE_KIB = 262_144
 
+# The state directory, when the store creates it, and the SQLite files: the daemon's.
+_DIRECTORY_MODE = 0o700
+_FILE_MODE = 0o600
+
 # A unit of work on the writer's connection, run inside one transaction.
 Transaction = Callable[[sqlite3.Connection], T]
 
@@ -59,15 +64,40 @@ class Engine:
 
     async def open(self) -> None:
         try:
-            await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(self._make_private_files)
         except OSError as exc:
-            raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from exc
+            raise StoreError(f"cannot create {exc.filename}: {exc.strerror}") from exc
         await self.write(self._connect_writer)
         try:
             self._read_db = await aiosqlite.connect(self.path, timeout=30.0)
             await self._read_db.execute("PRAGMA query_only = ON")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
+
+    def _make_private_files(self) -> None:
+        """The state directory 0700 if it is new, the database and its WAL and shared
+        memory files 0600, whatever the umask.
+
+        The store holds every account of every audience. Under the unit,
+        StateDirectoryMode= and UMask= see to it; run by hand with umask 022 they came
+        out 0755 and 0644. A directory that exists keeps its mode: systemd's, the
+        operator's, or the admin server's when the socket lives in it (its group must
+        reach the socket). SQLite creates the -wal and -shm files with the database
+        file's mode, so the database is created 0600 before SQLite opens it; files
+        left by an older version are narrowed too.
+        """
+        directory = self.path.parent
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True, mode=_DIRECTORY_MODE)
+            os.chmod(directory, _DIRECTORY_MODE)  # mkdir's mode went through the umask
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            os.fchmod(fd, _FILE_MODE)
+        finally:
+            os.close(fd)
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{self.path}{suffix}", _FILE_MODE)
 
     def _connect_writer(self) -> None:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
