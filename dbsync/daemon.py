@@ -205,7 +205,9 @@ class Daemon:
             async with asyncio.TaskGroup() as group:
                 # The store's services: ingest's group commit, and the fold behind it.
                 committing = group.create_task(store.committer.run(), name="store:group-commit")
-                folding = group.create_task(Folder(store, supervisor.wake).run(), name="folder")
+                folding = group.create_task(
+                    Folder(store, supervisor.wake, self._clock).run(), name="folder"
+                )
                 supervising = group.create_task(supervisor.run(), name="supervisor")
                 await supervisor.ready.wait()
                 self.ingest_address = await ingest.start()

@@ -12,6 +12,12 @@ operator reads in ``dbsync ctl status``.
 The policy comes from the ``restart_*`` keys of ``[daemon]`` and the time from the
 injected clock, so that a test sets both instead of patching constants. A service
 asked to stop is never restarted, and a stop never waits out a backoff.
+
+A store that fails is shared infrastructure, so its ``StoreError`` stops the daemon,
+except while the file system refuses writes (a full disk, :mod:`dbsync.store.engine`):
+then the crash is a crash like another, and the restart also waits until the store
+takes writes again, so that a long outage costs each service one crash, not its
+budget, and delivery and read-backs resume by themselves once space returns.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import msgspec
 
@@ -28,7 +35,13 @@ from dbsync.config import DaemonSettings
 from dbsync.demandbase.http import describe_transport_error, is_transport_error
 from dbsync.errors import StoreError
 
-__all__ = ["RestartBudgetSpent", "RestartPolicy", "describe", "run_with_restarts"]
+__all__ = [
+    "RestartBudgetSpent",
+    "RestartPolicy",
+    "WritableStore",
+    "describe",
+    "run_with_restarts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +74,15 @@ class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True):
         return min(self.backoff_max_seconds, doubled)
 
 
+class WritableStore(Protocol):
+    """Whether the store takes writes: the part of the Store the restarts read."""
+
+    @property
+    def writable(self) -> bool: ...
+
+    async def wait_writable(self) -> None: ...
+
+
 class RestartBudgetSpent(Exception):
     """A service crashed past its restart budget; ``reason`` says how, for the operator."""
 
@@ -79,6 +101,7 @@ async def run_with_restarts(
     event: str,
     fields: dict[str, object],
     on_crash: Callable[[Exception], Awaitable[None]] | None = None,
+    store: WritableStore | None = None,
 ) -> None:
     """``run`` until it returns; after a crash, log ``event`` and run it again after the
     policy's backoff, unless ``stopping`` (this service's) or ``unless`` (everyone's) is
@@ -86,16 +109,17 @@ async def run_with_restarts(
 
     Raises:
         RestartBudgetSpent: the policy's ``max_crashes``-th crash within its window.
-        StoreError: not a crash of ``run`` but of the shared store: it stops the daemon.
+        StoreError: not a crash of ``run`` but of the shared store: it stops the daemon
+            (unless ``store`` says that it cannot write for now: see the module).
     """
     crashes: collections.deque[float] = collections.deque()
     while True:
         try:
             await run()
             return
-        except StoreError:
-            raise
         except Exception as exc:
+            if isinstance(exc, StoreError) and (store is None or store.writable):
+                raise
             now = clock.monotonic()
             # A quiet window forgets the crashes before it.
             while crashes and now - crashes[0] >= policy.window_seconds:
@@ -127,6 +151,25 @@ async def run_with_restarts(
             await wait_event(stopping, clock, delay, unless=unless)
             if stopping.is_set() or (unless is not None and unless.is_set()):
                 return
+            if store is not None and not store.writable:
+                await _until_writable(store, stopping, unless)
+                if stopping.is_set() or (unless is not None and unless.is_set()):
+                    return
+
+
+async def _until_writable(
+    store: WritableStore, stopping: asyncio.Event, unless: asyncio.Event | None
+) -> None:
+    """Until the store takes writes again, or a stop is asked (which never waits)."""
+    waits = [asyncio.ensure_future(store.wait_writable()), asyncio.ensure_future(stopping.wait())]
+    if unless is not None:
+        waits.append(asyncio.ensure_future(unless.wait()))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
 
 def describe(exc: BaseException) -> str:

@@ -26,7 +26,9 @@ the audience stays ``failed`` (``actor_failed``, with the reason ``dbsync ctl st
 shows) until ``dbsync ctl resume`` restarts it; a reconciler stays down
 (``reconciler_failed``) until a reload. A graceful stop never waits out a backoff. A
 :class:`~dbsync.errors.StoreError` (shared infrastructure) is not contained and stops
-the daemon, which exits non-zero so that systemd restarts it.
+the daemon, which exits non-zero so that systemd restarts it; except while the store
+cannot write (a full disk): then it is a crash, and the restart waits until the
+store takes writes again (:mod:`dbsync.restarts`).
 
 Reload applies a new configuration without a restart: new audiences get an actor,
 removed ones are deactivated (their actor stops; the Demandbase list is never
@@ -235,7 +237,9 @@ class Supervisor:
                 raise
             except StoreError as exc:
                 outcome.set_exception(exc)
-                raise  # shared infrastructure: stop the daemon
+                if self._store.writable:
+                    raise  # shared infrastructure: stop the daemon
+                # A full disk: the caller hears of it; the daemon waits it out.
             except Exception as exc:
                 outcome.set_exception(exc)
 
@@ -413,6 +417,7 @@ class Supervisor:
                 unless=self._stopping,
                 event="reconciler_crashed",
                 fields=fields,
+                store=self._store,
             )
         except RestartBudgetSpent as exc:
             # Delivery goes on without read-backs; a reload starts a new reconciler.
@@ -461,13 +466,25 @@ class Supervisor:
         if reason == "deactivated":
             await self._store.set_audience_state(audience_id, AudienceState.DEACTIVATED)
 
+    async def _record_failure(self, actor: AudienceActor, reason: str) -> None:
+        """Report ``actor`` failed; with the store unwritable, in memory only.
+
+        ``ctl status`` shows the reason from memory; the store gets the next state the
+        actor reaches once it takes writes again. Failing here would end the daemon.
+        """
+        try:
+            await actor.record_failure(reason)
+        except StoreError:
+            if self._store.writable:
+                raise
+
     async def _keep_running(self, actor: AudienceActor, stopping: asyncio.Event) -> None:
         """Run one actor; restart it after a crash, within the restart budget."""
         audience_id = actor.settings.audience_id
         fields: dict[str, object] = {"audience": audience_id}
 
         async def crashed(exc: Exception) -> None:
-            await actor.record_failure(describe(exc))
+            await self._record_failure(actor, describe(exc))
 
         try:
             await run_with_restarts(
@@ -479,12 +496,13 @@ class Supervisor:
                 event="actor_crashed",
                 fields=fields,
                 on_crash=crashed,
+                store=self._store,
             )
         except RestartBudgetSpent as exc:
             # The others go on; this audience waits for the operator (ctl resume).
             if (running := self._actors.get(audience_id)) is not None and running.actor is actor:
                 running.gave_up = True
-            await actor.record_failure(exc.reason)
+            await self._record_failure(actor, exc.reason)
             log.error("actor_failed", extra={**fields, "reason": exc.reason})
 
     # --- summaries -----------------------------------------------------------------------

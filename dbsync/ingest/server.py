@@ -6,6 +6,7 @@ Routes (``INTERFACES.md``, "Ingest HTTP API")::
     POST /v1/aep                              AEP profile exports (see dbsync.ingest.aep)
     PUT  /v1/audiences/{audience_id}/members  an audience's complete membership, CSV or NDJSON
     GET  /v1/health                           200 while accepting, 503 while draining
+                                              or while the store cannot write
 
 A request goes through the same gates in the same order, each answering at once:
 bearer token (401; health is open), draining (503), audience named in the path (404),
@@ -98,6 +99,11 @@ class SnapshotCounts(Protocol):
 
 class ChangeStore(Protocol):
     """The part of :class:`~dbsync.store.Store` the server writes through."""
+
+    @property
+    def writable(self) -> bool:
+        """False while the file system refuses the store's writes (a full disk)."""
+        ...
 
     async def append_changes(self, changes: Sequence[Change]) -> int: ...
 
@@ -313,9 +319,13 @@ class IngestServer:
         )
 
     async def _get_health(self, request: web.Request) -> web.Response:
-        if self._accepting:
-            return _json(200, {"status": "accepting"})
-        return _json(503, {"status": "draining"})
+        if not self._accepting:
+            return _json(503, {"status": "draining"})
+        if not self._store.writable:
+            # Requests still try (each commit is a probe of the disk) and get 503 while
+            # it is full; health says so to whoever routes the CDP's traffic.
+            return _json(503, {"status": "store_unwritable"})
+        return _json(200, {"status": "accepting"})
 
     # --- gates -------------------------------------------------------------------------
 

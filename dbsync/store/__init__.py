@@ -104,6 +104,15 @@ class Store:
         """The group-commit service: run it (``committer.run()``) in a TaskGroup."""
         return self._journal.committer
 
+    @property
+    def writable(self) -> bool:
+        """False while the file system refuses writes (a full disk): see engine.py."""
+        return self._engine.writable
+
+    async def wait_writable(self) -> None:
+        """Until the store takes writes again (at once if it does)."""
+        await self._engine.wait_writable()
+
     async def ping(self) -> None:
         """Read one row of the file: raises StoreError if the store cannot be read."""
         await audiences.ping(self._engine)

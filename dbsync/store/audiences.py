@@ -56,10 +56,18 @@ async def sync_audiences(engine: Engine, specs: Sequence[AudienceSpec]) -> SyncR
             if state == AudienceState.DEACTIVATED:
                 reactivated.append(spec.audience_id)
                 state = AudienceState.ACTIVE
+            # Only a row that changes is written: a start with the same configuration
+            # writes nothing, so that a daemon started on a full disk comes up (and
+            # waits for space) instead of failing here and restarting in a loop.
             db.execute(
                 "UPDATE audiences SET destination = ?, name = ?, state = ?,"
-                " list_id = COALESCE(list_id, ?), updated_at = ? WHERE audience_id = ?",
-                (spec.destination, spec.name, state, spec.list_id, now, spec.audience_id),
+                " list_id = COALESCE(list_id, ?), updated_at = ? WHERE audience_id = ?"
+                " AND (destination IS NOT ? OR name IS NOT ? OR state IS NOT ?"
+                " OR (list_id IS NULL AND ? IS NOT NULL))",
+                (
+                    *(spec.destination, spec.name, state, spec.list_id, now, spec.audience_id),
+                    *(spec.destination, spec.name, state, spec.list_id),
+                ),
             )
         wanted = {spec.audience_id for spec in specs}
         deactivated = [

@@ -9,6 +9,14 @@ transaction survives a crash of the process (kill -9); after a power loss the la
 commits may roll back, which re-sends, never skips, since ``delivered`` only moves
 forward on an acknowledgment that would then be lost too.
 
+Writability: a write that fails because the disk is full, the file system read-only
+or the device failing (SQLITE_FULL, SQLITE_READONLY, SQLITE_IOERR) makes the store
+*unwritable*: ``store_unwritable`` is logged once, :attr:`Engine.writable` is false,
+and callers wait (:meth:`Engine.wait_writable`) or answer 503 instead of ending the
+daemon. The next write transaction that changes rows ends it (``store_writable``):
+every attempt is a probe, and nothing else declares the disk usable again. A failed
+transaction is rolled back whole, so nothing is half-applied meanwhile.
+
 Nothing here leaves the store package: the noun modules take an :class:`Engine` and
 hand back model Structs, and the :class:`~dbsync.store.Store` facade holds the one
 engine.
@@ -19,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import sqlite3
 import threading
@@ -36,6 +45,12 @@ from dbsync.store import schema
 __all__ = ["Engine", "Transaction"]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# The primary result codes of a write the file system refused: the disk is full, the
+# file system is read-only, or the device failed. Each may pass; the daemon waits.
+_UNWRITABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR})
 
 # The writer's page cache, KiB. The fold walks ``membership`` in key order a chunk at
 # a time; with its pages cached, each chunk reads from memory what the previous ones
@@ -61,8 +76,39 @@ class Engine:
         self._write_db: sqlite3.Connection | None = None
         self._read_db: aiosqlite.Connection | None = None
         self.transactions = 0  # write transactions committed, for tests and stats
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._unwritable_since: float | None = None
+
+    @property
+    def writable(self) -> bool:
+        """False from a write the file system refused until a write succeeds again."""
+        return self._writable.is_set()
+
+    async def wait_writable(self) -> None:
+        """Until the store is writable (at once if it is)."""
+        await self._writable.wait()
+
+    def _refused(self, exc: sqlite3.Error, error: StoreError) -> None:
+        if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _UNWRITABLE_CODES:
+            return
+        if self._unwritable_since is None:
+            self._unwritable_since = self.clock.monotonic()
+            self._writable.clear()
+            log.error("store_unwritable", extra={"path": str(self.path), "error": str(error)})
+
+    def _wrote(self) -> None:
+        if self._unwritable_since is not None:
+            seconds = self.clock.monotonic() - self._unwritable_since
+            self._unwritable_since = None
+            self._writable.set()
+            log.warning(
+                "store_writable",
+                extra={"path": str(self.path), "unwritable_seconds": round(seconds, 3)},
+            )
 
     async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
         try:
             await asyncio.to_thread(self._make_private_files)
         except OSError as exc:
@@ -140,7 +186,9 @@ class Engine:
             # the transaction is atomic either way.
             return await loop.run_in_executor(self._writer, functools.partial(work, *args))
         except sqlite3.Error as exc:
-            raise StoreError(f"{getattr(work, '__name__', 'write')}: {exc}") from exc
+            error = StoreError(f"{getattr(work, '__name__', 'write')}: {exc}")
+            self._refused(exc, error)
+            raise error from exc
 
     def in_writer(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` in one IMMEDIATE transaction; on the writer thread only."""
@@ -148,6 +196,7 @@ class Engine:
         assert db is not None, "the store is closed"
         assert threading.current_thread().name.startswith("dbsync-store")
         db.execute("BEGIN IMMEDIATE")
+        changes = db.total_changes
         try:
             result = work(db)
             db.execute("COMMIT")
@@ -158,6 +207,9 @@ class Engine:
                 db.execute("ROLLBACK")
             raise
         self.transactions += 1
+        if db.total_changes != changes and self._unwritable_since is not None:
+            # Rows were written: the disk takes writes again. Told on the loop's thread.
+            self._loop.call_soon_threadsafe(self._wrote)
         return result
 
     async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:

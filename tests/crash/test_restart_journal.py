@@ -58,7 +58,7 @@ async def test_a_snapshot_first_after_a_restart_still_wakes_the_journal_audience
             if woken >= {"left", "snap"}:
                 both.set()
 
-        folder = asyncio.create_task(Folder(store, on_folded).run(), name="folder")
+        folder = asyncio.create_task(Folder(store, on_folded, SystemClock()).run(), name="folder")
         try:
             async with asyncio.timeout(5):
                 await both.wait()

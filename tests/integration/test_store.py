@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dbsync.clock import FakeClock
+from dbsync.clock import FakeClock, SystemClock
 from dbsync.errors import StoreError
 from dbsync.folder import Folder
 from dbsync.model import Account, AudienceSpec, AudienceState, BatchState, Change, ListAction
@@ -373,7 +373,7 @@ async def test_quota_spending_survives_a_reopen(tmp_path: Path, clock: FakeClock
 
 async def test_the_folder_wakes_the_audiences_it_touched(store: Store) -> None:
     woken: asyncio.Queue[set[str]] = asyncio.Queue()
-    folder = asyncio.create_task(Folder(store, woken.put_nowait).run())
+    folder = asyncio.create_task(Folder(store, woken.put_nowait, SystemClock()).run())
     await store.append_changes([change("A", True), change("B", True, audience="aud-2")])
     assert await asyncio.wait_for(woken.get(), 5) == {AUDIENCE, "aud-2"}
     folder.cancel()

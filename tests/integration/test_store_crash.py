@@ -38,7 +38,7 @@ WRITER = textwrap.dedent(
             )
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(store.committer.run())
-                tasks.create_task(Folder(store, lambda audiences: None).run())
+                tasks.create_task(Folder(store, lambda audiences: None, SystemClock()).run())
                 committed = 0
                 while True:
                     batch = [

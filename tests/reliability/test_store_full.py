@@ -13,16 +13,35 @@ writer either: that would skip SQLite's own rollback of a failed statement.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import os
 import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from dbsync.admin.client import exchange
+from dbsync.admin.protocol import Fault, Status
 from dbsync.demandbase.csvfile import encode_accounts
 from dbsync.model import Account
 from dbsync.store import Store
-from dbsync.testing import AudienceConfig, aep_profile, running_engine, wait_until
+from dbsync.testing import (
+    AudienceConfig,
+    Engine,
+    aep_profile,
+    fast_tenant,
+    running_daemon,
+    running_emulator,
+    running_engine,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.reliability
 
@@ -81,9 +100,10 @@ async def test_a_full_store_answers_503_applies_nothing_and_recovers_without_res
     4. Space returns; send the same three requests again.
     Result: during the fault each request answers 503 and an ``ingest_commit_failed``
     event is logged; the journal and the desired members are exactly as before (nothing
-    half-applied); health stays 200. After it, the same daemon (no restart) answers 202
-    to each, and the list ends equal to the desired state (the snapshot's 2,000
-    accounts), with nothing pending and a balanced ledger.
+    half-applied); health answers 503. After it, the same daemon (no restart) answers
+    202 to each and health 200, and the list ends equal to the desired state (the
+    snapshot's 2,000 accounts), with nothing pending and a balanced ledger; one
+    ``store_unwritable`` and one ``store_writable`` were logged.
     """
     async with running_engine(tmp_path, [AUDIENCE]) as engine:
         accounts = await engine.tenant_accounts(1_900, offset=0)
@@ -112,7 +132,7 @@ async def test_a_full_store_answers_503_applies_nothing_and_recovers_without_res
                 status, answer = await engine.cdp.send(method, route, body, content_type)
                 assert status == 503, (route, status, answer)
                 assert stored(path) == before, route
-            assert await engine.cdp.health() == 200
+            assert await engine.cdp.health() == 503
         finally:
             await set_max_pages(engine.store, SQLITE_MAX_PAGES)
         failures = [r for r in caplog.records if r.getMessage() == "ingest_commit_failed"]
@@ -124,10 +144,14 @@ async def test_a_full_store_answers_503_applies_nothing_and_recovers_without_res
         for method, route, body, content_type in requests:
             status, answer = await engine.cdp.send(method, route, body, content_type)
             assert status == 202, (route, status, answer)
+        assert await engine.cdp.health() == 200
         await engine.wait_settled(timeout=TIMEOUT)
         assert await engine.store.desired_members(AUDIENCE.id) == {a.external_id for a in accounts}
         check = await engine.store.ledger_check(AUDIENCE.id)
         assert check.balanced, check
+        events = [r.getMessage() for r in caplog.records]
+        assert events.count("store_unwritable") == 1
+        assert events.count("store_writable") == 1
 
 
 async def test_the_disk_fills_while_delivery_runs_and_the_daemon_recovers(
@@ -162,3 +186,111 @@ async def test_the_disk_fills_while_delivery_runs_and_the_daemon_recovers(
         assert check.balanced, check
         # The actor met the full disk and was restarted by the supervisor, in process.
         assert "actor_crashed" in {r.getMessage() for r in caplog.records}
+
+
+# --- a real full file system ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_filesystem(size: str = "3m") -> Iterator[Path]:
+    """A tmpfs of ``size`` on a short path (the admin socket lives in it); root only."""
+    mount = Path(tempfile.mkdtemp(prefix="dbf-", dir="/tmp"))
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        mount.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        mount.rmdir()
+
+
+def fill(filler: Path) -> None:
+    """Write ``filler`` until the file system has no byte left."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)
+
+
+def changes_body_for(audience_id: str, accounts: list[Account]) -> bytes:
+    return b"".join(
+        msgspec.json.encode({"audience_id": audience_id, "account": a, "member": True}) + b"\n"
+        for a in accounts
+    )
+
+
+def batches(accounts: list[Account], size: int) -> list[list[Account]]:
+    return [accounts[i : i + size] for i in range(0, len(accounts), size)]
+
+
+async def test_a_real_full_disk_neither_ends_nor_restart_loops_the_daemon(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """1. A daemon whose state (and config) live on a 3 MiB tmpfs; 50 accounts are
+       delivered. The file system is then filled to its last byte.
+    2. Batches of 100 joins until one answers 503 (which one depends on how much room
+       the WAL has left); then health, ``ctl status`` (an admin read) and the daemon.
+    3. Space returns; the refused batch is sent again.
+    Result: while full, ingest and health answer 503, ``store_unwritable`` is logged
+    once, ``ctl status`` answers and the daemon runs on; once space returns, the batch
+    is accepted, ``store_writable`` is logged once, health is 200 and every accepted
+    account reaches the list with a balanced ledger; the daemon exits 0."""
+    with small_filesystem() as mount:
+        async with running_emulator(fast_tenant()) as emulator:
+            audience = AudienceConfig("disk", max_records=100, max_age_seconds=0.05)
+            config = write_config(mount, emulator.url, [audience])
+            filler = mount / "filler"
+            async with running_daemon(config) as daemon:
+                engine = Engine(emulator, daemon, [audience])
+                accounts = await engine.tenant_accounts(1_000)
+                await engine.cdp.changes((audience.id, a, True) for a in accounts[:50])
+                await engine.wait_settled(timeout=TIMEOUT)
+                accepted = {a.external_id for a in accounts[:50]}
+
+                fill(filler)
+                refused: list[Account] = []
+                for batch in batches(accounts[50:], 100):
+                    body = changes_body_for(audience.id, batch)
+                    status, _ = await engine.cdp.send(
+                        "POST", "/v1/changes", body, "application/x-ndjson"
+                    )
+                    if status == 503:
+                        refused = batch
+                        break
+                    assert status == 202
+                    accepted |= {a.external_id for a in batch}
+                assert refused, "the disk never filled"
+                assert await engine.cdp.health() == 503
+                assert daemon.config is not None
+                status_reply = await asyncio.to_thread(
+                    exchange, daemon.config.daemon.admin_socket, Status()
+                )
+                assert not isinstance(status_reply, Fault), status_reply
+
+                filler.unlink()
+                body = changes_body_for(audience.id, refused)
+                status, answer = await engine.cdp.send(
+                    "POST", "/v1/changes", body, "application/x-ndjson"
+                )
+                assert status == 202, answer
+                accepted |= {a.external_id for a in refused}
+                assert await engine.cdp.health() == 200
+                await engine.wait_settled(timeout=TIMEOUT)
+                assert await engine.store.desired_members(audience.id) == accepted
+                assert (await engine.store.ledger_check(audience.id)).balanced
+            events = [r.getMessage() for r in caplog.records]
+            assert events.count("store_unwritable") == 1
+            assert events.count("store_writable") == 1

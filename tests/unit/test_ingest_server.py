@@ -45,6 +45,7 @@ class FakeStore:
         self.members: dict[str, dict[str, Account]] = {}
         self.snapshot_times: list[float] = []
         self.fail = False
+        self.writable = True
 
     async def append_changes(self, changes: Sequence[Change]) -> int:
         if self.fail:
