@@ -36,7 +36,7 @@ from dbsync.actor import ActorSettings
 from dbsync.admin.server import AdminServer, AdminSocketError
 from dbsync.admin.verbs import Controls
 from dbsync.budget import BudgetLimits
-from dbsync.clock import Clock, SystemClock
+from dbsync.clock import Clock, SystemClock, wait_event
 from dbsync.config import (
     Config,
     Credentials,
@@ -62,6 +62,12 @@ __all__ = ["Daemon", "build_plans", "run"]
 log = logging.getLogger(__name__)
 
 DATABASE_NAME = "dbsync.sqlite3"
+
+# Opening a store the file system refuses is tried again after 1 s, then twice as long
+# each time up to 30 s; systemd is asked to wait for READY that long and a margin more.
+_STORE_RETRY_FIRST_SECONDS = 1.0
+_STORE_RETRY_MAX_SECONDS = 30.0
+_STORE_RETRY_MARGIN_SECONDS = 30.0
 
 
 def build_plans(config: Config, credentials: dict[str, Credentials]) -> list[DestinationPlan]:
@@ -171,9 +177,12 @@ class Daemon:
             return ExitCode.FAULT  # admin_socket_in_use or admin_socket_failed says why
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(admin.stop)
-            store = self.store = await stack.enter_async_context(
-                Store.open(config.daemon.state_dir / DATABASE_NAME, clock=self._clock)
-            )
+            self._install_signals()
+            opened = await self._open_store(stack, config.daemon.state_dir / DATABASE_NAME)
+            if opened is None:  # asked to stop while waiting for the disk
+                log.info("daemon_stopped")
+                return ExitCode.OK
+            store = self.store = opened
             session = await stack.enter_async_context(aiohttp.ClientSession())
             supervisor = self.supervisor = Supervisor(
                 build_plans(config, credentials),
@@ -201,7 +210,6 @@ class Daemon:
                 max_body_bytes_in_flight=config.ingest.max_body_bytes_in_flight,
                 body_wait_seconds=config.ingest.body_wait_seconds,
             )
-            self._install_signals()
             async with asyncio.TaskGroup() as group:
                 # The store's services: ingest's group commit, and the fold behind it.
                 committing = group.create_task(store.committer.run(), name="store:group-commit")
@@ -264,6 +272,44 @@ class Daemon:
                 await committing
         log.info("daemon_stopped")
         return ExitCode.OK
+
+    async def _open_store(self, stack: contextlib.AsyncExitStack, path: Path) -> Store | None:
+        """The store, opened; None if a stop was asked while waiting for it.
+
+        A file system that refuses writes (full, read-only) is waited out, not an exit:
+        exiting would have systemd restart the daemon into the same full disk until its
+        start limit left the unit failed for good, with nothing to bring it back once
+        space returns. Each try tells systemd to wait longer for READY and says why in
+        STATUS=; ``store_unwritable`` is logged once, ``store_writable`` when it opens.
+        """
+        delay = _STORE_RETRY_FIRST_SECONDS
+        waited_since: float | None = None
+        while True:
+            try:
+                store = await stack.enter_async_context(Store.open(path, clock=self._clock))
+            except StoreError as exc:
+                if not exc.unwritable:
+                    raise
+                if waited_since is None:
+                    waited_since = self._clock.monotonic()
+                    log.error("store_unwritable", extra={"path": str(path), "error": str(exc)})
+                systemd.notify(
+                    f"EXTEND_TIMEOUT_USEC={int((delay + _STORE_RETRY_MARGIN_SECONDS) * 1e6)}",
+                    f"STATUS=waiting for the store to take writes: {exc}",
+                )
+                if await wait_event(self._shutdown, self._clock, delay):
+                    return None
+                delay = min(delay * 2, _STORE_RETRY_MAX_SECONDS)
+                continue
+            if waited_since is not None:
+                log.warning(
+                    "store_writable",
+                    extra={
+                        "path": str(path),
+                        "unwritable_seconds": round(self._clock.monotonic() - waited_since, 3),
+                    },
+                )
+            return store
 
     # --- systemd: watchdog and status ----------------------------------------------------
 

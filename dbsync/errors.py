@@ -151,4 +151,12 @@ class PayloadError(DemandbaseError):
 
 
 class StoreError(DbsyncError):
-    """The SQLite store failed; shared infrastructure, so the daemon stops."""
+    """The SQLite store failed; shared infrastructure, so the daemon stops.
+
+    ``unwritable`` is true when the file system refused the write (full, read-only, an
+    I/O error): a condition to wait out, not a fault of the daemon.
+    """
+
+    def __init__(self, message: str, *, unwritable: bool = False) -> None:
+        super().__init__(message)
+        self.unwritable = unwritable

@@ -87,8 +87,9 @@ class Store:
     @contextlib.asynccontextmanager
     async def open(cls, path: Path, *, clock: Clock) -> AsyncIterator[Store]:
         store = cls(path, clock)
-        await store._engine.open()
         try:
+            # Closed on a failed open too: its writer thread must not outlive it.
+            await store._engine.open()
             await store._journal.open()
             yield store
         finally:

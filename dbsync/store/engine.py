@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 # The primary result codes of a write the file system refused: the disk is full, the
 # file system is read-only, or the device failed. Each may pass; the daemon waits.
 _UNWRITABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR})
+# The same, as the file system says it when the store creates its files.
+_UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 # The writer's page cache, KiB. The fold walks ``membership`` in key order a chunk at
 # a time; with its pages cached, each chunk reads from memory what the previous ones
@@ -79,6 +82,9 @@ class Engine:
         self._writable = asyncio.Event()
         self._writable.set()
         self._unwritable_since: float | None = None
+        # Until open() is done, a refused write is its caller's to report (the daemon
+        # waits for the disk and says so once), not one event per try.
+        self._opened = False
 
     @property
     def writable(self) -> bool:
@@ -89,12 +95,14 @@ class Engine:
         """Until the store is writable (at once if it is)."""
         await self._writable.wait()
 
-    def _refused(self, exc: sqlite3.Error, error: StoreError) -> None:
-        if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _UNWRITABLE_CODES:
+    def _refused(self, error: StoreError) -> None:
+        if not error.unwritable:
             return
         if self._unwritable_since is None:
             self._unwritable_since = self.clock.monotonic()
             self._writable.clear()
+            if not self._opened:
+                return
             log.error("store_unwritable", extra={"path": str(self.path), "error": str(error)})
 
     def _wrote(self) -> None:
@@ -112,13 +120,19 @@ class Engine:
         try:
             await asyncio.to_thread(self._make_private_files)
         except OSError as exc:
-            raise StoreError(f"cannot create {exc.filename}: {exc.strerror}") from exc
+            error = StoreError(
+                f"cannot create {exc.filename}: {exc.strerror}",
+                unwritable=exc.errno in _UNWRITABLE_ERRNOS,
+            )
+            self._refused(error)
+            raise error from exc
         await self.write(self._connect_writer)
         try:
             self._read_db = await aiosqlite.connect(self.path, timeout=30.0)
             await self._read_db.execute("PRAGMA query_only = ON")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
+        self._opened = True
 
     def _make_private_files(self) -> None:
         """The state directory 0700 if it is new, the database and its WAL and shared
@@ -186,8 +200,11 @@ class Engine:
             # the transaction is atomic either way.
             return await loop.run_in_executor(self._writer, functools.partial(work, *args))
         except sqlite3.Error as exc:
-            error = StoreError(f"{getattr(work, '__name__', 'write')}: {exc}")
-            self._refused(exc, error)
+            error = StoreError(
+                f"{getattr(work, '__name__', 'write')}: {exc}",
+                unwritable=(getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _UNWRITABLE_CODES,
+            )
+            self._refused(error)
             raise error from exc
 
     def in_writer(self, work: Callable[[sqlite3.Connection], T]) -> T:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -28,7 +29,9 @@ import pytest
 
 from dbsync.admin.client import exchange
 from dbsync.admin.protocol import Fault, Status
+from dbsync.daemon import Daemon
 from dbsync.demandbase.csvfile import encode_accounts
+from dbsync.exitcodes import ExitCode
 from dbsync.model import Account
 from dbsync.store import Store
 from dbsync.testing import (
@@ -294,3 +297,67 @@ async def test_a_real_full_disk_neither_ends_nor_restart_loops_the_daemon(
             events = [r.getMessage() for r in caplog.records]
             assert events.count("store_unwritable") == 1
             assert events.count("store_writable") == 1
+
+
+async def test_a_daemon_started_on_a_full_disk_waits_for_space_instead_of_exiting(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """1. A daemon's first start, with its state on a 3 MiB tmpfs filled to its last
+       byte: the store cannot even be created.
+    2. Space returns.
+    Result: while full the daemon runs on (no exit, so no restart loop for systemd to
+    end in ``start-limit-hit``), not ready, with ``store_unwritable`` logged once while
+    it tries again and asks systemd each time to wait longer for it; once space returns
+    it opens the store, logs ``store_writable`` once, becomes ready and takes changes; a
+    stop then exits 0. A second daemon on the full disk that is asked
+    to stop while waiting exits 0 too."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    told: list[str] = []
+
+    def extensions() -> int:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                told.extend(notify.recv(4096).decode().split("\n"))
+        return sum(line.startswith("EXTEND_TIMEOUT_USEC=") for line in told)
+
+    with notify, small_filesystem() as mount:
+        async with running_emulator(fast_tenant()) as emulator:
+            audience = AudienceConfig("disk", max_records=100, max_age_seconds=0.05)
+            config = write_config(mount, emulator.url, [audience])
+            filler = mount / "filler"
+            fill(filler)
+
+            daemon = Daemon(config)
+            running = asyncio.create_task(daemon.run())
+
+            def logged(name: str) -> int:
+                return [r.getMessage() for r in caplog.records].count(name)
+
+            await wait_until(lambda: logged("store_unwritable") == 1, TIMEOUT)
+            await wait_until(lambda: extensions() >= 3, TIMEOUT, what="three tries")
+            assert "READY=1" not in told
+            assert any(line.startswith("STATUS=waiting for the store") for line in told)
+            assert not running.done()
+            assert not daemon.ready.is_set()
+            assert logged("store_unwritable") == 1
+
+            filler.unlink()
+            await asyncio.wait_for(daemon.ready.wait(), TIMEOUT)
+            assert logged("store_writable") == 1
+            engine = Engine(emulator, daemon, [audience])
+            accounts = await engine.tenant_accounts(20)
+            await engine.cdp.changes((audience.id, a, True) for a in accounts)
+            await engine.wait_settled(timeout=TIMEOUT)
+            daemon.request_shutdown()
+            assert await running == ExitCode.OK
+
+            fill(filler)
+            second = Daemon(config)
+            waiting = asyncio.create_task(second.run())
+            await wait_until(lambda: logged("store_unwritable") == 2, TIMEOUT)
+            second.request_shutdown()
+            assert await asyncio.wait_for(waiting, TIMEOUT) == ExitCode.OK
+            assert not second.ready.is_set()
