@@ -32,7 +32,22 @@ resets retry with capped exponential backoff and full jitter; after
 and keeps trying at the longest backoff, so it recovers by itself; 401/403 stop the
 whole destination (see :mod:`dbsync.destination`); a 400 on an upload splits the
 batch in two, down to the single row that Demandbase refuses, which is set aside as
-rejected with its reason.
+rejected with its reason. 409, 413 and 415 are not about a row: the batch is not
+split, its accounts wait in the queue, the audience reports ``failed`` naming the
+status and sends nothing for :data:`REFUSED_HOLD_SECONDS` (or until ``ctl resume``):
+a file too large is cured by a smaller ``max_records``, the others by a fix.
+
+A job Demandbase *fails* may fail for its file's content, every time: the batch is
+sent once more as it is, then split in two, each half treated alike down to
+:data:`MAX_SPLIT_DEPTH` levels, and a part still failing there is set aside with its
+reason. So one batch costs at most :data:`MAX_JOBS_PER_BATCH` jobs, however its jobs
+fail, and a batch that Demandbase always fails cannot spend the quota in a loop.
+
+The contract (:mod:`dbsync.contract.watch`): a job state is compared whatever its
+case; one dbsync does not know is polled until a deadline, then counts as failed.
+A completed job that reports another list than the audience's stops the audience in
+``contract_broken`` (its accounts go back to the queue, not marked delivered) until
+``dbsync ctl resume``.
 
 Time: the actor reads time, sleeps and paces its requests (:class:`~dbsync.clock.Limiter`)
 through the injected clock only, so that a test drives it with a FakeClock.
@@ -49,8 +64,9 @@ from typing import Protocol, TypeVar
 import msgspec
 
 from dbsync.clock import Clock, Limiter, PaceLimiter, wait_event
+from dbsync.contract.watch import UNKNOWN_STATE_DEADLINE_SECONDS, UnknownStateWatch, list_breach
 from dbsync.demandbase.csvfile import encode_accounts
-from dbsync.demandbase.wire import Endpoint
+from dbsync.demandbase.wire import Endpoint, ImportJob
 from dbsync.destination import Destination, ImportClient
 from dbsync.errors import (
     AuthError,
@@ -60,7 +76,7 @@ from dbsync.errors import (
     ThrottledError,
 )
 from dbsync.logs import AudienceLogger
-from dbsync.model import AudienceState, Backlog, Batch, BatchState, ListAction
+from dbsync.model import AudienceRecord, AudienceState, Backlog, Batch, BatchState, ListAction
 from dbsync.retry import (
     GIVE_UP_AFTER,
     LearnedDuration,
@@ -69,16 +85,38 @@ from dbsync.retry import (
     call_with_retries,
     poll_until,
 )
-from dbsync.states import DestinationState, ImportJobState, check_transition
+from dbsync.states import DestinationState, ImportJobState, check_transition, import_job_state
 
 # Destination and ImportClient used to live here; importers of them keep working.
-__all__ = ["ActorSettings", "AudienceActor", "Destination", "ImportClient"]
+__all__ = [
+    "JOB_ATTEMPTS",
+    "MAX_JOBS_PER_BATCH",
+    "MAX_SPLIT_DEPTH",
+    "REFUSED_HOLD_SECONDS",
+    "ActorSettings",
+    "AudienceActor",
+    "Destination",
+    "ImportClient",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # An actor never gives up a call: it holds its work until Demandbase takes it.
 _POLICY = RetryPolicy(give_up_after=None, on_refused=OnRefused.STOP_DESTINATION)
+
+#: Jobs Demandbase may fail for one batch (or one part of it) before it is split.
+JOB_ATTEMPTS = 2
+#: How often a failing batch is halved; a part this deep that fails is set aside.
+MAX_SPLIT_DEPTH = 3
+#: The most jobs one batch can cost when Demandbase fails every one of them:
+#: JOB_ATTEMPTS per part, over the 1 + 2 + 4 + 8 parts of MAX_SPLIT_DEPTH halvings.
+MAX_JOBS_PER_BATCH = JOB_ATTEMPTS * (2 ** (MAX_SPLIT_DEPTH + 1) - 1)
+# Statuses that say nothing of a row: splitting would only multiply the jobs.
+_NOT_ABOUT_A_ROW = frozenset({409, 413, 415})
+# After one of them, the audience sends nothing for this long (or until ``ctl resume``):
+# the same request would meet the same answer, so at most 48 jobs a day go to it.
+REFUSED_HOLD_SECONDS = 1_800.0
 
 
 class ActorSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,6 +132,8 @@ class ActorSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_jobs_in_flight: int = 2
     job_poll_initial_seconds: float = 2.0
     job_poll_max_seconds: float = 300.0
+    # How long a job may stay in a state dbsync does not know before it counts as failed.
+    unknown_state_deadline_seconds: float = UNKNOWN_STATE_DEADLINE_SECONDS
     paused: bool = False
 
 
@@ -110,6 +150,7 @@ class DeliveryStore(Protocol):
     async def complete_batch(self, batch_id: int, *, list_id: int | None) -> int: ...
     async def fail_batch(self, batch_id: int, reason: str) -> None: ...
     async def abandon_batch(self, batch_id: int, reason: str) -> None: ...
+    async def renew_batch(self, batch_id: int, reason: str) -> Batch: ...
     async def split_batch(self, batch_id: int) -> tuple[Batch, Batch]: ...
     async def reject_batch(self, batch_id: int, reason: str) -> None: ...
     async def resync(self, audience_id: str) -> int: ...
@@ -117,6 +158,7 @@ class DeliveryStore(Protocol):
     async def set_audience_state(
         self, audience_id: str, state: AudienceState, reason: str = ""
     ) -> None: ...
+    async def audiences(self) -> dict[str, AudienceRecord]: ...
 
 
 class _HeldBack(Exception):
@@ -166,6 +208,14 @@ class AudienceActor:
         self.state = AudienceState.PAUSED if settings.paused else AudienceState.ACTIVE
         self.last_error = ""
         self.jobs_completed = 0
+        # The list the audience feeds (configured, or reported by its first job) [A1/A2].
+        self._list_id: int | None = None
+        # Why the contract broke (a job fed another list); "" while it holds.
+        self.contract_breach = ""
+        # Per open batch: (failed jobs so far, times halved) of its accounts.
+        self._failures_of: dict[int, tuple[int, int]] = {}
+        # Monotonic time before which nothing new is sent (after a 409, 413 or 415).
+        self._held_until = 0.0
 
     # --- control (called by the supervisor and the admin socket) ---------------------
 
@@ -183,8 +233,18 @@ class AudienceActor:
         self._wakeup.set()
 
     def resume(self) -> None:
+        """Also the operator's word that a broken contract was looked at (``ctl resume``)."""
         self._paused = False
+        self._held_until = 0.0
+        if self.contract_breach:
+            self._log.warning("contract_breach_cleared", extra={"reason": self.contract_breach})
+            self.contract_breach = ""
         self._wakeup.set()
+
+    @property
+    def is_held(self) -> bool:
+        """Paused, or stopped by a broken contract: nothing is sent until ``ctl resume``."""
+        return self._paused or bool(self.contract_breach)
 
     def stop(self) -> None:
         """Finish the jobs in flight, start no new one, and return from :meth:`run`."""
@@ -217,10 +277,19 @@ class AudienceActor:
 
     async def run(self) -> None:
         """Deliver until stopped, then wait for the jobs in flight to finish."""
+        record = (await self._store.audiences()).get(self.settings.audience_id)
+        if record is not None:
+            self._list_id = record.list_id
+            if record.state is AudienceState.CONTRACT_BROKEN and not self.contract_breach:
+                # A breach outlives a restart: only an operator's resume clears it.
+                self.contract_breach = record.state_reason or "the contract broke"
         # The store may hold what an earlier run left (failed, stopped): say what is true.
-        await self._set_state(
-            AudienceState.PAUSED if self._paused else AudienceState.ACTIVE, persist=True
-        )
+        if self.contract_breach:
+            await self._set_state(AudienceState.CONTRACT_BROKEN, self.contract_breach, persist=True)
+        else:
+            await self._set_state(
+                AudienceState.PAUSED if self._paused else AudienceState.ACTIVE, persist=True
+            )
         async with asyncio.TaskGroup() as deliveries:
             # Batches left open by a previous run go first: their accounts are in
             # flight and would otherwise never be planned again.
@@ -229,12 +298,20 @@ class AudienceActor:
                 uploaded = batch.state is BatchState.UPLOADED
                 self._spawn(deliveries, self._resume(batch), batch.batch_id, carrying=uploaded)
             while not self._stopping.is_set():
+                if self.contract_breach:
+                    await self._set_state(AudienceState.CONTRACT_BROKEN, self.contract_breach)
+                    await self._wait(None)
+                    continue
                 if self._paused:
                     await self._set_state(AudienceState.PAUSED)
                     await self._wait(None)
                     continue
-                if self.state is AudienceState.PAUSED:
+                if self.state in (AudienceState.PAUSED, AudienceState.CONTRACT_BROKEN):
                     await self._set_state(AudienceState.ACTIVE)
+                held = self._held_until - self._clock.monotonic()
+                if held > 0:
+                    await self._wait(held)
+                    continue
                 delay = await self._due_in()
                 if delay > 0 or len(self._deliveries) >= self.settings.max_jobs_in_flight:
                     await self._wait(delay if delay > 0 else None)
@@ -297,7 +374,7 @@ class AudienceActor:
             task = asyncio.current_task()
             assert task is not None
             self._carrying.add(task)
-            if self._stopping.is_set():
+            if self._stopping.is_set() or self.contract_breach:
                 return
             batch = await self._plan()
             if batch is None:
@@ -349,7 +426,7 @@ class AudienceActor:
                 except NotFoundError:
                     await self._store.abandon_batch(batch.batch_id, "job vanished")
                     return
-                if job.state != ImportJobState.NEW:
+                if import_job_state(job.state) is not ImportJobState.NEW:
                     await self._store.mark_uploaded(batch.batch_id)
                     await self._finish(batch)
                     return
@@ -377,7 +454,10 @@ class AudienceActor:
             # kept-alive connection) may have been taken: the job then refuses the repeat
             # ("data goes to a new job, once"), which says nothing of the rows.
             if not await self._job_has_data(job_id):
-                await self._bisect(batch, exc)
+                if exc.status in _NOT_ABOUT_A_ROW:
+                    await self._refused_whole(batch, exc)
+                else:
+                    await self._bisect(batch, exc)
                 return
         except NotFoundError:
             await self._store.abandon_batch(batch.batch_id, "job vanished before upload")
@@ -397,7 +477,18 @@ class AudienceActor:
             )
         except NotFoundError:
             return False
-        return job.state != ImportJobState.NEW
+        return import_job_state(job.state) is not ImportJobState.NEW
+
+    async def _refused_whole(self, batch: Batch, error: BadRequestError) -> None:
+        """409, 413 or 415: about the request, not a row. Hold the accounts; say so."""
+        await self._store.abandon_batch(batch.batch_id, error.message)
+        self._held_until = self._clock.monotonic() + REFUSED_HOLD_SECONDS
+        self.last_error = str(error)
+        self._log.error(
+            "upload_refused",
+            extra={"batch_id": batch.batch_id, "status": error.status, "reason": error.message},
+        )
+        await self._set_state(AudienceState.FAILED, str(error))
 
     async def _bisect(self, batch: Batch, error: BadRequestError) -> None:
         """Find the rows Demandbase refuses: halve until the culprit stands alone."""
@@ -420,13 +511,21 @@ class AudienceActor:
         assert batch.job_id is not None
         job_id = batch.job_id
         started = self._clock.monotonic()
+        unknown = UnknownStateWatch(self.settings.unknown_state_deadline_seconds)
+
+        def done(job: ImportJob) -> bool:
+            state = import_job_state(job.state)
+            if state in (ImportJobState.COMPLETED, ImportJobState.FAILED):
+                return True
+            return unknown.expired(job.state, state is not None, self._clock.monotonic())
+
         try:
             job = await poll_until(
                 lambda: self._call(
                     Endpoint.IMPORT_JOB_STATUS,
                     lambda: self._destination.client.get_import_job(job_id),
                 ),
-                lambda job: job.state in (ImportJobState.COMPLETED, ImportJobState.FAILED),
+                done,
                 clock=self._clock,
                 initial_seconds=self._job_seconds.seconds,
                 maximum_seconds=self.settings.job_poll_max_seconds,
@@ -434,12 +533,34 @@ class AudienceActor:
         except NotFoundError:
             await self._store.fail_batch(batch.batch_id, "job vanished while processing")
             return
-        if job.state == ImportJobState.FAILED:
-            await self._store.fail_batch(batch.batch_id, "Demandbase failed the job")
+        state = import_job_state(job.state)
+        if state is None:
+            self._log.warning(
+                "job_state_unknown",
+                extra={
+                    "batch_id": batch.batch_id,
+                    "job_id": job_id,
+                    "state": job.state,
+                    "deadline_seconds": unknown.deadline_seconds,
+                },
+            )
+            await self._job_failed(batch, f"job {job_id} stayed in unknown state {job.state!r}")
+            return
+        if state is ImportJobState.FAILED:
             self._log.warning("job_failed", extra={"batch_id": batch.batch_id, "job_id": job_id})
+            await self._job_failed(batch, f"Demandbase failed job {job_id}")
+            return
+        breach = list_breach(self._list_id, job.account_list_id)
+        if breach is not None:
+            # Not delivered to the audience's list: its accounts go back to the queue.
+            await self._store.fail_batch(batch.batch_id, breach)
+            await self._break_contract(breach, job_id=job_id, list_id=job.account_list_id)
             return
         # Checkpoint only now: a crash before this line re-sends the batch, not skips it.
         rows = await self._store.complete_batch(batch.batch_id, list_id=job.account_list_id)
+        if self._list_id is None:
+            self._list_id = job.account_list_id
+        self._failures_of.pop(batch.batch_id, None)
         self._job_seconds.learn(self._clock.monotonic() - started)
         self.jobs_completed += 1
         self._log.info(
@@ -452,6 +573,49 @@ class AudienceActor:
                 "list_id": job.account_list_id,
             },
         )
+
+    async def _break_contract(self, reason: str, *, job_id: int, list_id: int | None) -> None:
+        if not self.contract_breach:
+            self.contract_breach = reason
+            self._log.error(
+                "contract_broken",
+                extra={
+                    "job_id": job_id,
+                    "list_id": list_id,
+                    "expected_list_id": self._list_id,
+                    "reason": reason,
+                },
+            )
+        await self._set_state(AudienceState.CONTRACT_BROKEN, reason)
+        self._wakeup.set()
+
+    async def _job_failed(self, batch: Batch, reason: str) -> None:
+        """Send again, split, or set aside: at most MAX_JOBS_PER_BATCH jobs per batch."""
+        failures, depth = self._failures_of.pop(batch.batch_id, (0, 0))
+        failures += 1
+        renewed = await self._store.renew_batch(batch.batch_id, reason)
+        if failures < JOB_ATTEMPTS:
+            self._failures_of[renewed.batch_id] = (failures, depth)
+            await self._send(renewed)
+            return
+        if depth >= MAX_SPLIT_DEPTH or len(renewed.accounts) == 1:
+            reason = f"{reason}; {failures} jobs failed with these accounts"
+            await self._store.reject_batch(renewed.batch_id, reason)
+            self._log.warning(
+                "batch_set_aside",
+                extra={
+                    "batch_id": renewed.batch_id,
+                    "rows": len(renewed.accounts),
+                    "reason": reason,
+                },
+            )
+            return
+        self._log.warning(
+            "batch_split", extra={"batch_id": renewed.batch_id, "rows": len(renewed.accounts)}
+        )
+        for half in await self._store.split_batch(renewed.batch_id):
+            self._failures_of[half.batch_id] = (0, depth + 1)
+            await self._send(half)
 
     # --- one call, with the retry policy (dbsync.retry) and the actor's hooks ---------
 

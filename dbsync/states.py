@@ -33,6 +33,8 @@ __all__ = [
     "ImportJobState",
     "ReconcileRunState",
     "check_transition",
+    "export_job_state",
+    "import_job_state",
 ]
 
 
@@ -55,6 +57,8 @@ class AudienceState(enum.StrEnum):
     ├── success ─ failed <────────────────> stopped ── success
     │   or resume    (the supervisor's restart budget spent: failed too)
     └── reactivated ── deactivated <── any (no longer in the configuration)
+
+    any but deactivated ──a job fed another list──> contract_broken ──ctl resume──> active
     """
 
     ACTIVE = "active"  # its actor delivers
@@ -62,6 +66,9 @@ class AudienceState(enum.StrEnum):
     FAILED = "failed"  # its actor keeps failing, or crashed past its restart budget
     STOPPED = "stopped"  # its destination stopped (auth_failed, permission_denied)
     DEACTIVATED = "deactivated"  # no longer in the config; its list is left as it is
+    # A completed job reported another list than the audience's (A1 broken): nothing
+    # more is sent until an operator has looked at the tenant and resumes it.
+    CONTRACT_BROKEN = "contract_broken"
 
 
 class BatchState(enum.StrEnum):
@@ -150,6 +157,23 @@ class ReconcileRunState(enum.StrEnum):
 
 _S = TypeVar("_S", bound=enum.StrEnum)
 
+
+def import_job_state(text: str | None) -> ImportJobState | None:
+    """The import job state Demandbase names, whatever its case; None if unknown."""
+    try:
+        return ImportJobState((text or "").strip().lower())
+    except ValueError:
+        return None
+
+
+def export_job_state(text: str | None) -> ExportJobState | None:
+    """The export job state Demandbase names, whatever its case; None if unknown."""
+    try:
+        return ExportJobState((text or "").strip().lower())
+    except ValueError:
+        return None
+
+
 _A = AudienceState
 _B = BatchState
 _D = DestinationState
@@ -160,11 +184,20 @@ _R = ReconcileRunState
 #: The moves each machine allows, from each state; staying put is always allowed.
 TRANSITIONS: Mapping[type[enum.StrEnum], Mapping[enum.StrEnum, frozenset[enum.StrEnum]]] = {
     AudienceState: {
-        _A.ACTIVE: frozenset({_A.PAUSED, _A.FAILED, _A.STOPPED, _A.DEACTIVATED}),
-        _A.PAUSED: frozenset({_A.ACTIVE, _A.FAILED, _A.STOPPED, _A.DEACTIVATED}),
-        _A.FAILED: frozenset({_A.ACTIVE, _A.PAUSED, _A.STOPPED, _A.DEACTIVATED}),
-        _A.STOPPED: frozenset({_A.ACTIVE, _A.PAUSED, _A.FAILED, _A.DEACTIVATED}),
+        _A.ACTIVE: frozenset(
+            {_A.PAUSED, _A.FAILED, _A.STOPPED, _A.DEACTIVATED, _A.CONTRACT_BROKEN}
+        ),
+        _A.PAUSED: frozenset(
+            {_A.ACTIVE, _A.FAILED, _A.STOPPED, _A.DEACTIVATED, _A.CONTRACT_BROKEN}
+        ),
+        _A.FAILED: frozenset(
+            {_A.ACTIVE, _A.PAUSED, _A.STOPPED, _A.DEACTIVATED, _A.CONTRACT_BROKEN}
+        ),
+        _A.STOPPED: frozenset(
+            {_A.ACTIVE, _A.PAUSED, _A.FAILED, _A.DEACTIVATED, _A.CONTRACT_BROKEN}
+        ),
         _A.DEACTIVATED: frozenset({_A.ACTIVE, _A.PAUSED}),
+        _A.CONTRACT_BROKEN: frozenset({_A.ACTIVE, _A.PAUSED, _A.DEACTIVATED}),
     },
     BatchState: {
         _B.PLANNED: frozenset({_B.CREATED, _B.ABANDONED}),

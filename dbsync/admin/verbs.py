@@ -215,7 +215,9 @@ async def _resume(c: Controls, audience: str) -> ResumeReply:
     await c.supervisor.resume(audience)
     actor = _actor(c, audience)
     actor.resume()
-    waited = await _until(lambda: actor.state is not AudienceState.PAUSED)
+    waited = await _until(
+        lambda: actor.state not in (AudienceState.PAUSED, AudienceState.CONTRACT_BROKEN)
+    )
     return ResumeReply(audience=audience, state=actor.state, waited_seconds=waited)
 
 

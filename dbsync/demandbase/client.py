@@ -42,7 +42,7 @@ import yarl
 
 from dbsync.demandbase import wire
 from dbsync.demandbase.auth import TokenSource
-from dbsync.demandbase.csvfile import read_rows
+from dbsync.demandbase.csvfile import read_results
 from dbsync.demandbase.http import RequestObserver, decode_answer, send
 from dbsync.demandbase.wire import EXPORT_JOB_NAME_MAX_CHARS, Endpoint
 from dbsync.errors import AuthError, PayloadError
@@ -169,13 +169,28 @@ class DemandbaseClient:
         )
 
     async def download_export_results(self, results_url: str) -> bytes:
-        """The results file behind a finished export's signed ``results_url``.
+        """The results file behind a finished export's ``results_url``.
 
-        The URL carries its own signature, so no token is sent with it; a relative URL
-        is resolved against the base URL. It is requested exactly as given, since
-        re-encoding its query would break the signature.
+        The URL is expected to carry its own signature, so it is first requested without
+        a token [A3]. If it answers 401 and points at the API's own host (or is
+        relative), it is requested once more with the bearer token: the token is never
+        sent to any other host. It is requested exactly as given, since re-encoding its
+        query would break a signature.
         """
         url = yarl.URL(urljoin(f"{self._base_url}/", results_url), encoded=True)
+        try:
+            return await send(
+                self._session,
+                Endpoint.EXPORT_DOWNLOAD,
+                "GET",
+                url,
+                client_timeout=self._timeout,
+                observer=self._observer,
+            )
+        except AuthError:
+            if url.origin() != yarl.URL(self._base_url).origin():
+                raise
+        token = await self._auth.token()
         return await send(
             self._session,
             Endpoint.EXPORT_DOWNLOAD,
@@ -183,34 +198,27 @@ class DemandbaseClient:
             url,
             client_timeout=self._timeout,
             observer=self._observer,
+            headers={"Authorization": f"Bearer {token}"},
         )
 
     async def read_export_accounts(self, results_url: str) -> list[ListedAccount]:
         """The list members in a finished export's results file [A3], every row.
 
-        Members without an External Account ID (matched by domain and name, or added
-        in Demandbase) keep an empty one, and are counted in a log line.
+        Columns are found by name, whatever their case, order or neighbours (a BOM and
+        CRLF line ends are read too). Members without an External Account ID (matched
+        by domain and name, or added in Demandbase) keep an empty one, and are counted
+        in a log line.
         """
         data = await self.download_export_results(results_url)
         try:
-            rows = list(read_rows(data))
+            rows = read_results(data)
         except ValueError as exc:
             raise PayloadError(
-                f"results file is not CSV: {exc}", endpoint=Endpoint.EXPORT_DOWNLOAD
+                f"results file unreadable: {exc}", endpoint=Endpoint.EXPORT_DOWNLOAD
             ) from exc
-        missing = set(wire.EXPORT_RESULT_COLUMNS).difference(rows[0] if rows else ())
-        if rows and missing:
-            raise PayloadError(
-                f"results file lacks the columns {sorted(missing)}",
-                endpoint=Endpoint.EXPORT_DOWNLOAD,
-            )
         accounts = [
-            ListedAccount(
-                external_id=row["External Account ID"],
-                name=row["Account Name"],
-                domain=row["Account Domain"],
-            )
-            for row in rows
+            ListedAccount(external_id=external_id, name=name, domain=domain)
+            for _, name, domain, external_id in rows
         ]
         without = sum(1 for a in accounts if not a.external_id)
         if without:

@@ -12,10 +12,10 @@ import csv
 import io
 from collections.abc import Iterable, Iterator, Sequence
 
-from dbsync.demandbase.wire import IMPORT_COLUMNS
+from dbsync.demandbase.wire import EXPORT_RESULT_COLUMNS, IMPORT_COLUMNS
 from dbsync.model import Account
 
-__all__ = ["encode_accounts", "encode_rows", "read_rows"]
+__all__ = ["encode_accounts", "encode_rows", "read_header", "read_results", "read_rows"]
 
 
 def encode_rows(header: Sequence[str], rows: Iterable[Sequence[str]]) -> bytes:
@@ -54,3 +54,34 @@ def read_rows(data: bytes) -> Iterator[dict[str, str]]:
             yield {name: (row[i] if i < len(row) else "") for i, name in enumerate(header)}
     except csv.Error as exc:
         raise ValueError(f"malformed CSV at line {reader.line_num}: {exc}") from exc
+
+
+def read_header(data: bytes) -> list[str]:
+    """The header row of a CSV file, cells stripped (a BOM tolerated); [] if empty."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 at byte {exc.start}") from exc
+    first = next(csv.reader(io.StringIO(text, newline="")), None)
+    return [cell.strip() for cell in first] if first else []
+
+
+def read_results(
+    data: bytes, columns: Sequence[str] = EXPORT_RESULT_COLUMNS
+) -> list[tuple[str, ...]]:
+    """The cells of ``columns`` in each row of an export results file, in that order.
+
+    Columns are matched by name, case-insensitively; their order and any other
+    columns do not matter, and a BOM and CRLF line ends are read. A file without a
+    header has no rows. Raises ``ValueError`` if it is not CSV or lacks a column.
+    """
+    rows = read_rows(data)
+    header = read_header(data)
+    if not header:
+        return []
+    by_name = {name.casefold(): name for name in header}
+    missing = [c for c in columns if c.casefold() not in by_name]
+    if missing:
+        raise ValueError(f"the header lacks the columns {missing} (it has {header})")
+    keys = [by_name[c.casefold()] for c in columns]
+    return [tuple(row[key] for key in keys) for row in rows]

@@ -20,6 +20,7 @@ __all__ = [
     "ACCOUNT_DOMAIN_MAX_CHARS",
     "ACCOUNT_NAME_MAX_CHARS",
     "EXPORT_JOB_NAME_MAX_CHARS",
+    "EXPORT_LIST_ID_COLUMN",
     "EXPORT_RESULT_COLUMNS",
     "EXTERNAL_ID_MAX_CHARS",
     "IMPORT_COLUMNS",
@@ -133,12 +134,19 @@ class CreateImportJob(_Wire, kw_only=True):
 
 
 class ImportJob(_Sparse, kw_only=True):
+    """An import job. The definition requires none of its fields; dbsync needs ``id``.
+
+    Every other field may be missing or null in an answer: a job without ``state`` is
+    in a state dbsync does not know (``dbsync.states.import_job_state``), which it polls
+    until a deadline like any other unknown state.
+    """
+
     id: int
-    data_import_name: str
-    entity_type: str
-    state: str  # new | processing | completed | failed
-    created_at: str
-    updated_at: str
+    state: str = ""  # new | processing | completed | failed, in any case
+    data_import_name: str | None = None
+    entity_type: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
     source: str | None = None
     # [ASSUMED A2] set once the job fed a list; absent from Demandbase's definition.
     account_list_id: int | None = None
@@ -169,12 +177,17 @@ class StatusBody(_Wire, kw_only=True):
 
 # --- Data Export API: /data/export/v1 ----------------------------------------------
 
-# [ASSUMED A3] columns of an account-list export result file.
 # Longer export job names are refused with 400-126 [DOC]; the client checks before
 # spending a request, and the emulator refuses them as Demandbase does.
 EXPORT_JOB_NAME_MAX_CHARS = 50
 
+# [ASSUMED A3] columns of an account-list export result file, matched by name (case,
+# order, a byte-order mark and extra columns do not matter).
 EXPORT_RESULT_COLUMNS = ("Account ID", "Account Name", "Account Domain", "External Account ID")
+
+
+# [ASSUMED A5] the column that says which list a row of a multi-list export belongs to.
+EXPORT_LIST_ID_COLUMN = "Account List ID"
 
 
 class AccountListExportRequest(_Sparse, kw_only=True):
@@ -195,12 +208,13 @@ class ExportJobDetails(_Wire, kw_only=True):
 
 class ExportJobStatus(_Wire, kw_only=True):
     job_id: str
-    job_name: str
-    entity_type: str
-    job_status: str  # accepted | processing | finished | failed
-    created_at: str
-    updated_at: str
-    results_url: str = ""  # empty until finished (the definition requires a string)
+    job_name: str = ""
+    entity_type: str = ""
+    job_status: str  # accepted | processing | finished | failed, in any case
+    created_at: str = ""
+    updated_at: str = ""
+    # Empty until finished (the definition requires a string); null is read as empty.
+    results_url: str | None = ""
     message: str | None = None
 
 

@@ -54,6 +54,7 @@ import msgspec
 from dbsync.clock import Clock, wait_event
 from dbsync.config import Destination as DestinationConfig
 from dbsync.config import ReconcileSettings
+from dbsync.contract.watch import UnknownStateWatch
 from dbsync.demandbase import wire
 from dbsync.demandbase.wire import EXPORT_JOB_NAME_MAX_CHARS, Endpoint
 from dbsync.destination import STOPPED_PROBE_SECONDS, Destination
@@ -84,7 +85,7 @@ from dbsync.retry import (
     call_with_retries,
     poll_until,
 )
-from dbsync.states import ExportJobState
+from dbsync.states import ExportJobState, export_job_state
 
 __all__ = [
     "ExportClient",
@@ -440,6 +441,16 @@ class Reconciler:
 
     async def _finish(self, run: ReconcileRun) -> ReconcileReport:
         """Poll the export sparingly until finished, download it, judge, report."""
+        unknown = UnknownStateWatch()
+
+        def done(status: wire.ExportJobStatus) -> bool:
+            # A state in another case is the same state; one nobody knows is polled
+            # until the deadline, then the read-back fails (and waits for its next turn).
+            state = export_job_state(status.job_status)
+            if state in _EXPORT_DONE:
+                return True
+            return unknown.expired(status.job_status, state is not None, self._clock.time())
+
         try:
             # Status reads have a daily quota too (300 for 60 exports): each wait is longer.
             status = await poll_until(
@@ -447,22 +458,34 @@ class Reconciler:
                     Endpoint.EXPORT_JOB_STATUS,
                     lambda: self._client.get_export_job(run.export_job_id),
                 ),
-                lambda status: (
-                    status.job_status in (ExportJobState.FINISHED, ExportJobState.FAILED)
-                ),
+                done,
                 clock=self._clock,
                 initial_seconds=self._export_duration.seconds,
                 maximum_seconds=self._settings.export_poll_max_seconds,
             )
         except DemandbaseError as exc:
             await self._fail(run, f"the export job could not be read: {exc}", exc)
-        if status.job_status == ExportJobState.FAILED:
+        state = export_job_state(status.job_status)
+        if state is None:
+            log.warning(
+                "export_state_unknown",
+                extra={
+                    "audience": run.audience_id,
+                    "export_job_id": run.export_job_id,
+                    "state": status.job_status,
+                },
+            )
+            await self._fail(run, f"the export stayed in unknown state {status.job_status!r}")
+        if state is ExportJobState.FAILED:
             await self._fail(run, f"Demandbase failed the export: {status.message or ''}")
+        results_url = status.results_url or ""
+        if not results_url:
+            await self._fail(run, "the finished export names no results file")
         self._export_duration.learn(self._clock.time() - run.started_at)
         try:
             listed = await self._call(
                 Endpoint.EXPORT_DOWNLOAD,
-                lambda: self._client.read_export_accounts(status.results_url),
+                lambda: self._client.read_export_accounts(results_url),
             )
         except DemandbaseError as exc:
             await self._fail(run, f"the results file could not be read: {exc}", exc)

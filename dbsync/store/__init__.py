@@ -214,6 +214,9 @@ class Store:
     async def abandon_batch(self, batch_id: int, reason: str) -> None:
         await batches.abandon_batch(self._engine, batch_id, reason)
 
+    async def renew_batch(self, batch_id: int, reason: str) -> Batch:
+        return await batches.renew_batch(self._engine, batch_id, reason)
+
     async def split_batch(self, batch_id: int) -> tuple[Batch, Batch]:
         return await batches.split_batch(self._engine, batch_id)
 

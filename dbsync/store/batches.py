@@ -197,6 +197,39 @@ async def fail_batch(engine: Engine, batch_id: int, reason: str) -> None:
     )
 
 
+async def renew_batch(engine: Engine, batch_id: int, reason: str) -> Batch:
+    """Demandbase failed the job: a new planned batch of the same accounts, still in flight.
+
+    The failed batch is closed as ``failed`` (its rows counted so), and its accounts go
+    straight into the new batch rather than back to the queue, so that the caller
+    decides how they are sent again (as they are, split, or set aside) and counts how
+    many jobs they have cost. Accounts whose desired state moved meanwhile go with them:
+    the new batch is planned with the same action, and a completion requeues them.
+    """
+    now = engine.now()
+
+    def work(db: sqlite3.Connection) -> Batch:
+        audience_id, rows, current = _batch(db, batch_id)
+        (action,) = db.execute(
+            "SELECT action FROM batches WHERE batch_id = ?", (batch_id,)
+        ).fetchone()
+        items = db.execute(
+            "SELECT i.external_id, m.name, m.domain, i.seq FROM batch_items i"
+            " JOIN membership m ON m.audience_id = ? AND m.external_id = i.external_id"
+            " WHERE i.batch_id = ? AND m.in_flight = ? ORDER BY i.external_id",
+            (audience_id, batch_id, batch_id),
+        ).fetchall()
+        db.execute(
+            "UPDATE batches SET state = ?, reason = ?, updated_at = ? WHERE batch_id = ?",
+            (BatchState.FAILED, reason, now, batch_id),
+        )
+        if current == BatchState.UPLOADED:
+            ledger.count(db, audience_id, failed=rows)
+        return _open_batch(db, audience_id, ListAction(action), items, now)
+
+    return await engine.transaction(work)
+
+
 async def abandon_batch(engine: Engine, batch_id: int, reason: str) -> None:
     """Given up before an upload succeeded: its accounts are pending again."""
     now = engine.now()

@@ -16,14 +16,15 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
-from dbsync.actor import ActorSettings, AudienceActor
+from dbsync.actor import MAX_JOBS_PER_BATCH, REFUSED_HOLD_SECONDS, ActorSettings, AudienceActor
 from dbsync.budget import BudgetLimits, DestinationBudget
 from dbsync.clock import FakeClock
 from dbsync.demandbase.wire import ImportJob
 from dbsync.destination import Destination
-from dbsync.errors import AuthError, DemandbaseError, ThrottledError
+from dbsync.errors import AuthError, BadRequestError, DemandbaseError, ThrottledError
 from dbsync.model import (
     Account,
+    AudienceRecord,
     AudienceState,
     Backlog,
     Batch,
@@ -48,6 +49,8 @@ class ScriptedClient:
         self.calls: list[str] = []
         self.uploads: list[DemandbaseError | None] = []
         self.job_states: list[str] = []
+        # The accountListId of the next completed jobs (then 7).
+        self.list_ids: list[int] = []
         self._ids = itertools.count(101)
 
     def _job(self, job_id: int, state: str) -> ImportJob:
@@ -75,7 +78,10 @@ class ScriptedClient:
     async def get_import_job(self, job_id: int) -> ImportJob:
         state = self.job_states.pop(0) if self.job_states else "completed"
         self.calls.append(f"status {job_id} {state}")
-        return self._job(job_id, state)
+        job = self._job(job_id, state)
+        if state.lower() == "completed" and self.list_ids:
+            job = msgspec.structs.replace(job, account_list_id=self.list_ids.pop(0))
+        return job
 
 
 class MemoryDeliveryStore:
@@ -147,11 +153,38 @@ class MemoryDeliveryStore:
     async def abandon_batch(self, batch_id: int, reason: str) -> None:
         self._move(batch_id, BatchState.ABANDONED)
 
+    async def renew_batch(self, batch_id: int, reason: str) -> Batch:
+        old = self.batches[batch_id]
+        self._move(batch_id, BatchState.FAILED)
+        self.events.append(f"failed {batch_id}")
+        batch = msgspec.structs.replace(
+            old, batch_id=next(self._ids), state=BatchState.PLANNED, job_id=None
+        )
+        self.batches[batch.batch_id] = batch
+        return batch
+
+    async def audiences(self) -> dict[str, AudienceRecord]:
+        return {}
+
     async def split_batch(self, batch_id: int) -> tuple[Batch, Batch]:
-        raise AssertionError("no test here splits a batch")
+        old = self.batches[batch_id]
+        self._move(batch_id, BatchState.ABANDONED)
+        middle = len(old.accounts) // 2
+        halves = []
+        for part in (old.accounts[:middle], old.accounts[middle:]):
+            batch = msgspec.structs.replace(
+                old, batch_id=next(self._ids), state=BatchState.PLANNED, accounts=part, job_id=None
+            )
+            self.batches[batch.batch_id] = batch
+            halves.append(batch)
+        return halves[0], halves[1]
 
     async def reject_batch(self, batch_id: int, reason: str) -> None:
-        raise AssertionError("no test here rejects a row")
+        batch = self.batches[batch_id]
+        for account in batch.accounts:
+            self.dirty.pop(account.external_id, None)
+        self._move(batch_id, BatchState.ABANDONED)
+        self.events.append(f"set aside {batch_id}: {reason}")
 
     async def resync(self, audience_id: str) -> int:
         return 0
@@ -347,4 +380,125 @@ async def test_a_refused_token_stops_the_destination_and_holds_the_work(
     assert destination.state is DestinationState.RUNNING
     assert actor.state is AudienceState.ACTIVE
     await h.advance(POLL_SECONDS)
+    assert h.store.dirty == {}
+
+
+async def test_states_in_another_case_are_the_same_states(
+    running: tuple[Harness, AudienceActor],
+) -> None:
+    h, _ = running
+    h.client.job_states = ["PROCESSING", "Completed"]
+    await h.advance(POLL_SECONDS)
+    await h.advance(2 * POLL_SECONDS)
+    assert h.store.events == ["checkpoint 1"]
+    assert h.store.dirty == {}
+
+
+async def test_a_state_nobody_knows_is_polled_until_the_deadline_then_counts_as_failed(
+    running: tuple[Harness, AudienceActor], caplog: pytest.LogCaptureFixture
+) -> None:
+    h, actor = running
+    h.client.job_states = ["queued"] * 10_000
+    await h.advance(POLL_SECONDS)
+    assert h.store.events == []
+    # Polled (at most every 30 s) for the hour of the deadline, never given up before.
+    waited = POLL_SECONDS
+    while not h.store.events:
+        await h.advance(30.0)
+        waited += 30.0
+        assert waited < actor.settings.unknown_state_deadline_seconds + 120.0
+    assert waited >= actor.settings.unknown_state_deadline_seconds
+    assert h.store.events == ["failed 1"]
+    assert "job_state_unknown" in [r.getMessage() for r in caplog.records]
+    status_reads = sum(1 for c in h.client.calls if c.startswith("status 101"))
+    assert status_reads <= actor.settings.unknown_state_deadline_seconds / 30.0 + 10
+
+
+async def test_a_batch_that_every_job_fails_is_split_then_set_aside_within_the_bound(
+    running: tuple[Harness, AudienceActor],
+) -> None:
+    h, _ = running
+    h.client.job_states = ["failed"] * 1_000
+    for _ in range(100):
+        await h.advance(30.0)
+        if not h.store.dirty:
+            break
+    # Every account set aside with the reason, none delivered, the jobs bounded.
+    assert h.store.dirty == {}
+    set_aside = [e for e in h.store.events if e.startswith("set aside")]
+    assert set_aside
+    assert all("Demandbase failed job" in e and "2 jobs failed" in e for e in set_aside)
+    assert not any(e.startswith("checkpoint") for e in h.store.events)
+    creates = [c for c in h.client.calls if c.startswith("create")]
+    assert len(creates) <= MAX_JOBS_PER_BATCH
+    # 3 accounts: 2 jobs whole, then halves of 1 and 2 (2 jobs each), the 2 in halves of 1.
+    assert len(creates) == 2 + 2 + 2 + 2 + 2
+
+
+async def test_a_job_failed_once_is_sent_again_whole(
+    running: tuple[Harness, AudienceActor],
+) -> None:
+    h, _ = running
+    h.client.job_states = ["failed"]
+    await h.advance(POLL_SECONDS)
+    await h.advance(POLL_SECONDS)
+    assert h.store.events == ["failed 1", "checkpoint 2"]
+    assert [c for c in h.client.calls if c.startswith("upload")] == [
+        "upload 101 insert",
+        "upload 102 insert",
+    ]
+
+
+@pytest.mark.parametrize("status", [409, 413, 415])
+async def test_409_413_415_on_an_upload_do_not_split_the_batch(
+    running: tuple[Harness, AudienceActor], status: int
+) -> None:
+    h, actor = running
+    await h.advance(POLL_SECONDS)  # the first batch completes
+    h.store.dirty = {f"B{i}": Account(external_id=f"B{i}", name=f"Co {i}") for i in range(3)}
+    h.client.uploads = [BadRequestError("refused", endpoint="import.upload", status=status)]
+    h.client.job_states = ["new"]  # the job never took the data
+    actor.flush()
+    await h.settle()
+    assert [c for c in h.client.calls if c.startswith("create")] == ["create 101", "create 102"]
+    assert h.store.batches[2].state is BatchState.ABANDONED
+    assert actor.state is AudienceState.FAILED
+    assert str(status) in actor.last_error
+    assert set(h.store.dirty) == {"B0", "B1", "B2"}  # held, not set aside, not lost
+    # Held for the hold, not sent again in a loop; then tried once more.
+    await h.advance(REFUSED_HOLD_SECONDS - 60.0)
+    assert [c for c in h.client.calls if c.startswith("create")] == ["create 101", "create 102"]
+    await h.advance(120.0)
+    await h.advance(POLL_SECONDS)
+    assert h.store.dirty == {}
+
+
+async def test_a_job_that_fed_another_list_stops_the_audience_until_resumed(
+    running: tuple[Harness, AudienceActor], caplog: pytest.LogCaptureFixture
+) -> None:
+    h, actor = running
+    h.client.list_ids = [7, 8]
+    await h.advance(POLL_SECONDS)
+    assert h.store.events == ["checkpoint 1"]
+    # New changes; the next job reports list 8, not the audience's list 7.
+    h.store.dirty = {f"B{i}": Account(external_id=f"B{i}", name=f"Co {i}") for i in range(3)}
+    actor.flush()
+    await h.settle()
+    await h.advance(30.0)
+    assert h.store.events == ["checkpoint 1", "failed 2"]
+    assert actor.state is AudienceState.CONTRACT_BROKEN
+    assert "list 8" in actor.contract_breach
+    assert h.store.states[-1] is AudienceState.CONTRACT_BROKEN
+    assert "contract_broken" in [r.getMessage() for r in caplog.records]
+    # Nothing more is sent, however long and however many flushes.
+    calls = list(h.client.calls)
+    actor.flush()
+    await h.advance(600.0)
+    assert h.client.calls == calls
+    assert set(h.store.dirty) == {"B0", "B1", "B2"}
+    # The operator looked and resumes: sending goes on (to list 7 again).
+    actor.resume()
+    await h.settle()
+    await h.advance(30.0)
+    assert actor.state is AudienceState.ACTIVE
     assert h.store.dirty == {}
