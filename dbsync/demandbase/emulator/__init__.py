@@ -33,10 +33,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dbsync.demandbase.emulator.app import Emulator, Exchange
-    from dbsync.demandbase.emulator.settings import EmulatorSettings, Faults, StatusStorm
+    from dbsync.demandbase.emulator.settings import (
+        DIALECTS,
+        EmulatorSettings,
+        Faults,
+        StatusStorm,
+    )
     from dbsync.demandbase.emulator.tenant import AccountList, ExportJob, ImportJob, Tenant
 
 __all__ = [
+    "DIALECTS",
     "AccountList",
     "Emulator",
     "EmulatorSettings",
@@ -51,6 +57,7 @@ __all__ = [
 _HOMES = {
     "Emulator": "app",
     "Exchange": "app",
+    "DIALECTS": "settings",
     "EmulatorSettings": "settings",
     "Faults": "settings",
     "StatusStorm": "settings",

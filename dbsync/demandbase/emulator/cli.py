@@ -96,6 +96,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a daily quota, e.g. export.create_job=5 (repeatable; default Demandbase's)",
     )
     parser.add_argument(
+        "--dialect",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another reading of what Demandbase leaves undocumented (repeatable):"
+        " list-per-job, no-list-id, results-need-bearer, results-columns, results-url-null,"
+        " states-upper, state-unknown, skip-silently, content-fails, sparse-jobs,"
+        " multi-list-column; none: the emulator's own reading",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=("debug", "info", "warning", "error"),
@@ -158,6 +168,9 @@ def _settings(args: argparse.Namespace) -> EmulatorSettings:
         for _, field, _, _ in _FAULT_FLAGS
         if getattr(args, field) is not None
     }
+    if args.dialect:
+        faults["dialects"] = list(args.dialect)
+        flag_of["dialects"] = "--dialect"
     if faults:
         values["faults"] = faults
     quota_fields = {e.value: f for e, f in EmulatorSettings.daily_quota_fields().items()}
@@ -174,7 +187,7 @@ def _settings(args: argparse.Namespace) -> EmulatorSettings:
         return msgspec.convert(values, EmulatorSettings)
     except msgspec.ValidationError as exc:
         message, path = validation.split(exc)
-        flag = flag_of.get(path.removeprefix("faults.").split(".")[0], "(settings)")
+        flag = flag_of.get(path.removeprefix("faults.").split(".")[0].split("[")[0], "(settings)")
         raise _BadFlag(flag, message) from None
 
 

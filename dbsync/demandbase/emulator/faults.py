@@ -18,7 +18,7 @@ import random
 
 import msgspec
 
-from dbsync.demandbase.emulator.settings import Faults, StatusStorm
+from dbsync.demandbase.emulator.settings import Dialect, Faults, StatusStorm
 
 __all__ = ["FaultState", "Injection"]
 
@@ -66,6 +66,10 @@ class FaultState:
     @property
     def reject_external_ids(self) -> frozenset[str]:
         return self._faults.reject_external_ids
+
+    def speaks(self, dialect: Dialect) -> bool:
+        """Whether ``dialect`` is in force now."""
+        return dialect in self._faults.dialects
 
     def draw(self) -> tuple[Injection, int]:
         """The fate of the next Demandbase request: the injection and, for STATUS, its status."""

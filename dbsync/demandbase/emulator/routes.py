@@ -35,7 +35,7 @@ from dbsync.demandbase.emulator.answers import (
     json_response,
     page,
 )
-from dbsync.demandbase.emulator.auth import Tokens
+from dbsync.demandbase.emulator.auth import TokenCheck, Tokens, bearer_token
 from dbsync.demandbase.emulator.faults import FaultState
 from dbsync.demandbase.emulator.limits import Limits, ThrottleKind
 from dbsync.demandbase.emulator.settings import EmulatorSettings
@@ -43,6 +43,7 @@ from dbsync.demandbase.emulator.tenant import (
     ExportJob,
     ExportState,
     ImportJob,
+    ImportRow,
     ImportState,
     Tenant,
     UploadRejected,
@@ -189,7 +190,7 @@ class DemandbaseRoutes:
         if spec.source not in _IMPORT_SOURCES:
             raise ApiError(400, f"source must be one of {list(_IMPORT_SOURCES)}")
         job = self._tenant.create_import_job(spec.data_import_name, spec.entity_type, spec.source)
-        return json_response(200, _import_job_body(job))  # 200, not 201 [DOC]
+        return json_response(200, self._import_job_body(job))  # 200, not 201 [DOC]
 
     async def upload(self, request: web.Request) -> web.Response:
         # Read first: from here to start_import nothing awaits, so two uploads to one
@@ -209,15 +210,41 @@ class DemandbaseRoutes:
                 code="429-102",
                 kind=ThrottleKind.CONCURRENT,
             )
+        later = self._faults.speaks("skip-silently") or self._faults.speaks("content-fails")
+        refused: list[ImportRow] | None = [] if later else None
         try:
-            rows = read_import_file(data, reject_external_ids=self._faults.reject_external_ids)
+            rows = read_import_file(
+                data, reject_external_ids=self._faults.reject_external_ids, refused=refused
+            )
         except UploadRejected as rejected:
             raise ApiError(400, rejected.message) from None
-        self._tenant.start_import(job, rows, list_action)
-        return json_response(200, _import_job_body(job))
+        self._tenant.start_import(job, rows, list_action, refused)
+        return json_response(200, self._import_job_body(job))
 
     async def import_job_status(self, request: web.Request) -> web.Response:
-        return json_response(200, _import_job_body(self._import_job(request)))
+        return json_response(200, self._import_job_body(self._import_job(request)))
+
+    def _import_job_body(self, job: ImportJob) -> wire.ImportJob:
+        """The job as Demandbase answers it, in the dialects in force."""
+        faults = self._faults
+        state = job.state.value
+        if state == ImportState.PROCESSING and faults.speaks("state-unknown"):
+            state = "queued"
+        if faults.speaks("states-upper"):
+            state = state.upper()
+        list_id = None if faults.speaks("no-list-id") else job.account_list_id
+        if faults.speaks("sparse-jobs"):
+            return wire.ImportJob(id=job.id, state=state, account_list_id=list_id)
+        return wire.ImportJob(
+            id=job.id,
+            data_import_name=job.data_import_name,
+            entity_type=job.entity_type,
+            state=state,
+            created_at=iso(job.created_at),
+            updated_at=iso(job.updated_at),
+            source=job.source,
+            account_list_id=list_id,  # [ASSUMED A2] once the job fed a list
+        )
 
     def _import_job(self, request: web.Request) -> ImportJob:
         raw = request.match_info["id"]
@@ -249,7 +276,7 @@ class DemandbaseRoutes:
             200,
             wire.ImportJobs(
                 total_count=len(jobs),
-                data=[_import_job_body(job) for job in page(jobs, number, size)],
+                data=[self._import_job_body(job) for job in page(jobs, number, size)],
             ),
         )
 
@@ -288,16 +315,24 @@ class DemandbaseRoutes:
         job = self._tenant.export_job(request.match_info["jobId"])
         if job is None:
             raise ApiError(404, _EXPORT_JOB_UNKNOWN, code="404-302")
+        state = job.state.value
+        if job.state is ExportState.PROCESSING and self._faults.speaks("state-unknown"):
+            state = "running"
+        if self._faults.speaks("states-upper"):
+            state = state.upper()
+        results_url: str | None = self._results_url(request, job)
+        if not results_url and self._faults.speaks("results-url-null"):
+            results_url = None
         return json_response(
             200,
             wire.ExportJobStatus(
                 job_id=job.job_id,
                 job_name=job.job_name,
                 entity_type=job.entity_type,
-                job_status=job.state.value,
+                job_status=state,
                 created_at=iso(job.created_at),
                 updated_at=iso(job.updated_at),
-                results_url=self._results_url(request, job),
+                results_url=results_url,
                 message=job.message,
             ),
         )
@@ -365,21 +400,12 @@ class DemandbaseRoutes:
             or self._clock.time() >= int(expires)
         ):
             raise ApiError(403, "the signature is invalid or has expired")
+        if self._faults.speaks("results-need-bearer"):
+            token = bearer_token(request.headers.get("Authorization"))
+            if self._tokens.check(token) is not TokenCheck.VALID:
+                raise ApiError(401, "Authentication credentials are missing or invalid.")
         self.downloads += 1
         return web.Response(body=job.result, content_type="text/csv", charset="utf-8")
-
-
-def _import_job_body(job: ImportJob) -> wire.ImportJob:
-    return wire.ImportJob(
-        id=job.id,
-        data_import_name=job.data_import_name,
-        entity_type=job.entity_type,
-        state=job.state.value,
-        created_at=iso(job.created_at),
-        updated_at=iso(job.updated_at),
-        source=job.source,
-        account_list_id=job.account_list_id,  # [ASSUMED A2] once the job fed a list
-    )
 
 
 def _account_list_export(body: bytes) -> wire.AccountListExportRequest:

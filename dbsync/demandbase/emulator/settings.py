@@ -24,7 +24,9 @@ import msgspec
 from dbsync.demandbase.wire import Endpoint
 
 __all__ = [
+    "DIALECTS",
     "PERMISSIONS",
+    "Dialect",
     "EmulatorSettings",
     "Faults",
     "Permission",
@@ -45,6 +47,35 @@ Permission = Literal["import", "export"]
 PERMISSIONS: Final[frozenset[Permission]] = frozenset({"import", "export"})
 
 _S = TypeVar("_S", bound=msgspec.Struct)
+
+# Other readings of what Demandbase's documents leave open (docs/demandbase-contract.md,
+# "Dialects"). None in force is the emulator's own reading, A1 to A5 as assumed.
+Dialect = Literal[
+    "list-per-job",  # A1: an insert job with no list associated creates a new list
+    "no-list-id",  # A2: completed jobs carry no accountListId
+    "results-need-bearer",  # A3: the results URL answers 401 without the bearer token
+    "results-columns",  # A3: results columns re-cased, reordered, one extra; a BOM
+    "results-url-null",  # resultsUrl is null, not "", until the export finished
+    "states-upper",  # job states in upper case
+    "state-unknown",  # a state nobody documented: "queued" (import), "running" (export)
+    "skip-silently",  # rows Demandbase will not take are accepted, skipped at completion
+    "content-fails",  # a job whose file holds such a row ends failed, not refused at upload
+    "sparse-jobs",  # import-job answers carry only id, state (and accountListId)
+    "multi-list-column",  # A5: a multi-list export says each row's list (Account List ID)
+]
+DIALECTS: Final[tuple[Dialect, ...]] = (
+    "list-per-job",
+    "no-list-id",
+    "results-need-bearer",
+    "results-columns",
+    "results-url-null",
+    "states-upper",
+    "state-unknown",
+    "skip-silently",
+    "content-fails",
+    "sparse-jobs",
+    "multi-list-column",
+)
 
 
 def checked(value: _S) -> _S:
@@ -105,6 +136,9 @@ class Faults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # An upload holding a row with one of these External Account IDs answers 400
     # naming the row, as a row Demandbase cannot take would.
     reject_external_ids: frozenset[str] = frozenset()
+    # The dialects in force (``dbsync emulator --dialect``); set here, they can change
+    # while the emulator runs, as a tenant's behaviour could.
+    dialects: frozenset[Dialect] = frozenset()
 
 
 # The settings field that holds each endpoint's daily quota.

@@ -62,7 +62,11 @@ from dbsync.demandbase.csvfile import encode_rows, read_rows
 from dbsync.demandbase.emulator.accounts import AccountDatabase
 from dbsync.demandbase.emulator.faults import FaultState
 from dbsync.demandbase.emulator.settings import EmulatorSettings
-from dbsync.demandbase.wire import EXPORT_RESULT_COLUMNS, import_row_problem
+from dbsync.demandbase.wire import (
+    EXPORT_LIST_ID_COLUMN,
+    EXPORT_RESULT_COLUMNS,
+    import_row_problem,
+)
 
 __all__ = [
     "FIRST_IMPORT_JOB_ID",
@@ -130,7 +134,12 @@ class UploadRejected(Exception):
         self.message = message
 
 
-def read_import_file(data: bytes, *, reject_external_ids: frozenset[str]) -> list[ImportRow]:
+def read_import_file(
+    data: bytes,
+    *,
+    reject_external_ids: frozenset[str],
+    refused: list[ImportRow] | None = None,
+) -> list[ImportRow]:
     """The rows of an account import file, or :class:`UploadRejected` naming what is wrong.
 
     [ASSUMED] rules: the file is UTF-8 CSV (a byte-order mark is tolerated); its
@@ -138,6 +147,8 @@ def read_import_file(data: bytes, *, reject_external_ids: frozenset[str]) -> lis
     :func:`~dbsync.demandbase.wire.import_row_problem` (an empty or over-long name or
     domain, an id of only spaces); and no row carries an External Account ID that a
     ``reject_external_ids`` fault names. The first broken row is named by its number and column.
+    Given a ``refused`` list, broken rows go there instead (a tenant that processes
+    its files later, dialects ``skip-silently`` and ``content-fails``).
     """
     try:
         records = list(read_rows(data))
@@ -155,15 +166,17 @@ def read_import_file(data: bytes, *, reject_external_ids: frozenset[str]) -> lis
         problem = import_row_problem(
             record["Account Name"], record["Account Domain"], record.get(_EXTERNAL_ID_COLUMN, "")
         )
+        external_id = record.get(_EXTERNAL_ID_COLUMN, "").strip()
+        row = ImportRow(number, external_id, record["Account Name"], record["Account Domain"])
+        if refused is not None and (problem is not None or external_id in reject_external_ids):
+            refused.append(row)
+            continue
         if problem is not None:
             column, detail = problem
             raise UploadRejected(f"row {number}: column {column!r} {detail}")
-        external_id = record.get(_EXTERNAL_ID_COLUMN, "").strip()
         if external_id in reject_external_ids:
             raise UploadRejected(f"row {number}: account {external_id!r} cannot be imported")
-        rows.append(
-            ImportRow(number, external_id, record["Account Name"], record["Account Domain"])
-        )
+        rows.append(row)
     return rows
 
 
@@ -188,6 +201,9 @@ class ImportJob(msgspec.Struct, kw_only=True):
     matched: list[str] = msgspec.field(default_factory=list)  # external ids, file order
     unmatched: list[ImportRow] = msgspec.field(default_factory=list)
     dropped: list[str] = msgspec.field(default_factory=list)
+    # Rows Demandbase will not take, accepted at upload (dialects skip-silently and
+    # content-fails); at completion they fail the job or join the unmatched rows.
+    refused: list[ImportRow] = msgspec.field(default_factory=list)
     account_list_id: int | None = None
 
 
@@ -383,16 +399,23 @@ class Tenant:
         self._import_jobs[job.id] = job
         return job
 
-    def start_import(self, job: ImportJob, rows: list[ImportRow], list_action: str) -> None:
+    def start_import(
+        self,
+        job: ImportJob,
+        rows: list[ImportRow],
+        list_action: str,
+        refused: list[ImportRow] | None = None,
+    ) -> None:
         """Match an accepted upload's rows; the job processes until ``job_delay_seconds`` pass."""
         now = self._clock.time()
+        job.refused = list(refused or ())
         for row in rows:
             index = self.accounts.match(row.external_id, row.domain, row.name)
             if index is None:
                 job.unmatched.append(row)
             else:
                 job.matched.append(self.accounts.external_id(index))
-        job.rows = len(rows)
+        job.rows = len(rows) + len(job.refused)
         job.list_action = list_action
         job.state = ImportState.PROCESSING
         job.updated_at = now
@@ -441,9 +464,14 @@ class Tenant:
 
     def _complete_import(self, job: ImportJob, at: float) -> None:
         job.updated_at = at
-        if self._faults.import_fails(job.id):
+        if self._faults.import_fails(job.id) or (
+            job.refused and self._faults.speaks("content-fails")
+        ):
             job.state = ImportState.FAILED
         else:
+            # Skipped silently: ignored like rows that match no account.
+            job.unmatched.extend(job.refused)
+            self._rows_unmatched += len(job.refused)
             self._change_list(job, at)
             job.state = ImportState.COMPLETED
         _log.debug(
@@ -462,7 +490,11 @@ class Tenant:
     def _change_list(self, job: ImportJob, at: float) -> None:
         """Apply a completing job's matched rows, less the dropped ones, to its list [A1]."""
         action = job.list_action
-        account_list = self._lists.get(job.data_import_name)
+        if self._faults.speaks("list-per-job"):
+            # Nothing associates a fresh job with a list: insert makes a new one [A1 differs].
+            account_list = None
+        else:
+            account_list = self._lists.get(job.data_import_name)
         if action == "noop" or (account_list is None and action not in LIST_CREATING_ACTIONS):
             return
         if account_list is None:
@@ -482,7 +514,10 @@ class Tenant:
 
     def _create_list(self, name: str, at: float) -> AccountList:
         account_list = AccountList(next(self._next_list_id), name, at)
-        self._lists[name] = account_list
+        # Demandbase may hold several lists of one name (dialect list-per-job): the
+        # control route shows the later ones with their id.
+        key = name if name not in self._lists else f"{name} [{account_list.id}]"
+        self._lists[key] = account_list
         self._lists_by_id[account_list.id] = account_list
         return account_list
 
@@ -507,21 +542,35 @@ class Tenant:
     def _write_results(self, job: ExportJob, at: float) -> None:
         """The members of the job's lists as they were ``visibility_lag_seconds`` ago [A4]."""
         seen = at - self._settings.visibility_lag_seconds
-        members: set[str] = set()
-        for list_id in job.list_ids:
-            members |= self._lists_by_id[list_id].members_at(seen)
         accounts = self.accounts
-        indexes = sorted(i for m in members if (i := accounts.index_of(m)) is not None)
-        job.result = encode_rows(
-            EXPORT_RESULT_COLUMNS,
+        by_list = self._faults.speaks("multi-list-column")
+        # (list id, account index): one row per member, per list with multi-list-column.
+        rows: set[tuple[int, int]] = set()
+        for list_id in job.list_ids:
+            for member in self._lists_by_id[list_id].members_at(seen):
+                index = accounts.index_of(member)
+                if index is not None:
+                    rows.add((list_id if by_list else 0, index))
+        ordered = sorted(rows, key=lambda r: (r[1], r[0]))
+        cells = [
             (
-                (
-                    str(accounts.demandbase_id(i)),
-                    accounts.name(i),
-                    accounts.domain(i),
-                    accounts.external_id(i),
-                )
-                for i in indexes
-            ),
-        )
-        job.rows = len(indexes)
+                str(accounts.demandbase_id(i)),
+                accounts.name(i),
+                accounts.domain(i),
+                accounts.external_id(i),
+                *((str(list_id),) if by_list else ()),
+            )
+            for list_id, i in ordered
+        ]
+        header = (*EXPORT_RESULT_COLUMNS, *((EXPORT_LIST_ID_COLUMN,) if by_list else ()))
+        if self._faults.speaks("results-columns"):
+            # Another case, another order, a column dbsync does not read, and a BOM.
+            order = [3, 2, 1, 0, *range(4, len(header))]
+            header = tuple(
+                [header[k].upper() if k % 2 else header[k].lower() for k in order] + ["Industry"]
+            )
+            cells = [tuple([row[k] for k in order] + ["Software"]) for row in cells]
+            job.result = b"\xef\xbb\xbf" + encode_rows(header, cells)
+        else:
+            job.result = encode_rows(header, cells)
+        job.rows = len(cells)
