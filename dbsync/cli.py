@@ -68,6 +68,12 @@ def _ctl(args: argparse.Namespace) -> int:
     return run(args, config_path=default_config_path())
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from dbsync.contract.command import run
+
+    return run(args, config_path=_config_path(args))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dbsync.demo import run
 
@@ -105,6 +111,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     add_ctl_arguments(ctl)
     ctl.set_defaults(handler=_ctl)
+
+    probe = commands.add_parser(
+        "probe",
+        help="check Demandbase's undocumented behaviour (A1-A5) on the configured tenant",
+        description="Announce the spend, then (with --yes) probe the tenant and keep the"
+        " verdicts. Exit 0: plan printed, or the contract holds well enough to run; 1: A1"
+        " is broken, do not run dbsync against this tenant as it is.",
+    )
+    probe.add_argument("--config", help="config file (default: $DBSYNC_CONFIG or ./config.toml)")
+    probe.add_argument("--destination", help="the destination to probe (default: the first)")
+    probe.add_argument("--json", action="store_true", help="print one JSON document")
+    probe.add_argument(
+        "--yes", action="store_true", help="spend what the plan says; without it, only the plan"
+    )
+    probe.set_defaults(handler=_probe)
 
     demo = commands.add_parser(
         "demo", help="one command: emulator + daemon + a synthetic feed, then a report"

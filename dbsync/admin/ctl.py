@@ -364,7 +364,17 @@ def _destinations(destinations: Sequence[DestinationView]) -> str:
     if not destinations:
         return "no destinations"
     summary = _table(
-        ["DESTINATION", "AUTH", "AUTH STATE", "PACE/MIN", "JOBS", "THROTTLED", "QUOTA DAY ENDS"],
+        [
+            "DESTINATION",
+            "AUTH",
+            "AUTH STATE",
+            "PACE/MIN",
+            "JOBS",
+            "THROTTLED",
+            "QUOTA DAY ENDS",
+            "CONTRACT",
+            "PROBED",
+        ],
         [
             [
                 d.destination,
@@ -374,6 +384,8 @@ def _destinations(destinations: Sequence[DestinationView]) -> str:
                 f"{d.jobs_in_flight}/{d.job_slots}",
                 d.throttled,
                 _timestamp(d.window_ends_at),
+                d.contract,
+                _timestamp(d.probed_at) if d.probed_at is not None else "never",
             ]
             for d in destinations
         ],

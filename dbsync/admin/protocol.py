@@ -377,6 +377,11 @@ class DestinationView(msgspec.Struct, frozen=True, kw_only=True):
     window_ends_at: float
     quota: list[QuotaLine]
     loss_estimate: LossEstimateView | None = None  # None before the first read-back
+    # The Demandbase contract (docs/demandbase-contract.md): the last probe's verdict
+    # (holds, degraded, broken, incomplete), "not probed", or "broken at run time (...)"
+    # naming the audiences a job that fed another list stopped.
+    contract: str = "not probed"
+    probed_at: float | None = None  # when `dbsync probe` ran, epoch seconds
 
 
 class StatusReply(Reply, frozen=True, tag="status"):

@@ -68,6 +68,7 @@ from dbsync.admin.protocol import (
 )
 from dbsync.clock import Clock
 from dbsync.config import Config
+from dbsync.contract.record import read_records
 from dbsync.model import AudienceRecord, AudienceState
 from dbsync.reconcile import ReconcileDeferred, ReconcileReport
 from dbsync.store import Store
@@ -420,10 +421,22 @@ async def _audience(
 async def _destinations(c: Controls) -> list[DestinationView]:
     """Each configured destination's budget and auth state; never a credential."""
     views = []
+    probes = read_records(c.config().daemon.state_dir)
     for configured in c.config().destinations:
         destination = c.supervisor.destination(configured.name)
         if destination is None:
             continue
+        probe = probes.get(configured.name)
+        contract = probe.state if probe is not None else "not probed"
+        broken = [
+            actor.settings.audience_id
+            for audience_id in c.supervisor.audience_ids()
+            if (actor := c.supervisor.actor(audience_id)) is not None
+            and actor.settings.destination == configured.name
+            and actor.contract_breach
+        ]
+        if broken:
+            contract = f"broken at run time ({', '.join(broken)})"
         budget = destination.budget
         snapshot = budget.snapshot()
         limits = {str(endpoint): limit for endpoint, limit in budget.limits.daily.items()}
@@ -432,6 +445,8 @@ async def _destinations(c: Controls) -> list[DestinationView]:
                 destination=configured.name,
                 auth_mode="token" if configured.credentials.token is not None else "api_key_set",
                 auth_state="ok" if destination.is_running else destination.stopped_reason,
+                contract=contract,
+                probed_at=probe.probed_at if probe is not None else None,
                 running=destination.is_running,
                 pace_per_minute=snapshot.pace_per_minute,
                 jobs_in_flight=snapshot.jobs_in_flight,

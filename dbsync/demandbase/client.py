@@ -159,6 +159,27 @@ class DemandbaseClient:
             content_type="application/json",
         )
 
+    async def create_account_lists_export(
+        self, job_name: str, account_list_ids: list[int]
+    ) -> wire.ExportJobDetails:
+        """Start exporting the members of several lists in one job [A5]."""
+        if not 1 <= len(job_name) <= EXPORT_JOB_NAME_MAX_CHARS:
+            raise ValueError(
+                f"job_name must have 1 to {EXPORT_JOB_NAME_MAX_CHARS} characters,"
+                f" not {len(job_name)}"
+            )
+        request = wire.AccountListExportRequest(
+            job_name=job_name, account_list_ids=list(account_list_ids)
+        )
+        return await self._call(
+            Endpoint.EXPORT_CREATE_JOB,
+            "POST",
+            "/data/export/v1/accountList/job",
+            _export_job_details,
+            data=_encoder.encode(request),
+            content_type="application/json",
+        )
+
     async def get_export_job(self, job_id: str) -> wire.ExportJobStatus:
         """Export job ``job_id`` as it is now; ``results_url`` is set once it is finished."""
         return await self._call(

@@ -299,7 +299,9 @@ class DemandbaseRoutes:
             raise ApiError(429, _VOLUME_SPENT, code="429-101", kind=ThrottleKind.VOLUME)
         if self._tenant.exports_running() >= self._settings.concurrent_export_jobs:
             raise ApiError(429, _EXPORT_RUNNING, code="429-102", kind=ThrottleKind.CONCURRENT)
-        job = self._tenant.create_export_job(spec.job_name, list_ids)
+        job = self._tenant.create_export_job(
+            spec.job_name, list_ids, multi=spec.account_list_ids is not None
+        )
         return json_response(
             202,
             wire.ExportJobDetails(

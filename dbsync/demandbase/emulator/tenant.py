@@ -214,6 +214,8 @@ class ExportJob(msgspec.Struct, kw_only=True):
     job_name: str
     entity_type: str
     list_ids: tuple[int, ...]
+    # Named through accountListIds (a multi-list export), not accountListId.
+    multi: bool = False
     state: ExportState = ExportState.ACCEPTED
     created_at: float
     updated_at: float
@@ -424,7 +426,9 @@ class Tenant:
         self._rows_unmatched += len(job.unmatched)
         self._schedule(now + self._settings.job_delay_seconds, _Event.IMPORT_DONE, job.id)
 
-    def create_export_job(self, job_name: str, list_ids: tuple[int, ...]) -> ExportJob:
+    def create_export_job(
+        self, job_name: str, list_ids: tuple[int, ...], *, multi: bool = False
+    ) -> ExportJob:
         """An account-list export of ``list_ids`` (all known): accepted, processing, finished."""
         now = self._clock.time()
         job = ExportJob(
@@ -432,6 +436,7 @@ class Tenant:
             job_name=job_name,
             entity_type=_EXPORT_ENTITY_TYPE,
             list_ids=list_ids,
+            multi=multi,
             created_at=now,
             updated_at=now,
         )
@@ -543,7 +548,7 @@ class Tenant:
         """The members of the job's lists as they were ``visibility_lag_seconds`` ago [A4]."""
         seen = at - self._settings.visibility_lag_seconds
         accounts = self.accounts
-        by_list = self._faults.speaks("multi-list-column")
+        by_list = job.multi and self._faults.speaks("multi-list-column")
         # (list id, account index): one row per member, per list with multi-list-column.
         rows: set[tuple[int, int]] = set()
         for list_id in job.list_ids:
