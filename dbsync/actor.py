@@ -210,6 +210,9 @@ class AudienceActor:
         self.jobs_completed = 0
         # The list the audience feeds (configured, or reported by its first job) [A1/A2].
         self._list_id: int | None = None
+        # Until two jobs have named the same list (or jobs name none), one job at a time:
+        # a tenant whose every job creates a list then leaves one stray list, not two.
+        self._list_settled = False
         # Why the contract broke (a job fed another list); "" while it holds.
         self.contract_breach = ""
         # Per open batch: (failed jobs so far, times halved) of its accounts.
@@ -283,6 +286,7 @@ class AudienceActor:
             if record.state is AudienceState.CONTRACT_BROKEN and not self.contract_breach:
                 # A breach outlives a restart: only an operator's resume clears it.
                 self.contract_breach = record.state_reason or "the contract broke"
+        self._list_settled = self._list_id is not None
         # The store may hold what an earlier run left (failed, stopped): say what is true.
         if self.contract_breach:
             await self._set_state(AudienceState.CONTRACT_BROKEN, self.contract_breach, persist=True)
@@ -313,7 +317,8 @@ class AudienceActor:
                     await self._wait(held)
                     continue
                 delay = await self._due_in()
-                if delay > 0 or len(self._deliveries) >= self.settings.max_jobs_in_flight:
+                most = self.settings.max_jobs_in_flight if self._list_settled else 1
+                if delay > 0 or len(self._deliveries) >= most:
                     await self._wait(delay if delay > 0 else None)
                     continue
                 self._flush_requested = False
@@ -556,10 +561,16 @@ class AudienceActor:
             await self._store.fail_batch(batch.batch_id, breach)
             await self._break_contract(breach, job_id=job_id, list_id=job.account_list_id)
             return
-        # Checkpoint only now: a crash before this line re-sends the batch, not skips it.
-        rows = await self._store.complete_batch(batch.batch_id, list_id=job.account_list_id)
+        # Learned before the next await, so that a job completing meanwhile is held to it;
+        # settled once a second job names the same list (or jobs name none: A2 differs).
         if self._list_id is None:
             self._list_id = job.account_list_id
+        else:
+            self._list_settled = True
+        if job.account_list_id is None:
+            self._list_settled = True
+        # Checkpoint only now: a crash before this line re-sends the batch, not skips it.
+        rows = await self._store.complete_batch(batch.batch_id, list_id=job.account_list_id)
         self._failures_of.pop(batch.batch_id, None)
         self._job_seconds.learn(self._clock.monotonic() - started)
         self.jobs_completed += 1
