@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import errno
 import grp
+import io
 import json
 import logging
 import os
@@ -46,12 +47,15 @@ from dbsync.admin.protocol import (
     Status,
     StatusReply,
 )
+from dbsync.config import load_config
+from dbsync.contract.command import probe_destination
 from dbsync.daemon import Daemon
 from dbsync.demandbase.emulator import Faults
 from dbsync.exitcodes import ExitCode
 from dbsync.logs import JsonFormatter
 from dbsync.model import Account, AudienceState
 from dbsync.testing import (
+    DESTINATION,
     HIGH,
     ApiKeySet,
     AudienceConfig,
@@ -794,3 +798,58 @@ async def test_no_secret_in_status_quota_or_the_log(
         for run in outputs:
             assert value not in run.out + run.err
         assert value not in logged
+
+
+async def test_status_shows_each_destinations_contract_and_resume_clears_a_breach(
+    short_dir: Path,
+) -> None:
+    """1. Before any probe, status says "not probed"; ``dbsync probe`` runs, then status
+    shows the contract it kept ("holds") and when.
+    2. The tenant starts creating a list per job: EMEA stops in contract_broken, and
+    status says so for the audience and its destination.
+    3. The tenant fixed, ``ctl resume emea`` sends again and the list settles."""
+    sock = socket_path(short_dir)
+    async with admin_engine(
+        short_dir, [EMEA], delivery={"max_jobs_in_flight_per_audience": 1}
+    ) as engine:
+        accounts = await engine.tenant_accounts(20)
+        await engine.cdp.changes([(EMEA.id, a, True) for a in accounts[:10]])
+        await engine.wait_settled()
+        [before] = (await ctl(sock, "--json", "status")).json()["destinations"]
+        assert (before["contract"], before["probed_at"]) == ("not probed", None)
+
+        config = load_config(short_dir / "config.toml")
+        code = await probe_destination(
+            config,
+            DESTINATION,
+            yes=True,
+            as_json=True,
+            out=io.StringIO(),
+            poll_initial_seconds=0.02,
+            poll_max_seconds=0.1,
+        )
+        assert code == ExitCode.OK
+        [probed] = (await ctl(sock, "--json", "status")).json()["destinations"]
+        assert probed["contract"] == "holds"
+        assert probed["probed_at"] > 0
+        table = (await ctl(sock, "status")).out
+        assert "CONTRACT" in table
+        assert "holds" in table
+
+        engine.emulator.emulator.set_faults(Faults(dialects=frozenset({"list-per-job"})))
+        await engine.cdp.changes([(EMEA.id, a, True) for a in accounts[10:]])
+
+        async def broken() -> bool:
+            doc = (await ctl(sock, "--json", "status")).json()
+            return doc["audiences"][0]["state"] == "contract_broken"
+
+        await wait_until(broken, 20.0, what="EMEA to stop on the broken contract")
+        [destination] = (await ctl(sock, "--json", "status")).json()["destinations"]
+        assert destination["contract"] == "broken at run time (emea)"
+
+        engine.emulator.emulator.set_faults(Faults())
+        resumed = await ctl(sock, "resume", "emea")
+        assert resumed.code == ExitCode.OK, resumed
+        await engine.wait_settled()
+        doc = (await ctl(sock, "--json", "status")).json()
+        assert doc["audiences"][0]["state"] == "active"
