@@ -32,7 +32,8 @@ def _short_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_a_429_storm_then_a_5xx_burst_slow_the_pace_and_lose_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """1. The next 30 Demandbase requests answer 429; three audiences get 30 accounts each.
+    """0. Each audience delivers 20 accounts, which confirms its list.
+    1. The next 30 Demandbase requests answer 429; three audiences get 30 accounts each.
     2. The destination's pace drops below the configured 6,000 a minute; the lists
     end equal to their desired state all the same.
     3. The next 20 requests answer 503; 30 more accounts each.
@@ -53,7 +54,16 @@ async def test_a_429_storm_then_a_5xx_burst_slow_the_pace_and_lose_nothing(
             return destination.budget.snapshot().pace_per_minute
 
         assert pace() == PACE_PER_MINUTE
-        accounts = await engine.tenant_accounts(180)
+        accounts = await engine.tenant_accounts(240)
+        # Each audience's list is confirmed first (two jobs naming it): until then an
+        # audience sends one job at a time, and the storm would meet fewer requests at
+        # once, spread over more than the one second in which a burst halves the pace once.
+        await engine.cdp.changes(
+            (a.id, account, True)
+            for i, a in enumerate(AUDIENCES)
+            for account in accounts[180 + i * 20 : 180 + (i + 1) * 20]
+        )
+        await engine.wait_settled(timeout=TIMEOUT)
 
         emulator.set_faults(Faults(status_storm=StatusStorm(status=429, count=THROTTLES)))
         await engine.cdp.changes(
@@ -79,7 +89,7 @@ async def test_a_429_storm_then_a_5xx_burst_slow_the_pace_and_lose_nothing(
         assert destination.budget.snapshot().throttled == THROTTLES
         ledgers = [await engine.store.ledger(a.id) for a in AUDIENCES]
         assert sum(ledger.throttled for ledger in ledgers) == THROTTLES
-        assert all(ledger.acknowledged == 60 for ledger in ledgers), ledgers
+        assert all(ledger.acknowledged == 80 for ledger in ledgers), ledgers
 
         decreases = [r for r in caplog.records if r.getMessage() == "pace_decreased"]
         assert [r.__dict__["requests_per_minute"] for r in decreases] == [PACE_PER_MINUTE / 2]
