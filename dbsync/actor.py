@@ -32,16 +32,12 @@ resets retry with capped exponential backoff and full jitter; after
 and keeps trying at the longest backoff, so it recovers by itself; 401/403 stop the
 whole destination (see :mod:`dbsync.destination`); a 400 on an upload splits the
 batch in two, down to the single row that Demandbase refuses, which is set aside as
-rejected with its reason. 409, 413 and 415 are not about a row: the batch is not
-split, its accounts wait in the queue, the audience reports ``failed`` naming the
-status and sends nothing for :data:`REFUSED_HOLD_SECONDS` (or until ``ctl resume``):
-a file too large is cured by a smaller ``max_records``, the others by a fix.
-
-A job Demandbase *fails* may fail for its file's content, every time: the batch is
-sent once more as it is, then split in two, each half treated alike down to
-:data:`MAX_SPLIT_DEPTH` levels, and a part still failing there is set aside with its
-reason. So one batch costs at most :data:`MAX_JOBS_PER_BATCH` jobs, however its jobs
-fail, and a batch that Demandbase always fails cannot spend the quota in a loop.
+rejected with its reason; a job Demandbase *fails* is sent again, then split, and a
+part still failing is set aside: :mod:`dbsync.triage` bounds what either costs. 409,
+413 and 415 are not about a row: the batch is not split, its accounts wait in the
+queue, the audience reports ``failed`` naming the status and sends nothing for
+:data:`REFUSED_HOLD_SECONDS` (or until ``ctl resume``): a file too large is cured by a
+smaller ``max_records``, the others by a fix.
 
 The contract (:mod:`dbsync.contract.watch`): a job state is compared whatever its
 case; one dbsync does not know is polled until a deadline, then counts as failed.
@@ -86,12 +82,10 @@ from dbsync.retry import (
     poll_until,
 )
 from dbsync.states import DestinationState, ImportJobState, check_transition, import_job_state
+from dbsync.triage import NOT_ABOUT_A_ROW, Triage, TriageStore
 
 # Destination and ImportClient used to live here; importers of them keep working.
 __all__ = [
-    "JOB_ATTEMPTS",
-    "MAX_JOBS_PER_BATCH",
-    "MAX_SPLIT_DEPTH",
     "REFUSED_HOLD_SECONDS",
     "ActorSettings",
     "AudienceActor",
@@ -105,15 +99,6 @@ T = TypeVar("T")
 # An actor never gives up a call: it holds its work until Demandbase takes it.
 _POLICY = RetryPolicy(give_up_after=None, on_refused=OnRefused.STOP_DESTINATION)
 
-#: Jobs Demandbase may fail for one batch (or one part of it) before it is split.
-JOB_ATTEMPTS = 2
-#: How often a failing batch is halved; a part this deep that fails is set aside.
-MAX_SPLIT_DEPTH = 3
-#: The most jobs one batch can cost when Demandbase fails every one of them:
-#: JOB_ATTEMPTS per part, over the 1 + 2 + 4 + 8 parts of MAX_SPLIT_DEPTH halvings.
-MAX_JOBS_PER_BATCH = JOB_ATTEMPTS * (2 ** (MAX_SPLIT_DEPTH + 1) - 1)
-# Statuses that say nothing of a row: splitting would only multiply the jobs.
-_NOT_ABOUT_A_ROW = frozenset({409, 413, 415})
 # After one of them, the audience sends nothing for this long (or until ``ctl resume``):
 # the same request would meet the same answer, so at most 48 jobs a day go to it.
 REFUSED_HOLD_SECONDS = 1_800.0
@@ -137,7 +122,7 @@ class ActorSettings(msgspec.Struct, frozen=True, kw_only=True):
     paused: bool = False
 
 
-class DeliveryStore(Protocol):
+class DeliveryStore(TriageStore, Protocol):
     """The part of :class:`~dbsync.store.Store` an actor uses."""
 
     async def backlog(self, audience_id: str) -> Backlog: ...
@@ -150,9 +135,6 @@ class DeliveryStore(Protocol):
     async def complete_batch(self, batch_id: int, *, list_id: int | None) -> int: ...
     async def fail_batch(self, batch_id: int, reason: str) -> None: ...
     async def abandon_batch(self, batch_id: int, reason: str) -> None: ...
-    async def renew_batch(self, batch_id: int, reason: str) -> Batch: ...
-    async def split_batch(self, batch_id: int) -> tuple[Batch, Batch]: ...
-    async def reject_batch(self, batch_id: int, reason: str) -> None: ...
     async def resync(self, audience_id: str) -> int: ...
     async def add_to_ledger(self, audience_id: str, **deltas: int) -> None: ...
     async def set_audience_state(
@@ -215,8 +197,7 @@ class AudienceActor:
         self._list_settled = False
         # Why the contract broke (a job fed another list); "" while it holds.
         self.contract_breach = ""
-        # Per open batch: (failed jobs so far, times halved) of its accounts.
-        self._failures_of: dict[int, tuple[int, int]] = {}
+        self._triage = Triage(store, self._send, self._log)
         # Monotonic time before which nothing new is sent (after a 409, 413 or 415).
         self._held_until = 0.0
 
@@ -459,10 +440,10 @@ class AudienceActor:
             # kept-alive connection) may have been taken: the job then refuses the repeat
             # ("data goes to a new job, once"), which says nothing of the rows.
             if not await self._job_has_data(job_id):
-                if exc.status in _NOT_ABOUT_A_ROW:
+                if exc.status in NOT_ABOUT_A_ROW:
                     await self._refused_whole(batch, exc)
                 else:
-                    await self._bisect(batch, exc)
+                    await self._triage.refused(batch, exc.message)
                 return
         except NotFoundError:
             await self._store.abandon_batch(batch.batch_id, "job vanished before upload")
@@ -494,22 +475,6 @@ class AudienceActor:
             extra={"batch_id": batch.batch_id, "status": error.status, "reason": error.message},
         )
         await self._set_state(AudienceState.FAILED, str(error))
-
-    async def _bisect(self, batch: Batch, error: BadRequestError) -> None:
-        """Find the rows Demandbase refuses: halve until the culprit stands alone."""
-        if len(batch.accounts) == 1:
-            account = batch.accounts[0]
-            await self._store.reject_batch(batch.batch_id, error.message)
-            self._log.warning(
-                "account_rejected",
-                extra={"external_id": account.external_id, "reason": error.message},
-            )
-            return
-        self._log.warning(
-            "batch_split", extra={"batch_id": batch.batch_id, "rows": len(batch.accounts)}
-        )
-        for half in await self._store.split_batch(batch.batch_id):
-            await self._send(half)
 
     async def _finish(self, batch: Batch) -> None:
         """Poll the job, sparingly, until Demandbase says completed or failed."""
@@ -549,11 +514,11 @@ class AudienceActor:
                     "deadline_seconds": unknown.deadline_seconds,
                 },
             )
-            await self._job_failed(batch, f"job {job_id} stayed in unknown state {job.state!r}")
+            await self._triage.failed(batch, f"job {job_id} stayed in unknown state {job.state!r}")
             return
         if state is ImportJobState.FAILED:
             self._log.warning("job_failed", extra={"batch_id": batch.batch_id, "job_id": job_id})
-            await self._job_failed(batch, f"Demandbase failed job {job_id}")
+            await self._triage.failed(batch, f"Demandbase failed job {job_id}")
             return
         breach = list_breach(self._list_id, job.account_list_id)
         if breach is not None:
@@ -571,7 +536,7 @@ class AudienceActor:
             self._list_settled = True
         # Checkpoint only now: a crash before this line re-sends the batch, not skips it.
         rows = await self._store.complete_batch(batch.batch_id, list_id=job.account_list_id)
-        self._failures_of.pop(batch.batch_id, None)
+        self._triage.completed(batch.batch_id)
         self._job_seconds.learn(self._clock.monotonic() - started)
         self.jobs_completed += 1
         self._log.info(
@@ -599,34 +564,6 @@ class AudienceActor:
             )
         await self._set_state(AudienceState.CONTRACT_BROKEN, reason)
         self._wakeup.set()
-
-    async def _job_failed(self, batch: Batch, reason: str) -> None:
-        """Send again, split, or set aside: at most MAX_JOBS_PER_BATCH jobs per batch."""
-        failures, depth = self._failures_of.pop(batch.batch_id, (0, 0))
-        failures += 1
-        renewed = await self._store.renew_batch(batch.batch_id, reason)
-        if failures < JOB_ATTEMPTS:
-            self._failures_of[renewed.batch_id] = (failures, depth)
-            await self._send(renewed)
-            return
-        if depth >= MAX_SPLIT_DEPTH or len(renewed.accounts) == 1:
-            reason = f"{reason}; {failures} jobs failed with these accounts"
-            await self._store.reject_batch(renewed.batch_id, reason)
-            self._log.warning(
-                "batch_set_aside",
-                extra={
-                    "batch_id": renewed.batch_id,
-                    "rows": len(renewed.accounts),
-                    "reason": reason,
-                },
-            )
-            return
-        self._log.warning(
-            "batch_split", extra={"batch_id": renewed.batch_id, "rows": len(renewed.accounts)}
-        )
-        for half in await self._store.split_batch(renewed.batch_id):
-            self._failures_of[half.batch_id] = (0, depth + 1)
-            await self._send(half)
 
     # --- one call, with the retry policy (dbsync.retry) and the actor's hooks ---------
 

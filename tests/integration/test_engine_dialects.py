@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from dbsync.actor import MAX_JOBS_PER_BATCH
 from dbsync.demandbase.emulator import DIALECTS, Faults
 from dbsync.model import AudienceState
 from dbsync.testing import (
@@ -26,6 +25,7 @@ from dbsync.testing import (
     running_reconcile_engine,
     wait_until,
 )
+from dbsync.triage import MAX_JOBS_PER_BATCH
 
 AUDIENCE = AudienceConfig("dialect", max_records=10, max_age_seconds=0.05)
 MEMBERS = 40

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
-from dbsync.actor import MAX_JOBS_PER_BATCH, REFUSED_HOLD_SECONDS, ActorSettings, AudienceActor
+from dbsync.actor import REFUSED_HOLD_SECONDS, ActorSettings, AudienceActor
 from dbsync.budget import BudgetLimits, DestinationBudget
 from dbsync.clock import FakeClock
 from dbsync.demandbase.wire import ImportJob
@@ -32,6 +32,7 @@ from dbsync.model import (
     ListAction,
 )
 from dbsync.states import DestinationState
+from dbsync.triage import MAX_JOBS_PER_BATCH
 from tests.unit.test_budget import MemoryQuotaStore
 
 AUDIENCE = "aud-1"
