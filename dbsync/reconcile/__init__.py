@@ -2,10 +2,10 @@
 
 A package by noun: :mod:`~dbsync.reconcile.reconciler` runs the export loop within
 the destination's quotas, :mod:`~dbsync.reconcile.schedule` decides whose turn it
-is, :mod:`~dbsync.reconcile.judge` is the judgment (pure; the store applies its
-decisions), :mod:`~dbsync.reconcile.losses` the loss rates and
+is, :mod:`~dbsync.reconcile.losses` the loss rates and
 :mod:`~dbsync.reconcile.report` the report and its events. What callers import is
-re-exported here.
+re-exported here. The judgment itself, a pure rule the store applies inside each
+chunk's transaction, is :mod:`dbsync.judgment`, a layer below the store.
 """
 
 from __future__ import annotations

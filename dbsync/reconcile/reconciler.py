@@ -5,7 +5,7 @@ per-row result: rows it throttled or could not match are silently missing from t
 list. So one :class:`Reconciler` per destination reads each audience's list back
 through the Data Export API (create an account-list export, poll it, download the
 results file) and hands the members to :meth:`~dbsync.store.Store.apply_readback`,
-which judges the audience's accounts by the rule of :mod:`dbsync.reconcile.judge`:
+which judges the audience's accounts by the rule of :mod:`dbsync.judgment`:
 
 * only settled accounts (nothing pending, in flight or set aside) acknowledged longer
   than ``visibility_lag_seconds`` before the export started are judged: Demandbase

@@ -15,7 +15,7 @@ queue          the dirty set's counters, backlog and summaries, checkpoint,
                requeue, resync
 batches        plan, create, upload, complete, fail, abandon, split, reject
 ledger         the per-audience counters and the sums they must keep
-readback       read-back runs; applies the judgment of :mod:`dbsync.reconcile.judge`
+readback       read-back runs; applies the judgment of :mod:`dbsync.judgment`
 quota          daily quota use and the learned pace, per destination
 =============  ===============================================================
 

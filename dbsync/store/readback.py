@@ -3,7 +3,7 @@
 One row in ``reconcile_runs`` per read-back (its Data Export job, state, progress and
 report; states are :class:`~dbsync.states.ReconcileRunState`), recorded as soon as
 Demandbase accepted the export, so that a restart resumes it instead of paying for
-another. The judgment itself is :mod:`dbsync.reconcile.judge`, pure; this module reads
+another. The judgment itself is :mod:`dbsync.judgment`, pure; this module reads
 an audience's accounts in chunks of :data:`JUDGE_CHUNK_ROWS` (by external id) and, in
 one transaction per chunk, asks the judge about them and applies its decisions: marks
 to send again, sets aside, counts in the ledger and on the batches judged. The run
@@ -21,6 +21,14 @@ from typing import cast
 import msgspec
 
 from dbsync.errors import StoreError
+from dbsync.judgment import (
+    Judgment,
+    Listing,
+    OurAccount,
+    judge_chunk,
+    match_listed,
+    set_aside_reason,
+)
 from dbsync.model import (
     ListedAccount,
     LossCause,
@@ -29,14 +37,6 @@ from dbsync.model import (
     ReconcileFacts,
     ReconcileRun,
     RejectReason,
-)
-from dbsync.reconcile.judge import (
-    Judgment,
-    Listing,
-    OurAccount,
-    judge_chunk,
-    match_listed,
-    set_aside_reason,
 )
 from dbsync.states import ReconcileRunState
 from dbsync.store import ledger, queue
@@ -210,7 +210,7 @@ async def apply_readback(
     """Judge the audience's accounts against ``listed``, its list's members, and repair.
 
     Only settled accounts (nothing pending, in flight or set aside) acknowledged
-    (else changed) before ``judged_before`` are judged (:mod:`dbsync.reconcile.judge`
+    (else changed) before ``judged_before`` are judged (:mod:`dbsync.judgment`
     has the rule). The accounts are judged in chunks of :data:`JUDGE_CHUNK_ROWS`, one
     transaction each, so that ingest commits between them. The run keeps its
     progress: a read-back resumed after a crash judges only the rest, and one judged

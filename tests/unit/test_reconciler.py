@@ -2,7 +2,7 @@
 
 Nothing here is the emulator or SQLite: the export client answers from a script and
 records each call, the store keeps each audience's accounts and read-back runs in
-memory (judging with :mod:`dbsync.reconcile.judge`, the rule the real store applies),
+memory (judging with :mod:`dbsync.judgment`, the rule the real store applies),
 and a FakeClock moves only when a test advances it. So each test says, in order, what
 the reconciler asked of Demandbase and what it told the store, and never measures a
 duration.
@@ -26,6 +26,7 @@ from dbsync.config import ReconcileSettings
 from dbsync.demandbase.wire import Endpoint, ExportJobDetails, ExportJobStatus, ImportJob
 from dbsync.destination import Destination
 from dbsync.errors import DemandbaseError, ThrottledError
+from dbsync.judgment import Judgment, Listing, MemberRow, judge_chunk, match_listed
 from dbsync.model import (
     LedgerCheck,
     LedgerCounts,
@@ -36,7 +37,6 @@ from dbsync.model import (
     ReconcileRun,
 )
 from dbsync.reconcile import ReconcilePlan, Reconciler
-from dbsync.reconcile.judge import Judgment, Listing, MemberRow, judge_chunk, match_listed
 from dbsync.retry import THROTTLED_BACKOFF_MAX_SECONDS
 from tests.unit.test_budget import MemoryQuotaStore
 
@@ -177,7 +177,7 @@ class Audience:
 class MemoryReadbackStore:
     """The store's read-back methods, in dicts; ``events`` records what it was told.
 
-    ``apply_readback`` judges with :func:`~dbsync.reconcile.judge.judge_chunk` (one chunk)
+    ``apply_readback`` judges with :func:`~dbsync.judgment.judge_chunk` (one chunk)
     and applies the insert side of its decision as the SQLite store does: a lost member
     is marked to send again with one more repair, or set aside past the repair limit.
     Only members are modelled: a test here never removes an account.

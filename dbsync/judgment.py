@@ -6,6 +6,11 @@ them; it then applies the :class:`ChunkDecision` (marks to send again, sets asid
 counts) in the same transaction, so that nothing moves between the comparison and
 the repair. Keeping the rule here lets it be read, and tested, without a database.
 
+It sits a layer below the store (it imports only :mod:`dbsync.model`), not in
+:mod:`dbsync.reconcile`: the store must call it mid-transaction, and the store may
+not import anything above it. The reconciler never calls it; it hands the list to
+:meth:`~dbsync.store.Store.apply_readback`.
+
 The rule, for one account as the store holds it:
 
 * not *settled* (desired <> delivered, in flight, or set aside): not judged

@@ -10,8 +10,7 @@ from typing import NamedTuple
 
 import pytest
 
-from dbsync.model import Account, ListedAccount, LossCause, RejectReason
-from dbsync.reconcile.judge import (
+from dbsync.judgment import (
     ChunkDecision,
     Judgment,
     Listing,
@@ -21,6 +20,7 @@ from dbsync.reconcile.judge import (
     match_listed,
     set_aside_reason,
 )
+from dbsync.model import Account, ListedAccount, LossCause, RejectReason
 
 CUTOFF = 1_000.0
 OLD = 500.0  # acknowledged (or changed) before the cutoff: judged
