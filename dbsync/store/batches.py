@@ -19,6 +19,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
+import msgspec
+
 from dbsync.errors import StoreError
 from dbsync.model import Account, Batch, BatchState, BatchSummary, ListAction, RejectReason
 from dbsync.store import ledger, queue
@@ -47,7 +49,8 @@ async def plan_batch(
 
     def work(db: sqlite3.Connection) -> Batch | None:
         picked = db.execute(
-            "SELECT external_id, name, domain, seq FROM membership INDEXED BY membership_queue"
+            "SELECT external_id, name, domain, seq, rowid FROM membership"
+            " INDEXED BY membership_queue"
             " WHERE audience_id = ? AND desired <> delivered AND desired = ?"
             " AND in_flight IS NULL AND rejected = 0 ORDER BY changed_at LIMIT ?",
             (audience_id, action is ListAction.INSERT, max_rows),
@@ -214,7 +217,7 @@ async def renew_batch(engine: Engine, batch_id: int, reason: str) -> Batch:
             "SELECT action FROM batches WHERE batch_id = ?", (batch_id,)
         ).fetchone()
         items = db.execute(
-            "SELECT i.external_id, m.name, m.domain, i.seq FROM batch_items i"
+            "SELECT i.external_id, m.name, m.domain, i.seq, m.rowid FROM batch_items i"
             " JOIN membership m ON m.audience_id = ? AND m.external_id = i.external_id"
             " WHERE i.batch_id = ? AND m.in_flight = ? ORDER BY i.external_id",
             (audience_id, batch_id, batch_id),
@@ -250,7 +253,7 @@ async def split_batch(engine: Engine, batch_id: int) -> tuple[Batch, Batch]:
             "SELECT action FROM batches WHERE batch_id = ?", (batch_id,)
         ).fetchone()
         items = db.execute(
-            "SELECT i.external_id, m.name, m.domain, i.seq FROM batch_items i"
+            "SELECT i.external_id, m.name, m.domain, i.seq, m.rowid FROM batch_items i"
             " JOIN membership m ON m.audience_id = ? AND m.external_id = i.external_id"
             " WHERE i.batch_id = ? ORDER BY i.external_id",
             (audience_id, batch_id),
@@ -306,10 +309,11 @@ def _open_batch(
     db: sqlite3.Connection,
     audience_id: str,
     action: ListAction,
-    accounts: Sequence[tuple[str, str, str, int]],
+    accounts: Sequence[tuple[str, str, str, int, int]],
     now: float,
 ) -> Batch:
-    """A new planned batch of ``accounts`` (external id, name, domain, seq), in flight."""
+    """A new planned batch of ``accounts`` (external id, name, domain, seq, membership
+    rowid), in flight."""
     batch_id = db.execute(
         "INSERT INTO batches (audience_id, action, state, rows, created_at, updated_at)"
         " VALUES (?, ?, ?, ?, ?, ?)",
@@ -318,13 +322,13 @@ def _open_batch(
     assert batch_id is not None
     db.executemany(
         "INSERT INTO batch_items (batch_id, external_id, seq) VALUES (?, ?, ?)",
-        [(batch_id, key, seq) for key, _, _, seq in accounts],
+        [(batch_id, key, seq) for key, _, _, seq, _ in accounts],
     )
-    # One statement over the batch's items, in key order, not one per account.
+    # One statement over the batch's rows, by rowid and in rowid order (the rows the
+    # caller just read), not one per account nor a search of the text key per account.
     db.execute(
-        "UPDATE membership SET in_flight = ?1 WHERE audience_id = ?2 AND external_id IN"
-        " (SELECT external_id FROM batch_items WHERE batch_id = ?1)",
-        (batch_id, audience_id),
+        "UPDATE membership SET in_flight = ? WHERE rowid IN (SELECT value FROM json_each(?))",
+        (batch_id, msgspec.json.encode(sorted(row[4] for row in accounts))),
     )
     return Batch(
         batch_id=batch_id,
@@ -332,7 +336,8 @@ def _open_batch(
         action=action,
         state=BatchState.PLANNED,
         accounts=tuple(
-            Account(external_id=key, name=name, domain=domain) for key, name, domain, _ in accounts
+            Account(external_id=key, name=name, domain=domain)
+            for key, name, domain, _, _ in accounts
         ),
         created_at=now,
     )
