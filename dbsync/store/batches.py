@@ -156,14 +156,18 @@ async def complete_batch(engine: Engine, batch_id: int, *, list_id: int | None) 
             "SELECT action FROM batches WHERE batch_id = ?", (batch_id,)
         ).fetchone()
         delivered = action == ListAction.INSERT
-        # Accounts whose desired state moved while the job ran go back to the queue.
-        _requeue_in_flight(db, audience_id, batch_id, f"desired <> {int(delivered)}")
-        # An earlier acknowledgment no read-back judged is replaced by this one.
-        (overtaken,) = db.execute(
-            "SELECT COUNT(*) FROM membership WHERE in_flight = ? AND audience_id = ?"
-            " AND ack_batch IS NOT NULL",
-            (batch_id, audience_id),
+        # One pass over the batch's rows counts both: the accounts whose desired state
+        # moved while the job ran (desired <> the action: back to the queue), and the
+        # earlier acknowledgments no read-back judged, which this one replaces.
+        moved, overtaken = db.execute(
+            "SELECT TOTAL(desired <> ?), TOTAL(ack_batch IS NOT NULL) FROM membership"
+            " WHERE in_flight = ? AND audience_id = ?",
+            (delivered, batch_id, audience_id),
         ).fetchone()
+        if delivered:
+            queue.move(db, audience_id, deletes=int(moved))
+        else:
+            queue.move(db, audience_id, inserts=int(moved))
         # Checkpoint only here, after the acknowledgment: a crash before this line
         # leaves the accounts in flight, and they are sent again.
         db.execute(
@@ -180,7 +184,7 @@ async def complete_batch(engine: Engine, batch_id: int, *, list_id: int | None) 
             " WHERE audience_id = ?",
             (now, audience_id),
         )
-        ledger.count(db, audience_id, acknowledged=rows, overtaken=overtaken)
+        ledger.count(db, audience_id, acknowledged=rows, overtaken=int(overtaken))
         if list_id is not None:
             db.execute(
                 "UPDATE audiences SET list_id = COALESCE(list_id, ?) WHERE audience_id = ?",
