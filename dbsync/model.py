@@ -317,3 +317,78 @@ class LossTally(msgspec.Struct, frozen=True, kw_only=True):
     acknowledged: int
     verified: int
     lost: int
+
+
+class SnapshotOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What judging a staged snapshot (or run of AEP files) did with it.
+
+    ``state`` is ``applied`` (its changes are in the journal) or ``held`` (the removal
+    guard stopped it: ``reason`` says why; ``dbsync ctl approve`` applies it).
+    ``members`` counts member rows, ``exited`` exited ones (incremental runs only);
+    ``current`` the audience's members before it; ``added``/``removed`` what it changes
+    (or would change, when held).
+    """
+
+    snapshot_id: int
+    audience_id: str
+    state: str
+    mode: str
+    rows: int
+    members: int
+    exited: int
+    duplicates: int
+    conflicts: int
+    current: int
+    added: int
+    removed: int
+    unchanged: int
+    reason: str = ""
+
+
+class HeldSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """A complete membership the removal guard held, waiting for approve or discard."""
+
+    snapshot_id: int
+    audience_id: str
+    source: str  # "put" or "files"
+    received_at: float
+    members: int
+    current: int
+    removed: int
+    reason: str
+
+
+class FileRun(msgspec.Struct, frozen=True, kw_only=True):
+    """One decided run of AEP files: its outcome and counts, as ``ctl files`` shows it.
+
+    ``outcome``: applied, held, discarded, replaced (a newer snapshot came while held),
+    skipped_late, skipped_duplicate or refused.
+    """
+
+    run_id: int
+    audience_id: str
+    run_key: str
+    run_time: float
+    content_hash: str
+    files: tuple[str, ...]
+    outcome: str
+    reason: str
+    rows: int
+    invalid: int
+    duplicates: int
+    conflicts: int
+    added: int
+    removed: int
+    decided_at: float
+    files_deleted: bool
+
+
+class FileRunInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A run of AEP files as the watcher read it, recorded with the store's decision."""
+
+    audience_id: str
+    run_key: str  # the run's name without its part suffix and extension
+    run_time: float  # the date-time in its name (else the manifest's, else the files')
+    content_hash: str  # SHA-256 over its parts, in part order
+    files: tuple[str, ...]
+    invalid: int = 0  # rows without an external id, nor a domain and a name

@@ -17,6 +17,8 @@ batches        plan, create, upload, complete, fail, abandon, split, reject
 ledger         the per-audience counters and the sums they must keep
 readback       read-back runs; applies the judgment of :mod:`dbsync.judgment`
 quota          daily quota use and the learned pace, per destination
+snapshots      complete memberships and AEP file runs: staged in chunks, judged by
+               the removal guard, applied set-based; the file runs decided
 =============  ===============================================================
 
 Two services run beside the store, each in the daemon's TaskGroup: the
@@ -27,8 +29,9 @@ state.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 from dbsync.clock import Clock
@@ -41,6 +44,9 @@ from dbsync.model import (
     Batch,
     BatchSummary,
     Change,
+    FileRun,
+    FileRunInfo,
+    HeldSnapshot,
     LedgerCheck,
     LedgerCounts,
     ListAction,
@@ -50,13 +56,15 @@ from dbsync.model import (
     ReconcileFacts,
     ReconcileRun,
     RejectedAccount,
+    SnapshotOutcome,
     SnapshotResult,
     SyncResult,
 )
-from dbsync.store import audiences, batches, journal, ledger, queue, quota, readback
+from dbsync.store import audiences, batches, journal, ledger, queue, quota, readback, snapshots
 from dbsync.store.engine import Engine
 from dbsync.store.journal import FOLD_CHUNK_ROWS, GroupCommitter
 from dbsync.store.readback import JUDGE_CHUNK_ROWS
+from dbsync.store.snapshots import SnapshotRow
 
 __all__ = [
     "FOLD_CHUNK_ROWS",
@@ -70,6 +78,7 @@ __all__ = [
     "ReconcileRun",
     "RejectedAccount",
     "SnapshotResult",
+    "SnapshotRow",
     "Store",
     "SyncResult",
 ]
@@ -91,6 +100,7 @@ class Store:
             # Closed on a failed open too: its writer thread must not outlive it.
             await store._engine.open()
             await store._journal.open()
+            await snapshots.drop_unfinished(store._engine)
             yield store
         finally:
             await store._engine.close()
@@ -157,6 +167,72 @@ class Store:
 
     def take_folded_elsewhere(self) -> set[str]:
         return self._journal.take_folded_elsewhere()
+
+    # --- snapshots and AEP file runs ----------------------------------------------------
+
+    async def apply_snapshot(
+        self,
+        audience_id: str,
+        chunks: AsyncIterable[Sequence[SnapshotRow]],
+        *,
+        source: str,
+        mode: str = "full",
+        max_removal_percent: float | None = 20.0,
+        run: FileRunInfo | None = None,
+    ) -> SnapshotOutcome:
+        """Stage ``chunks`` (one transaction each), then judge and apply them in one.
+
+        ``mode`` "full": the chunks are the audience's complete membership, guarded by
+        ``max_removal_percent`` (None: not guarded); "incremental": member rows join,
+        exited rows leave. An exception while reading the chunks drops what was staged.
+        """
+        snapshot_id = await snapshots.begin(
+            self._engine, audience_id, source=source, mode=mode, ts=self._engine.now()
+        )
+        try:
+            async for chunk in chunks:
+                await snapshots.stage(self._engine, snapshot_id, chunk)
+        except BaseException:
+            # Shielded: a cancelled sender must not leave its rows behind either.
+            await asyncio.shield(snapshots.drop(self._engine, snapshot_id))
+            raise
+        outcome, folded = await snapshots.finish(
+            self._engine,
+            snapshot_id,
+            max_removal_percent=max_removal_percent if mode == "full" else None,
+            fold=journal.fold_all,
+            run=run,
+        )
+        self._journal.note_folded(folded)
+        return outcome
+
+    async def approve_snapshot(self, audience_id: str) -> SnapshotOutcome | None:
+        """Apply the snapshot the removal guard holds for ``audience_id``; None if none."""
+        outcome, folded = await snapshots.approve(self._engine, audience_id, fold=journal.fold_all)
+        self._journal.note_folded(folded)
+        return outcome
+
+    async def discard_snapshot(self, audience_id: str) -> HeldSnapshot | None:
+        """Drop the snapshot the removal guard holds for ``audience_id``; None if none."""
+        return await snapshots.discard(self._engine, audience_id)
+
+    async def held_snapshots(self, audience_id: str | None = None) -> list[HeldSnapshot]:
+        return await snapshots.held(self._engine, audience_id)
+
+    async def file_run_decided(self, run: FileRunInfo) -> str | None:
+        return await snapshots.file_run_decided(self._engine, run)
+
+    async def record_file_run(self, run: FileRunInfo, outcome: str, reason: str) -> None:
+        await snapshots.record_file_run(self._engine, run, outcome, reason)
+
+    async def file_runs(self, limit: int = 50) -> list[FileRun]:
+        return await snapshots.file_runs(self._engine, limit)
+
+    async def file_runs_to_clean(self, decided_before: float) -> list[FileRun]:
+        return await snapshots.runs_to_clean(self._engine, decided_before)
+
+    async def mark_files_deleted(self, run_ids: Sequence[int]) -> None:
+        await snapshots.mark_files_deleted(self._engine, run_ids)
 
     # --- the queue ---------------------------------------------------------------------
 

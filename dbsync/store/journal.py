@@ -34,6 +34,7 @@ __all__ = [
     "FOLD_CHUNK_ROWS",
     "GroupCommitter",
     "Journal",
+    "fold_all",
     "fold_chunk",
     "insert_changes",
 ]
@@ -162,6 +163,11 @@ class Journal:
         elsewhere, self._folded_elsewhere = self._folded_elsewhere, set()
         return elsewhere
 
+    def note_folded(self, folded: set[str]) -> None:
+        """A transaction outside the journal folded ``folded`` and may have appended."""
+        self._folded_elsewhere |= folded
+        self._appended.set()
+
     async def fold(self, max_rows: int = FOLD_CHUNK_ROWS) -> dict[str, int]:
         """Fold up to ``max_rows`` journal rows into desired state; {audience: rows}."""
         return await self._engine.transaction(lambda db: fold_chunk(db, max_rows))
@@ -209,6 +215,14 @@ class Journal:
         self._folded_elsewhere |= folded
         self._appended.set()
         return result
+
+
+def fold_all(db: sqlite3.Connection) -> set[str]:
+    """Fold the whole journal in the caller's transaction; the audiences it touched."""
+    folded: set[str] = set()
+    while chunk := fold_chunk(db, FOLD_CHUNK_ROWS):
+        folded.update(chunk)
+    return folded
 
 
 def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:

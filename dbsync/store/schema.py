@@ -294,6 +294,63 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX membership_awaiting ON membership (audience_id, ack_batch)
         WHERE ack_batch IS NOT NULL
     """,
+    # 8: complete memberships staged, judged by the removal guard and applied in the
+    # store (PUT snapshots and AEP file runs), and the AEP file runs decided. A snapshot
+    # is staged a chunk at a time in ``snapshot_rows`` (one row per account, duplicates
+    # and conflicting rows counted), so that neither its parse nor its difference from
+    # desired state holds a whole membership in Python; one held by the guard waits
+    # there for ``ctl approve`` or ``ctl discard``.
+    """
+    CREATE TABLE snapshots (
+        snapshot_id INTEGER PRIMARY KEY,
+        audience_id TEXT NOT NULL,
+        source      TEXT NOT NULL,
+        mode        TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        reason      TEXT NOT NULL DEFAULT '',
+        received_at REAL NOT NULL,
+        members     INTEGER NOT NULL DEFAULT 0,
+        current     INTEGER NOT NULL DEFAULT 0,
+        added       INTEGER NOT NULL DEFAULT 0,
+        removed     INTEGER NOT NULL DEFAULT 0,
+        decided_at  REAL
+    );
+    CREATE INDEX snapshots_open ON snapshots (audience_id, state)
+        WHERE state IN ('staging', 'held');
+    CREATE TABLE snapshot_rows (
+        snapshot_id  INTEGER NOT NULL,
+        external_id  TEXT NOT NULL,
+        name         TEXT NOT NULL,
+        domain       TEXT NOT NULL,
+        member       INTEGER NOT NULL,
+        qualified_at REAL,
+        n            INTEGER NOT NULL,
+        conflict     INTEGER NOT NULL,
+        PRIMARY KEY (snapshot_id, external_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE file_runs (
+        run_id        INTEGER PRIMARY KEY,
+        audience_id   TEXT NOT NULL,
+        run_key       TEXT NOT NULL,
+        run_time      REAL NOT NULL,
+        content_hash  TEXT NOT NULL,
+        files         TEXT NOT NULL,
+        outcome       TEXT NOT NULL,
+        reason        TEXT NOT NULL DEFAULT '',
+        snapshot_id   INTEGER,
+        rows          INTEGER NOT NULL DEFAULT 0,
+        invalid       INTEGER NOT NULL DEFAULT 0,
+        duplicates    INTEGER NOT NULL DEFAULT 0,
+        conflicts     INTEGER NOT NULL DEFAULT 0,
+        added         INTEGER NOT NULL DEFAULT 0,
+        removed       INTEGER NOT NULL DEFAULT 0,
+        decided_at    REAL NOT NULL,
+        files_deleted INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX file_runs_audience ON file_runs (audience_id, outcome, run_time);
+    CREATE INDEX file_runs_hash ON file_runs (audience_id, content_hash);
+    CREATE INDEX file_runs_snapshot ON file_runs (snapshot_id) WHERE snapshot_id IS NOT NULL
+    """,
 )
 
 
