@@ -209,6 +209,7 @@ class Daemon:
                 max_connections=config.ingest.max_connections,
                 max_body_bytes_in_flight=config.ingest.max_body_bytes_in_flight,
                 body_wait_seconds=config.ingest.body_wait_seconds,
+                max_removal_percent=self._max_removal_percent,
             )
             async with asyncio.TaskGroup() as group:
                 # The store's services: ingest's group commit, and the fold behind it.
@@ -310,6 +311,15 @@ class Daemon:
                     },
                 )
             return store
+
+    def _max_removal_percent(self, audience_id: str) -> float:
+        """The removal guard of ``audience_id`` in the configuration in force."""
+        assert self.config is not None
+        for destination in self.config.destinations:
+            for audience in destination.audiences:
+                if audience.id == audience_id:
+                    return audience.max_removal_percent
+        return 20.0
 
     # --- systemd: watchdog and status ----------------------------------------------------
 

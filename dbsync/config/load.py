@@ -199,6 +199,9 @@ def _resolve(config: Config, base_dir: Path) -> Config:
     ingest = config.ingest
     if ingest.token_file is not None:
         ingest = msgspec.structs.replace(ingest, token_file=base_dir / ingest.token_file)
+    if ingest.files is not None:
+        files = msgspec.structs.replace(ingest.files, directory=base_dir / ingest.files.directory)
+        ingest = msgspec.structs.replace(ingest, files=files)
     destinations = tuple(
         msgspec.structs.replace(
             destination,
@@ -255,6 +258,7 @@ def _validate(config: Config) -> None:
 
     destination_names: dict[str, str] = {}
     audience_ids: dict[str, str] = {}
+    aep_ids: dict[str, str] = {}
     for index, destination in enumerate(config.destinations):
         key = f"destinations[{index}]"
         if (first := destination_names.setdefault(destination.name, key)) != key:
@@ -273,6 +277,15 @@ def _validate(config: Config) -> None:
                     " the whole configuration, as ingest addresses audiences by id alone",
                 )
             _validate_audience(audience, audience_key)
+            if audience.aep_audience_id is not None:
+                aep_key = f"{audience_key}.aep_audience_id"
+                aep_id = audience.aep_audience_id.lower()
+                if (first := aep_ids.setdefault(aep_id, aep_key)) != aep_key:
+                    raise ConfigError(
+                        aep_key,
+                        f"AEP audience {audience.aep_audience_id} is also {first}: its files"
+                        " can feed one audience only",
+                    )
             folded = audience.list_name.strip().casefold()
             if (first := list_names.setdefault(folded, audience_key)) != audience_key:
                 raise ConfigError(

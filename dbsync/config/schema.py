@@ -26,6 +26,8 @@ __all__ = [
     "DaemonSettings",
     "DeliverySettings",
     "Destination",
+    "FileColumns",
+    "FileIngestSettings",
     "FlushPolicy",
     "IngestSettings",
     "Limits",
@@ -135,6 +137,47 @@ class AepMapping(_Table, frozen=True):
     ``external_id_attribute`` is not read. Unset: the attribute is used."""
 
 
+class FileIngestSettings(_Table, frozen=True):
+    """``[ingest.files]``: the folder AEP's account-audience file exports land in."""
+
+    directory: Path
+    """The watched folder (an SFTP chroot or a bucket mirror), relative to the config
+    file. Files whose name holds a configured ``aep_audience_id`` (or that lie in a
+    sub-folder named after one) are read; others are left alone."""
+
+    poll_seconds: Seconds = 10.0
+    """How often the folder is listed."""
+
+    settle_seconds: NonNegativeSeconds = 60.0
+    """A run without a manifest is read once its files' sizes and times have been
+    still this long (a run listed in a manifest once every part is there at its size)."""
+
+    keep_days: Annotated[float, msgspec.Meta(ge=0)] = 7.0
+    """Files of a decided run (applied, skipped, refused) are deleted this many days
+    after the decision; a held run's files are kept."""
+
+
+class FileColumns(_Table, frozen=True):
+    """``[destinations.audiences.file_columns]``: header names in this audience's files
+    that the defaults do not cover (compared ignoring case)."""
+
+    external_id: str | None = None
+    """Default: ``accountKey_sourceKey``, ``external_id``, ``primaryId``, ``sourceKey``..."""
+
+    name: str | None = None
+    """Default: ``accountName``, ``name``, ``companyName``."""
+
+    domain: str | None = None
+    """Default: ``accountOrganization_domain``, ``domain``, ``website``..."""
+
+    status: str | None = None
+    """Default: ``status`` or a header ending in ``_status`` (the membership status)."""
+
+    qualified_at: str | None = None
+    """Default: ``lastQualificationTime``, ``last_qualified`` or one ending in
+    ``_lastQualificationTime``."""
+
+
 class IngestSettings(_Table, frozen=True):
     """``[ingest]``: the HTTP server through which the CDP sends changes."""
 
@@ -186,6 +229,9 @@ class IngestSettings(_Table, frozen=True):
     body_wait_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 5.0
     """Seconds a body waits for room under max_body_bytes_in_flight before it gets 503
     with Retry-After (0: at once)."""
+
+    files: FileIngestSettings | None = None
+    """The watched folder of AEP file exports; absent: no folder is watched."""
 
 
 class LoggingSettings(_Table, frozen=True):
@@ -391,6 +437,28 @@ class Audience(_Table, frozen=True):
     paused: bool = False
     """Start paused: changes are accepted and kept, nothing is sent until
     ``dbsync ctl resume``."""
+
+    aep_audience_id: (
+        Annotated[
+            str, msgspec.Meta(pattern=r"^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}$")
+        ]
+        | None
+    ) = None
+    """The audience's UUID in AEP, as it appears in the names of its exported files
+    (or as the name of the sub-folder they land in)."""
+
+    file_mode: Literal["full", "incremental"] = "full"
+    """What the audience's AEP files hold: ``full``, its complete membership (daily
+    full exports); ``incremental``, members who joined and, with the status mapped,
+    who left. Nothing in a file says which: it must match the AEP schedule."""
+
+    file_columns: FileColumns = FileColumns()
+    """Header names of this audience's files beyond the defaults."""
+
+    max_removal_percent: Annotated[float, msgspec.Meta(ge=0, le=100)] = 20.0
+    """The removal guard, for every complete membership (PUT snapshots and full
+    files): one that would remove more than this share of the audience's members, or
+    empty it, is held until ``dbsync ctl approve`` (or dropped by ``discard``)."""
 
     def __post_init__(self) -> None:
         if not self.list_name:

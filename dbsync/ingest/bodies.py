@@ -50,6 +50,7 @@ __all__ = [
     "epoch_seconds",
     "received_ts",
     "snapshot_accounts",
+    "snapshot_chunks",
     "to_changes",
 ]
 
@@ -317,19 +318,47 @@ def to_changes(batch: Items[ChangeIn], active: Set[str], now: float) -> list[Cha
 # --- snapshots -----------------------------------------------------------------------
 
 
+# Accounts per chunk a snapshot is staged in: the store writes each in a transaction
+# of its own, so a chunk bounds both the memory a snapshot holds and how long it keeps
+# ingest's commits waiting.
+SNAPSHOT_CHUNK_ROWS = 50_000
+
+
 async def snapshot_accounts(body: bytes, media: Literal["csv", "ndjson", "json"]) -> list[Account]:
     """An audience's complete membership as sent, duplicates included."""
+    accounts: list[Account] = []
+    async for chunk in snapshot_chunks(body, media):
+        accounts.extend(chunk)
+    return accounts
+
+
+async def snapshot_chunks(
+    body: bytes, media: Literal["csv", "ndjson", "json"], rows: int = SNAPSHOT_CHUNK_ROWS
+) -> AsyncIterator[list[Account]]:
+    """An audience's complete membership as sent, ``rows`` accounts at a time, checked.
+
+    Raises :class:`Rejected` at the first account that cannot be imported, after the
+    chunks before it were yielded: the caller drops what it staged.
+    """
     if media == "csv":
-        return await _csv_accounts(body)
+        async for chunk in _csv_accounts(body, rows):
+            yield chunk
+        return
     if media == "json":
         batch = decode_json(body, Account)
         _check_accounts(batch)
-        return batch.items
-    accounts: list[Account] = []
+        for start in range(0, len(batch.items), rows):
+            yield batch.items[start : start + rows]
+        return
+    pending: list[Account] = []
     async for batch in decode_ndjson(body, Account):
         _check_accounts(batch)
-        accounts.extend(batch.items)
-    return accounts
+        pending.extend(batch.items)
+        if len(pending) >= rows:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
 
 
 def _check_accounts(batch: Items[Account]) -> None:
@@ -366,7 +395,7 @@ def _csv_header(body: bytes) -> list[str]:
     return header
 
 
-async def _csv_accounts(body: bytes) -> list[Account]:
+async def _csv_accounts(body: bytes, chunk_rows: int) -> AsyncIterator[list[Account]]:
     if not body.strip():
         raise Rejected(400, "empty body", "body")
     _csv_header(body)
@@ -386,11 +415,15 @@ async def _csv_accounts(body: bytes) -> list[Account]:
                 column, detail = problem
                 raise Rejected(400, f"{column} {detail}", f"row {number}: {column}")
             accounts.append(Account(external_id=external_id, name=name, domain=domain))
-            if number % ROWS_PER_TURN == 0:
+            if len(accounts) >= chunk_rows:
+                yield accounts
+                accounts = []
+            elif number % ROWS_PER_TURN == 0:
                 await asyncio.sleep(0)
     except ValueError as exc:
         raise Rejected(400, str(exc), "body") from None
-    return accounts
+    if accounts:
+        yield accounts
 
 
 def distinct_accounts(accounts: list[Account]) -> tuple[list[Account], int]:

@@ -38,7 +38,7 @@ import hmac
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -52,8 +52,7 @@ from dbsync.ingest.bodies import (
     Rejected,
     decode_json,
     decode_ndjson,
-    distinct_accounts,
-    snapshot_accounts,
+    snapshot_chunks,
     to_changes,
 )
 from dbsync.ingest.connections import (
@@ -63,7 +62,7 @@ from dbsync.ingest.connections import (
     ConnectionTable,
     GuardedSite,
 )
-from dbsync.model import Account, Change
+from dbsync.model import Change
 
 __all__ = ["ChangeStore", "IngestServer", "IngestStats", "SnapshotCounts"]
 
@@ -85,16 +84,26 @@ _decode_any = msgspec.json.Decoder().decode
 
 
 class SnapshotCounts(Protocol):
-    """What the store reports after replacing an audience's membership."""
+    """What the store reports after judging an audience's complete membership."""
 
     @property
+    def state(self) -> str: ...  # "applied", or "held" by the removal guard
+    @property
+    def reason(self) -> str: ...
+    @property
     def members(self) -> int: ...
+    @property
+    def duplicates(self) -> int: ...
     @property
     def added(self) -> int: ...
     @property
     def removed(self) -> int: ...
     @property
     def unchanged(self) -> int: ...
+
+
+# (external_id, name, domain, member, qualified_at): a staged row, as the store takes it.
+SnapshotRow = tuple[str, str, str, int, float | None]
 
 
 class ChangeStore(Protocol):
@@ -107,8 +116,14 @@ class ChangeStore(Protocol):
 
     async def append_changes(self, changes: Sequence[Change]) -> int: ...
 
-    async def replace_members(
-        self, audience_id: str, accounts: Sequence[Account], *, ts: float
+    async def apply_snapshot(
+        self,
+        audience_id: str,
+        chunks: AsyncIterable[Sequence[SnapshotRow]],
+        *,
+        source: str,
+        mode: str = "full",
+        max_removal_percent: float | None = 20.0,
     ) -> SnapshotCounts: ...
 
 
@@ -152,9 +167,11 @@ class IngestServer:
         max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
         body_wait_seconds: float = 5.0,
         eviction_grace_seconds: float = EVICTION_GRACE_SECONDS,
+        max_removal_percent: Callable[[str], float] = lambda audience_id: 20.0,
     ) -> None:
         self._store = store
         self._audiences = audiences
+        self._max_removal_percent = max_removal_percent
         self._host = host
         self._port = port
         if token == "":
@@ -302,21 +319,47 @@ class IngestServer:
             raise Rejected(404, f"audience {audience_id!r} is not activated", "audience_id")
         media = self._media(request, _CSV | _NDJSON | _JSON)
         body = await self._read(request)
-        accounts, duplicates = distinct_accounts(await snapshot_accounts(body, media))
+
+        async def rows() -> AsyncIterator[list[SnapshotRow]]:
+            # Parsed and staged a chunk at a time: the membership never sits whole in
+            # Python, and a row refused half-way drops what was staged (400, nothing
+            # applied).
+            async for chunk in snapshot_chunks(body, media):
+                yield [(a.external_id, a.name, a.domain, 1, None) for a in chunk]
+
         try:
-            result = await self._store.replace_members(audience_id, accounts, ts=self._clock.time())
+            result = await self._store.apply_snapshot(
+                audience_id,
+                rows(),
+                source="put",
+                max_removal_percent=self._max_removal_percent(audience_id),
+            )
         except StoreError as exc:
             raise _store_failed(exc) from exc
-        self._snapshots_applied += 1
-        return _accepted(
-            {
-                "members": result.members,
-                "added": result.added,
-                "removed": result.removed,
-                "unchanged": result.unchanged,
-                "duplicates": duplicates,
-            }
-        )
+        counts: dict[str, Any] = {
+            "members": result.members,
+            "added": result.added,
+            "removed": result.removed,
+            "unchanged": result.unchanged,
+            "duplicates": result.duplicates,
+            "held": result.state == "held",
+        }
+        if result.state == "held":
+            # Nothing applied: the counts are what it would change once approved.
+            counts["reason"] = result.reason
+            log.warning(
+                "snapshot_held",
+                extra={
+                    "audience": audience_id,
+                    "source": "put",
+                    "members": result.members,
+                    "removed": result.removed,
+                    "reason": result.reason,
+                },
+            )
+        else:
+            self._snapshots_applied += 1
+        return _accepted(counts)
 
     async def _get_health(self, request: web.Request) -> web.Response:
         if not self._accepting:

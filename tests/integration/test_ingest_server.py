@@ -19,7 +19,7 @@ import pytest
 from dbsync.clock import FakeClock
 from dbsync.errors import StoreError
 from dbsync.ingest import IngestServer
-from dbsync.model import Account, Change
+from dbsync.model import Change
 from dbsync.store import Store
 
 AUDIENCES = ("aud-1", "aud-2")
@@ -145,10 +145,8 @@ async def test_a_store_that_cannot_commit_answers_503(
         async def append_changes(self, changes: Sequence[Change]) -> int:
             raise StoreError("disk I/O error")
 
-        async def replace_members(
-            self, audience_id: str, accounts: Sequence[Account], *, ts: float
-        ) -> Any:
-            return await store.replace_members(audience_id, accounts, ts=ts)
+        async def apply_snapshot(self, audience_id: str, chunks: Any, **kwargs: Any) -> Any:
+            return await store.apply_snapshot(audience_id, chunks, **kwargs)
 
     server, url = await serving(Failing(), clock)
     try:
@@ -195,21 +193,47 @@ async def test_snapshots_apply_the_difference(
     http: aiohttp.ClientSession, url: str, store: Store
 ) -> None:
     snapshot = f"{url}/v1/audiences/aud-1/members"
+    # Removing one of five: 20%, within the removal guard's default.
     csv = b"Account Name,Account Domain,External Account ID\nAcme,acme.com,A\nGlobex,g.com,B\n"
+    csv += b"D,d.com,D\nE,e.com,E\nF,f.com,F\n"
     ndjson = lines(
         {"external_id": "B", "name": "Globex", "domain": "g.com"},
         {"external_id": "C", "name": "Initech", "domain": "i.com"},
+        *({"external_id": k, "name": k, "domain": f"{k.lower()}.com"} for k in "DEF"),
     )
 
     first = await put(http, snapshot, csv, **CSV)
-    second = await put(http, snapshot, ndjson, **NDJSON)
+    second = await put(http, snapshot, ndjson + ndjson, **NDJSON)
 
-    assert first == (202, {"members": 2, "added": 2, "removed": 0, "unchanged": 0, "duplicates": 0})
+    counts = {"members": 5, "added": 5, "removed": 0, "unchanged": 0, "duplicates": 0}
+    assert first == (202, {**counts, "held": False})
     assert second == (
         202,
-        {"members": 2, "added": 1, "removed": 1, "unchanged": 1, "duplicates": 0},
+        {"members": 5, "added": 1, "removed": 1, "unchanged": 4, "duplicates": 5, "held": False},
     )
-    assert await members(store, "aud-1") == {"B", "C"}
+    assert await members(store, "aud-1") == set("BCDEF")
+
+
+async def test_a_snapshot_removing_too_many_is_held_not_applied(
+    http: aiohttp.ClientSession, url: str, store: Store
+) -> None:
+    snapshot = f"{url}/v1/audiences/aud-1/members"
+    header = b"External Account ID,Account Name,Account Domain\n"
+    await put(http, snapshot, header + b"A,Acme,a.com\nB,B,b.com\nC,C,c.com\n", **CSV)
+
+    status, answer = await put(http, snapshot, header + b"A,Acme,a.com\n", **CSV)
+
+    assert (status, answer["held"], answer["removed"]) == (202, True, 2)
+    assert answer["reason"] == ("would remove 2 of 3 members (66.7% > max_removal_percent 20)")
+    assert await members(store, "aud-1") == {"A", "B", "C"}
+    [held] = await store.held_snapshots("aud-1")
+    assert (held.source, held.members) == ("put", 1)
+    status, answer = await put(
+        http, snapshot, header + b"A,Acme,a.com\nB,B,b.com\nC,C,c.com\nD,D,d.com\n", **CSV
+    )
+    assert (status, answer["held"], answer["added"]) == (202, False, 1)
+    assert await store.held_snapshots() == []
+    assert await members(store, "aud-1") == {"A", "B", "C", "D"}
 
 
 async def test_a_refused_snapshot_changes_nothing(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +30,27 @@ CSV = {"Content-Type": "text/csv"}
 encode = msgspec.json.encode
 
 
-class Snapshot(msgspec.Struct, frozen=True):
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     members: int
     added: int
     removed: int
     unchanged: int
+    duplicates: int
+    state: str = "applied"
+    reason: str = ""
 
 
 class FakeStore:
-    """append_changes and replace_members, in memory; ``fail`` makes both raise."""
+    """append_changes and apply_snapshot, in memory; ``fail`` makes both raise.
+
+    Its snapshots are never held: the removal guard is the real store's (see
+    tests/integration/test_store_snapshots.py and test_ingest_server.py).
+    """
 
     def __init__(self) -> None:
         self.appended: list[list[Change]] = []
         self.members: dict[str, dict[str, Account]] = {}
-        self.snapshot_times: list[float] = []
+        self.snapshot_guards: list[float | None] = []
         self.fail = False
         self.writable = True
 
@@ -53,17 +60,33 @@ class FakeStore:
         self.appended.append(list(changes))
         return len(changes)
 
-    async def replace_members(
-        self, audience_id: str, accounts: Sequence[Account], *, ts: float
+    async def apply_snapshot(
+        self,
+        audience_id: str,
+        chunks: AsyncIterable[Sequence[tuple[str, str, str, int, float | None]]],
+        *,
+        source: str,
+        mode: str = "full",
+        max_removal_percent: float | None = 20.0,
     ) -> Snapshot:
+        rows = [row async for chunk in chunks for row in chunk]
         if self.fail:
             raise StoreError("database is locked")
         before = self.members.get(audience_id, {})
-        after = {a.external_id: a for a in accounts}
+        after = {
+            key: Account(external_id=key, name=name, domain=domain)
+            for key, name, domain, _, _ in rows
+        }
         self.members[audience_id] = after
-        self.snapshot_times.append(ts)
+        self.snapshot_guards.append(max_removal_percent)
         kept = before.keys() & after.keys()
-        return Snapshot(len(after), len(after) - len(kept), len(before) - len(kept), len(kept))
+        return Snapshot(
+            members=len(after),
+            added=len(after) - len(kept),
+            removed=len(before) - len(kept),
+            unchanged=len(kept),
+            duplicates=len(rows) - len(after),
+        )
 
 
 Serve = Callable[..., Awaitable[tuple[IngestServer, str]]]
@@ -408,14 +431,14 @@ async def test_a_csv_snapshot_replaces_the_membership(
 
     assert await call(http, "PUT", f"{url}/v1/audiences/aud-1/members", first, **CSV) == (
         202,
-        {"members": 2, "added": 2, "removed": 0, "unchanged": 0, "duplicates": 0},
+        {"members": 2, "added": 2, "removed": 0, "unchanged": 0, "duplicates": 0, "held": False},
     )
     assert await call(http, "PUT", f"{url}/v1/audiences/aud-1/members", second, **CSV) == (
         202,
-        {"members": 2, "added": 1, "removed": 1, "unchanged": 1, "duplicates": 1},
+        {"members": 2, "added": 1, "removed": 1, "unchanged": 1, "duplicates": 1, "held": False},
     )
     assert sorted(store.members["aud-1"]) == ["001B", "001C"]
-    assert store.snapshot_times == [NOW, NOW]
+    assert store.snapshot_guards == [20.0, 20.0]
 
 
 async def test_an_ndjson_snapshot(http: aiohttp.ClientSession, url: str, store: FakeStore) -> None:
