@@ -36,7 +36,7 @@ import io
 import itertools
 import operator
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -240,7 +240,7 @@ def _encoding(head: bytes) -> str:
 
 def read_file(
     path: Path, columns: FileColumns, *, mode: str, counts: ReadCounts
-) -> Iterator[list[Row]]:
+) -> Generator[list[Row], None, None]:
     """The staged rows of one file, a chunk at a time; raises :class:`FileRefused`."""
     where = path.name
     with path.open("rb") as raw:

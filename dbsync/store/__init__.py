@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 
 from dbsync.clock import Clock
@@ -178,13 +178,15 @@ class Store:
         source: str,
         mode: str = "full",
         max_removal_percent: float | None = 20.0,
-        run: FileRunInfo | None = None,
+        run: Callable[[], FileRunInfo] | None = None,
     ) -> SnapshotOutcome:
         """Stage ``chunks`` (one transaction each), then judge and apply them in one.
 
         ``mode`` "full": the chunks are the audience's complete membership, guarded by
         ``max_removal_percent`` (None: not guarded); "incremental": member rows join,
         exited rows leave. An exception while reading the chunks drops what was staged.
+        ``run``, called once the chunks are read, is the AEP file run they came from: it
+        is recorded in the transaction that applies (or holds) them.
         """
         snapshot_id = await snapshots.begin(
             self._engine, audience_id, source=source, mode=mode, ts=self._engine.now()
@@ -201,7 +203,7 @@ class Store:
             snapshot_id,
             max_removal_percent=max_removal_percent if mode == "full" else None,
             fold=journal.fold_all,
-            run=run,
+            run=run() if run is not None else None,
         )
         self._journal.note_folded(folded)
         return outcome

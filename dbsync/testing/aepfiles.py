@@ -16,6 +16,7 @@ import gzip
 import io
 import os
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -151,7 +152,12 @@ def write_export(
         if len(chunk) < max_rows_per_file:
             break
     if manifest:
-        paths.append(write_manifest(directory, paths, scheduled_time=scheduled_time or when))
+        flow_run_id = str(uuid.uuid5(uuid.NAMESPACE_URL, stem))  # one per run, as AEP's
+        paths.append(
+            write_manifest(
+                directory, paths, scheduled_time=scheduled_time or when, flow_run_id=flow_run_id
+            )
+        )
     return paths
 
 
@@ -182,9 +188,7 @@ def _encode_part(
         return text.encode(encoding)
     if file_format == "json":
         encode = msgspec.json.encode
-        return b"".join(
-            encode(dict(zip(headers, row, strict=False))) + b"\n" for row in rows
-        )
+        return b"".join(encode(dict(zip(headers, row, strict=False))) + b"\n" for row in rows)
     import pyarrow as pa  # type: ignore[import-not-found, import-untyped, unused-ignore]
     import pyarrow.parquet as pq  # type: ignore[import-not-found, import-untyped, unused-ignore]
 

@@ -228,7 +228,7 @@ async def test_file_runs_are_recorded_with_their_outcome(store: Store) -> None:
     )
     assert await store.file_run_decided(run) is None
     outcome = await store.apply_snapshot(
-        AUDIENCE, chunks([member("A"), member("A")]), source="files", run=run
+        AUDIENCE, chunks([member("A"), member("A")]), source="files", run=lambda: run
     )
     assert outcome.state == "applied"
     assert await store.file_run_decided(run) == "seen"
@@ -263,7 +263,7 @@ async def test_a_held_run_becomes_applied_when_approved(store: Store) -> None:
     run = FileRunInfo(
         audience_id=AUDIENCE, run_key="r1", run_time=1.0, content_hash="h", files=("r1.csv",)
     )
-    await store.apply_snapshot(AUDIENCE, chunks(), source="files", run=run)
+    await store.apply_snapshot(AUDIENCE, chunks(), source="files", run=lambda: run)
     assert [r.outcome for r in await store.file_runs()] == ["held"]
     await store.approve_snapshot(AUDIENCE)
     [applied] = await store.file_runs()
