@@ -50,6 +50,7 @@ from dbsync.demandbase.wire import Endpoint
 from dbsync.destination import ImportClient
 from dbsync.errors import ConfigError, StoreError
 from dbsync.exitcodes import ExitCode
+from dbsync.files.watcher import AudienceFiles, Watcher
 from dbsync.folder import Folder
 from dbsync.ingest import IngestServer
 from dbsync.reconcile import ReconcilePlan
@@ -141,6 +142,7 @@ class Daemon:
         self.store: Store | None = None
         self.config: Config | None = None  # the configuration in force
         # A SIGHUP and `dbsync ctl reload` may come together: one reload at a time.
+        self._watcher: Watcher | None = None
         self._reload_lock = asyncio.Lock()
         self._reload_error = ""
 
@@ -211,6 +213,15 @@ class Daemon:
                 body_wait_seconds=config.ingest.body_wait_seconds,
                 max_removal_percent=self._max_removal_percent,
             )
+            watcher = None
+            if config.ingest.files is not None:
+                watcher = Watcher(
+                    store,
+                    config.ingest.files,
+                    functools.partial(self._file_audiences, supervisor),
+                    self._clock,
+                )
+            self._watcher = watcher
             async with asyncio.TaskGroup() as group:
                 # The store's services: ingest's group commit, and the fold behind it.
                 committing = group.create_task(store.committer.run(), name="store:group-commit")
@@ -222,6 +233,9 @@ class Daemon:
                 self.ingest_address = await ingest.start()
                 stack.push_async_callback(ingest.close)
                 group.create_task(admin.run(self._admin_controls(supervisor, store)), name="admin")
+                if watcher is not None:
+                    # After ingest: a run it applies wakes actors already running.
+                    watching = group.create_task(watcher.run(), name="files:watcher")
                 systemd.notify(
                     "READY=1", f"STATUS=delivering {len(supervisor.audience_ids())} audiences"
                 )
@@ -246,6 +260,8 @@ class Daemon:
                 await self._shutdown.wait()
                 reloads.cancel()  # no reload during the drain
                 ingest.stop()
+                if watcher is not None:
+                    watcher.stop()
                 admin.stop()
                 supervisor.stop()
                 try:
@@ -266,6 +282,9 @@ class Daemon:
                     # A signal after the drain (one asked by `dbsync ctl drain`, say)
                     # has nothing left to cut short.
                     self._drain_deadline = None
+                if watcher is not None:
+                    # A run being applied is one transaction: committed whole or not.
+                    watching.cancel()
                 for task in [*service, folding]:
                     task.cancel()
                 # Appends still arriving (requests cut short by the drain) commit alone.
@@ -311,6 +330,23 @@ class Daemon:
                     },
                 )
             return store
+
+    def _file_audiences(self, supervisor: Supervisor) -> dict[str, AudienceFiles]:
+        """Active audiences fed by AEP files, by AEP audience id, in the config in force."""
+        assert self.config is not None
+        active = set(supervisor.audience_ids())
+        return {
+            audience.aep_audience_id.lower(): AudienceFiles(
+                audience_id=audience.id,
+                aep_audience_id=audience.aep_audience_id.lower(),
+                file_mode=audience.file_mode,
+                file_columns=audience.file_columns,
+                max_removal_percent=audience.max_removal_percent,
+            )
+            for destination in self.config.destinations
+            for audience in destination.audiences
+            if audience.aep_audience_id is not None and audience.id in active
+        }
 
     def _max_removal_percent(self, audience_id: str) -> float:
         """The removal guard of ``audience_id`` in the configuration in force."""
@@ -369,6 +405,7 @@ class Daemon:
             reload=reload,
             drain=self.request_shutdown,
             draining=self._shutdown.is_set,
+            watcher=self._watcher,
         )
 
     # --- signals and reload --------------------------------------------------------------

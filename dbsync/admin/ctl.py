@@ -31,11 +31,14 @@ from dbsync.admin.protocol import (
     REQUESTS,
     AnyReply,
     AnyRequest,
+    ApproveReply,
     AudienceView,
     DestinationView,
+    DiscardReply,
     DrainReply,
     Fault,
     FaultCode,
+    FilesReply,
     FlushReply,
     LastBatchView,
     PauseReply,
@@ -197,6 +200,15 @@ def render(reply: AnyReply) -> str:
             return f"configuration reloaded: {len(audiences)} audiences active"
         case DrainReply(drain_seconds=seconds):
             return f"draining: the daemon finishes its jobs in flight (at most {seconds:g} s)"
+        case FilesReply():
+            return _files(reply)
+        case ApproveReply(audience=audience, added=added, removed=removed):
+            return f"{audience}: held snapshot applied: {added} accounts added, {removed} removed"
+        case DiscardReply(audience=audience, members=members, removed=removed):
+            return (
+                f"{audience}: held snapshot of {members} members dropped"
+                f" (it would have removed {removed}); desired state unchanged"
+            )
         case Fault():
             return f"{reply.code}: {reply.message}"
         case _:
@@ -218,6 +230,14 @@ def _status(reply: StatusReply) -> str:
     reasons = [f"{a.audience}: {a.state}: {_safe(a.reason)}" for a in reply.audiences if a.reason]
     if reasons:
         parts.append("\n".join(reasons))
+    held = [
+        f"{a.audience}: snapshot HELD ({a.held_snapshot.source}, {a.held_snapshot.members}"
+        f" members): {_safe(a.held_snapshot.reason)}; dbsync ctl approve|discard {a.audience}"
+        for a in reply.audiences
+        if a.held_snapshot is not None
+    ]
+    if held:
+        parts.append("\n".join(held))
     for audience in reply.audiences:
         if audience.open_batches:
             parts.append(
@@ -416,6 +436,77 @@ def _destinations(destinations: Sequence[DestinationView]) -> str:
     )
     has_losses = any(d.loss_estimate is not None for d in destinations)
     return f"{summary}\n\n{quota}" + (f"\n\n{losses}" if has_losses else "")
+
+
+def _files(reply: FilesReply) -> str:
+    if reply.directory is None:
+        return "no watched folder: set [ingest.files] in the configuration"
+    parts = [f"watching {reply.directory}"]
+    if reply.held:
+        parts.append(
+            "held by the removal guard (dbsync ctl approve|discard AUDIENCE):\n"
+            + _table(
+                ["AUDIENCE", "SOURCE", "RECEIVED", "MEMBERS", "NOW", "WOULD REMOVE", "REASON"],
+                [
+                    [
+                        h.audience,
+                        h.source,
+                        _timestamp(h.received_at),
+                        h.members,
+                        h.current,
+                        h.removed,
+                        h.reason,
+                    ]
+                    for h in reply.held
+                ],
+            )
+        )
+    if reply.waiting:
+        parts.append(
+            "waiting:\n"
+            + _table(
+                ["AUDIENCE", "RUN", "FILES", "SINCE", "REASON"],
+                [
+                    [w.audience, w.run, len(w.files), _timestamp(w.since), w.reason]
+                    for w in reply.waiting
+                ],
+            )
+        )
+    if reply.runs:
+        parts.append(
+            _table(
+                [
+                    "AUDIENCE",
+                    "RUN",
+                    "OUTCOME",
+                    "FILES",
+                    "ROWS",
+                    "ADDED",
+                    "REMOVED",
+                    "LEFT OUT",
+                    "DECIDED",
+                    "REASON",
+                ],
+                [
+                    [
+                        r.audience,
+                        r.run,
+                        r.outcome,
+                        len(r.files),
+                        r.rows,
+                        r.added,
+                        r.removed,
+                        r.invalid,
+                        _timestamp(r.decided_at),
+                        r.reason,
+                    ]
+                    for r in reply.runs
+                ],
+            )
+        )
+    else:
+        parts.append("no runs decided yet")
+    return "\n\n".join(parts)
 
 
 def _rejected(reply: RejectedReply) -> str:

@@ -32,16 +32,24 @@ __all__ = [
     "AccountView",
     "AnyReply",
     "AnyRequest",
+    "Approve",
+    "ApproveReply",
     "AudienceView",
     "BatchView",
     "DaemonView",
     "DestinationView",
+    "Discard",
+    "DiscardReply",
     "Drain",
     "DrainReply",
     "Fault",
     "FaultCode",
+    "FileRunView",
+    "Files",
+    "FilesReply",
     "Flush",
     "FlushReply",
+    "HeldView",
     "LastBatchView",
     "LossEstimateView",
     "LossRateView",
@@ -69,6 +77,7 @@ __all__ = [
     "Role",
     "Status",
     "StatusReply",
+    "WaitingRunView",
     "decode_reply",
     "decode_request",
     "encode",
@@ -105,6 +114,7 @@ class FaultCode(enum.StrEnum):
     DESTINATION_STOPPED = "destination_stopped"  # flush while the destination's auth fails
     DRAINING = "draining"  # the daemon is stopping and changes nothing more
     RECONCILE_DEFERRED = "reconcile_deferred"  # the export quota says later (and when)
+    NOTHING_HELD = "nothing_held"  # approve or discard: the guard holds no snapshot
     INTERNAL = "internal"  # the daemon failed to answer (its log says why)
     # Raised by the client itself, never sent by the daemon:
     UNREACHABLE = "unreachable"  # no daemon answers on the socket
@@ -199,6 +209,25 @@ class Reconcile(Request, frozen=True, kw_only=True, tag="reconcile"):
     timeout_seconds: TimeoutSeconds = RECONCILE_TIMEOUT_SECONDS
 
 
+class Files(Request, frozen=True, tag="files"):
+    """recent AEP file runs and their outcome (applied, waiting, held, skipped, refused)"""
+
+    role: ClassVar[Role] = Role.VIEWER
+    limit: Annotated[int, msgspec.Meta(ge=1)] = 50
+
+
+class Approve(Request, frozen=True, tag="approve"):
+    """apply the snapshot the removal guard held for an audience"""
+
+    audience: AudienceId
+
+
+class Discard(Request, frozen=True, tag="discard"):
+    """drop the snapshot the removal guard held for an audience"""
+
+    audience: AudienceId
+
+
 class Reload(Request, frozen=True, tag="reload"):
     """re-read the config; non-zero (78) when the new one is rejected"""
 
@@ -217,6 +246,9 @@ AnyRequest = (
     | Requeue
     | Reconcile
     | Quota
+    | Files
+    | Approve
+    | Discard
     | Reload
     | Drain
 )
@@ -231,6 +263,9 @@ REQUESTS: tuple[type[Request], ...] = (
     Requeue,
     Reconcile,
     Quota,
+    Files,
+    Approve,
+    Discard,
     Reload,
     Drain,
 )
@@ -328,6 +363,18 @@ class LossEstimateView(msgspec.Struct, frozen=True, kw_only=True):
     unthrottled: LossRateView
 
 
+class HeldView(msgspec.Struct, frozen=True, kw_only=True):
+    """A complete membership the removal guard holds (approve applies it, discard drops it)."""
+
+    audience: str
+    source: str  # put or files
+    received_at: float
+    members: int  # in the held snapshot
+    current: int  # the audience's members when it was judged
+    removed: int  # what applying it would remove
+    reason: str
+
+
 class AudienceView(msgspec.Struct, frozen=True, kw_only=True):
     audience: str
     name: str
@@ -355,6 +402,7 @@ class AudienceView(msgspec.Struct, frozen=True, kw_only=True):
     last_batch: LastBatchView | None = None
     last_reconcile: ReconcileView | None = None
     next_reconcile_at: float | None = None  # None: not scheduled (no list id yet, or off)
+    held_snapshot: HeldView | None = None  # held by the removal guard
 
 
 class QuotaLine(msgspec.Struct, frozen=True, kw_only=True):
@@ -444,6 +492,53 @@ class ReconcileReply(Reply, frozen=True, tag="reconcile"):
     report: ReconcileView
 
 
+class FileRunView(msgspec.Struct, frozen=True, kw_only=True):
+    """One AEP file run decided: applied, held, discarded, replaced, skipped or refused."""
+
+    audience: str
+    run: str  # the run key: the file name without part suffix and extension
+    run_time: float
+    outcome: str  # applied, held, discarded, replaced, skipped_late, skipped_duplicate, refused
+    reason: str
+    files: list[str]
+    rows: int
+    invalid: int  # rows left out: no external id, or no name or domain
+    duplicates: int
+    conflicts: int
+    added: int
+    removed: int
+    decided_at: float
+    files_deleted: bool
+
+
+class WaitingRunView(msgspec.Struct, frozen=True, kw_only=True):
+    audience: str
+    run: str
+    files: list[str]
+    reason: str  # a manifest's part missing or of the wrong size, or still being written
+    since: float
+
+
+class FilesReply(Reply, frozen=True, tag="files"):
+    directory: str | None  # None: no [ingest.files] configured
+    waiting: list[WaitingRunView]
+    held: list[HeldView]
+    runs: list[FileRunView]  # newest first
+
+
+class ApproveReply(Reply, frozen=True, tag="approve"):
+    audience: str
+    added: int
+    removed: int
+    members: int
+
+
+class DiscardReply(Reply, frozen=True, tag="discard"):
+    audience: str
+    members: int
+    removed: int
+
+
 class ReloadReply(Reply, frozen=True, tag="reload"):
     accepted: bool
     audiences: list[str]
@@ -465,6 +560,9 @@ AnyReply = (
     | RequeueReply
     | ReconcileReply
     | QuotaReply
+    | FilesReply
+    | ApproveReply
+    | DiscardReply
     | ReloadReply
     | DrainReply
 )

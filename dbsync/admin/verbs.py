@@ -18,6 +18,7 @@ answer says so.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -31,15 +32,23 @@ from dbsync import __version__
 from dbsync.actor import AudienceActor
 from dbsync.admin.protocol import (
     AnyRequest,
+    Approve,
+    ApproveReply,
     AudienceView,
     BatchView,
     DaemonView,
     DestinationView,
+    Discard,
+    DiscardReply,
     Drain,
     DrainReply,
     FaultCode,
+    FileRunView,
+    Files,
+    FilesReply,
     Flush,
     FlushReply,
+    HeldView,
     LastBatchView,
     LossEstimateView,
     Pause,
@@ -65,14 +74,18 @@ from dbsync.admin.protocol import (
     Role,
     Status,
     StatusReply,
+    WaitingRunView,
 )
 from dbsync.clock import Clock
 from dbsync.config import Config
 from dbsync.contract.record import read_records
-from dbsync.model import AudienceRecord, AudienceState
+from dbsync.files.watcher import Watcher
+from dbsync.model import AudienceRecord, AudienceState, HeldSnapshot
 from dbsync.reconcile import ReconcileDeferred, ReconcileReport
 from dbsync.store import Store
 from dbsync.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AdminFault", "Controls", "perform"]
 
@@ -102,6 +115,7 @@ class Controls:
     reload: Callable[[], Awaitable[str | None]]  # None: applied; else why it was rejected
     drain: Callable[[], None]
     draining: Callable[[], bool]
+    watcher: Watcher | None = None  # the watched folder, when [ingest.files] is set
 
 
 async def perform(controls: Controls, request: AnyRequest) -> Reply:
@@ -142,6 +156,12 @@ async def _perform(c: Controls, request: AnyRequest) -> Reply:
             return await _reconcile(c, audience)
         case Quota():
             return QuotaReply(destinations=await _destinations(c))
+        case Files(limit=limit):
+            return await _files(c, limit)
+        case Approve(audience=audience):
+            return await _approve(c, audience)
+        case Discard(audience=audience):
+            return await _discard(c, audience)
         case Drain():
             c.drain()
             return DrainReply(draining=True, drain_seconds=c.config().daemon.drain_seconds)
@@ -307,6 +327,89 @@ async def _reload(c: Controls) -> ReloadReply:
     return ReloadReply(accepted=True, audiences=c.supervisor.audience_ids())
 
 
+# --- AEP files and the removal guard ---------------------------------------------------------
+
+
+def _held(snapshot: HeldSnapshot) -> HeldView:
+    return HeldView(
+        audience=snapshot.audience_id,
+        source=snapshot.source,
+        received_at=snapshot.received_at,
+        members=snapshot.members,
+        current=snapshot.current,
+        removed=snapshot.removed,
+        reason=snapshot.reason,
+    )
+
+
+async def _files(c: Controls, limit: int) -> FilesReply:
+    waiting = c.watcher.waiting() if c.watcher is not None else []
+    return FilesReply(
+        directory=str(c.watcher.directory) if c.watcher is not None else None,
+        waiting=[
+            WaitingRunView(
+                audience=w.audience_id,
+                run=w.run_key,
+                files=list(w.files),
+                reason=w.reason,
+                since=w.since,
+            )
+            for w in waiting
+        ],
+        held=[_held(h) for h in await c.store.held_snapshots()],
+        runs=[
+            FileRunView(
+                audience=r.audience_id,
+                run=r.run_key,
+                run_time=r.run_time,
+                outcome=r.outcome,
+                reason=r.reason,
+                files=list(r.files),
+                rows=r.rows,
+                invalid=r.invalid,
+                duplicates=r.duplicates,
+                conflicts=r.conflicts,
+                added=r.added,
+                removed=r.removed,
+                decided_at=r.decided_at,
+                files_deleted=r.files_deleted,
+            )
+            for r in await c.store.file_runs(limit)
+        ],
+    )
+
+
+async def _approve(c: Controls, audience: str) -> ApproveReply:
+    await _record(c, audience)
+    outcome = await c.store.approve_snapshot(audience)
+    if outcome is None:
+        raise AdminFault(
+            FaultCode.NOTHING_HELD, f"the removal guard holds no snapshot of {audience}"
+        )
+    log.info(
+        "snapshot_approved",
+        extra={"audience": audience, "added": outcome.added, "removed": outcome.removed},
+    )
+    c.supervisor.wake([audience])
+    return ApproveReply(
+        audience=audience, added=outcome.added, removed=outcome.removed, members=outcome.members
+    )
+
+
+async def _discard(c: Controls, audience: str) -> DiscardReply:
+    await _record(c, audience)
+    dropped = await c.store.discard_snapshot(audience)
+    if dropped is None:
+        raise AdminFault(
+            FaultCode.NOTHING_HELD, f"the removal guard holds no snapshot of {audience}"
+        )
+    log.info(
+        "snapshot_discarded",
+        extra={"audience": audience, "members": dropped.members, "removed": dropped.removed},
+    )
+    return DiscardReply(audience=audience, members=dropped.members, removed=dropped.removed)
+
+
 # --- status ----------------------------------------------------------------------------------
 
 
@@ -369,6 +472,7 @@ async def _audience(
         pace = requests_per_minute
         if destination is not None:
             pace = min(pace, destination.budget.snapshot().pace_per_minute)
+    held = await c.store.held_snapshots(audience)
     open_batches = None
     if batches:
         open_batches = [
@@ -415,6 +519,7 @@ async def _audience(
         ),
         last_reconcile=_report(last_reconcile) if last_reconcile is not None else None,
         next_reconcile_at=next_reconcile_at,
+        held_snapshot=_held(held[-1]) if held else None,
     )
 
 

@@ -154,6 +154,11 @@ class Watcher:
         self._stopping.set()
 
     async def run(self) -> None:
+        try:
+            # An SFTP chroot or a bucket mirror may not exist yet: make it (mode 0750).
+            self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as exc:
+            self._failed(str(exc))  # and the polls say it again until it is fixed
         log.info(
             "files_watching",
             extra={

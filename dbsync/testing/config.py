@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -112,6 +112,9 @@ class AudienceConfig:
     max_age_seconds: float = 0.2
     requests_per_minute: int = HIGH
     paused: bool = False
+    aep_audience_id: str | None = None
+    file_mode: Literal["full", "incremental"] = "full"
+    max_removal_percent: float = 20.0
 
     @property
     def display_name(self) -> str:
@@ -131,6 +134,9 @@ class AudienceConfig:
             requests_per_minute=self.requests_per_minute,
             flush=FlushPolicy(max_records=self.max_records, max_age_seconds=self.max_age_seconds),
             paused=self.paused,
+            aep_audience_id=self.aep_audience_id,
+            file_mode=self.file_mode,
+            max_removal_percent=self.max_removal_percent,
         )
 
 

@@ -268,6 +268,7 @@ async def running_engine(
     delivery: Mapping[str, float] | None = None,
     daemon: Mapping[str, object] | None = None,
     api_key_set: ApiKeySet | None = None,
+    ingest: Mapping[str, object] | None = None,
 ) -> AsyncIterator[Engine]:
     """An emulator (``tenant``, by default :func:`fast_tenant`), then a daemon feeding it.
 
@@ -282,6 +283,7 @@ async def running_engine(
             delivery=delivery,
             daemon=daemon,
             api_key_set=api_key_set,
+            ingest=ingest,
         )
         async with running_daemon(config) as running:
             yield Engine(emulator, running, audiences)

@@ -196,10 +196,22 @@ def test_every_verb_of_interfaces_is_a_subcommand() -> None:
         "requeue",
         "reconcile",
         "quota",
+        "files",
+        "approve",
+        "discard",
         "reload",
         "drain",
     }
-    for verb in ("pause", "resume", "flush", "resync", "requeue", "reconcile"):
+    for verb in (
+        "pause",
+        "resume",
+        "flush",
+        "resync",
+        "requeue",
+        "reconcile",
+        "approve",
+        "discard",
+    ):
         with pytest.raises(msgspec.ValidationError, match="audience"):
             decode_request(msgspec.json.encode({"verb": verb}))
     for verb in ("status", "rejected"):
@@ -207,7 +219,7 @@ def test_every_verb_of_interfaces_is_a_subcommand() -> None:
         assert isinstance(request, Status | Rejected)
         assert request.audience is None
     read = {v for v, r in verbs.items() if r.role.name == "VIEWER"}
-    assert read == {"status", "rejected", "quota"}
+    assert read == {"status", "rejected", "quota", "files"}
 
 
 def test_requests_are_one_line_and_strict() -> None:
@@ -223,6 +235,7 @@ def test_each_fault_has_its_fixed_exit_code() -> None:
     assert {code.value: int(code.exit_code) for code in FaultCode} == {
         "bad_request": 2,
         "unknown_audience": 1,
+        "nothing_held": 1,
         "permission_denied": 77,
         "timeout": 75,
         "rejected_config": 78,
