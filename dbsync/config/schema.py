@@ -458,7 +458,8 @@ class Audience(_Table, frozen=True):
     max_removal_percent: Annotated[float, msgspec.Meta(ge=0, le=100)] = 20.0
     """The removal guard, for every complete membership (PUT snapshots and full
     files): one that would remove more than this share of the audience's members, or
-    empty it, is held until ``dbsync ctl approve`` (or dropped by ``discard``)."""
+    empty it, is held until ``dbsync ctl approve`` (or dropped by ``discard``). 100
+    turns the guard off."""
 
     def __post_init__(self) -> None:
         if not self.list_name:

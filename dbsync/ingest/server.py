@@ -39,7 +39,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, overload
 
 import msgspec
 from aiohttp import web
@@ -318,12 +318,14 @@ class IngestServer:
         if audience_id not in self._active():
             raise Rejected(404, f"audience {audience_id!r} is not activated", "audience_id")
         media = self._media(request, _CSV | _NDJSON | _JSON)
-        body = await self._read(request)
+        bodies = [await self._read(request, in_place=True)]
 
         async def rows() -> AsyncIterator[list[SnapshotRow]]:
             # Parsed and staged a chunk at a time: the membership never sits whole in
             # Python, and a row refused half-way drops what was staged (400, nothing
-            # applied).
+            # applied). The body is this generator's alone, so that it is freed once read,
+            # before the store judges the snapshot, not when the handler returns.
+            body = bodies.pop()
             async for chunk in snapshot_chunks(body, media):
                 yield [(a.external_id, a.name, a.domain, 1, None) for a in chunk]
 
@@ -435,7 +437,16 @@ class IngestServer:
             )
         return media
 
-    async def _read(self, request: web.Request) -> bytes:
+    @overload
+    async def _read(self, request: web.Request, *, in_place: Literal[False] = False) -> bytes: ...
+
+    @overload
+    async def _read(self, request: web.Request, *, in_place: Literal[True]) -> bytearray: ...
+
+    async def _read(self, request: web.Request, *, in_place: bool = False) -> bytes | bytearray:
+        """The request's body, within the limits. ``in_place``: gathered in one buffer
+        rather than as aiohttp does it (its chunks, then a copy of them joined), so that
+        a large snapshot is held once, not twice, at its peak."""
         length = request.content_length
         if length is not None and length > self._max_body_bytes:
             raise Rejected(
@@ -455,7 +466,16 @@ class IngestServer:
         request[_RESERVED] = reserved
         try:
             async with asyncio.timeout(self._body_timeout_seconds):
-                return await request.read()
+                if not in_place:
+                    return await request.read()
+                body = bytearray()
+                async for chunk in request.content.iter_any():
+                    body += chunk
+                    if len(body) > self._max_body_bytes:
+                        raise web.HTTPRequestEntityTooLarge(
+                            max_size=self._max_body_bytes, actual_size=len(body)
+                        )
+                return body
         except web.HTTPRequestEntityTooLarge:  # a chunked body, past client_max_size
             raise Rejected(
                 413, f"the body exceeds the limit of {self._max_body_bytes} bytes", "body"

@@ -188,11 +188,17 @@ class Store:
         ``run``, called once the chunks are read, is the AEP file run they came from: it
         is recorded in the transaction that applies (or holds) them.
         """
+        # The first chunk before anything is written: input refused at once (a bad row
+        # of a small body) leaves the store untouched, not even a dropped snapshot.
+        iterator = aiter(chunks)
+        first = await anext(iterator, None)
         snapshot_id = await snapshots.begin(
             self._engine, audience_id, source=source, mode=mode, ts=self._engine.now()
         )
         try:
-            async for chunk in chunks:
+            if first is not None:
+                await snapshots.stage(self._engine, snapshot_id, first)
+            async for chunk in iterator:
                 await snapshots.stage(self._engine, snapshot_id, chunk)
         except BaseException:
             # Shielded: a cancelled sender must not leave its rows behind either.

@@ -261,14 +261,16 @@ def _judge(
     else:
         removed, added, unchanged = leaving, members - kept, kept
     state, reason = "applied", ""
-    if mode == "full" and max_removal_percent is not None and current > 0:
+    # 100 turns the guard off: no snapshot removes more than all, and emptying is "all".
+    limit = max_removal_percent if mode == "full" and current > 0 else None
+    if limit is not None and limit < 100:
         if members == 0:
             state, reason = "held", f"empty while the audience has {current} members"
-        elif removed * 100 > max_removal_percent * current:
+        elif removed * 100 > limit * current:
             state = "held"
             reason = (
                 f"would remove {removed} of {current} members"
-                f" ({removed * 100 / current:.1f}% > max_removal_percent {max_removal_percent:g})"
+                f" ({removed * 100 / current:.1f}% > max_removal_percent {limit:g})"
             )
     return SnapshotOutcome(
         snapshot_id=snapshot_id,

@@ -42,6 +42,7 @@ from pathlib import Path
 import aiohttp
 
 from dbsync import testing
+from dbsync.config.schema import FileIngestSettings
 from dbsync.demandbase.csvfile import encode_accounts
 from dbsync.demandbase.emulator import Emulator, EmulatorSettings, Faults
 from dbsync.model import Account
@@ -93,6 +94,8 @@ def write_config(
     ingest_port: int,
     max_records: int = 20,
     max_age_seconds: float = 0.1,
+    files: Path | None = None,
+    aep_audience_ids: dict[str, str] | None = None,
 ) -> None:
     """The daemon's config.toml at ``path``: state beside it, small fast batches, one
     ingest port for every daemon of a scenario, warnings only."""
@@ -106,12 +109,18 @@ def write_config(
                 list_name=list_name,
                 max_records=max_records,
                 max_age_seconds=max_age_seconds,
+                # The guard off: the scenarios send random snapshots, and are about kills.
+                max_removal_percent=100,
+                aep_audience_id=(aep_audience_ids or {}).get(audience_id),
             )
             for audience_id, list_name in AUDIENCES
         ],
         token=token,
         daemon={"drain_seconds": DRAIN_SECONDS},
-        ingest={"port": ingest_port},
+        ingest={
+            "port": ingest_port,
+            **({"files": FileIngestSettings(directory=files, poll_seconds=0.1)} if files else {}),
+        },
         logging={"level": "warning", "format": "json"},
         limits={"concurrent_import_jobs": 10},
         delivery={"max_jobs_in_flight_per_audience": 3},

@@ -4,7 +4,7 @@ A smoke test, not a timed one: it never asserts a speed, nor that a target was m
 benchmark reports a missed target in its line and still exits 0). It asserts that each
 script exits 0 and that the last line on its stdout decodes as one JSON object naming the
 benchmark, with the figures the README records and values that make sense for the
-quick sizes (counts equal to what was sent, rates and times positive). The ten
+quick sizes (counts equal to what was sent, rates and times positive). The eleven
 scripts run at once, each in its own process, so that the whole takes as long as the
 slowest (the budget's two emulated days).
 """
@@ -32,8 +32,9 @@ BENCHMARKS = [
     "latency",
     "readback",
     "ingest_memory",
+    "files",
 ]
-# Ten benchmarks at once on two shared cores: the bound only catches a hang.
+# Eleven benchmarks at once on two shared cores: the bound only catches a hang.
 TIMEOUT_SECONDS = 300
 pytestmark = pytest.mark.timeout(TIMEOUT_SECONDS + 60)
 
@@ -167,3 +168,11 @@ def test_readback(outputs: dict[str, tuple[int, str, str]]) -> None:
     assert line["judge_seconds"] > 0
     assert line["ingest_commit_idle_p50_ms"] > 0
     assert line["ingest_commits_during"] >= 1
+
+
+def test_files(outputs: dict[str, tuple[int, str, str]]) -> None:
+    line = figures(outputs, "files")
+    assert (line["rows"], line["exit_code"]) == (20_000, 0)
+    assert 0 < line["applied_seconds"] <= line["folded_seconds"]
+    assert line["applied_rows_per_second"] > 0
+    assert line["rss_before_mb"] <= line["peak_rss_mb"]

@@ -120,9 +120,7 @@ async def test_removing_exactly_the_limit_applies(store: Store) -> None:
 
 async def test_an_empty_snapshot_of_a_non_empty_audience_is_held(store: Store) -> None:
     await seed(store, "AB")
-    outcome = await store.apply_snapshot(
-        AUDIENCE, chunks(), source="files", max_removal_percent=100
-    )
+    outcome = await store.apply_snapshot(AUDIENCE, chunks(), source="files", max_removal_percent=99)
     assert outcome.state == "held"
     assert outcome.reason == "empty while the audience has 2 members"
 
@@ -288,3 +286,9 @@ async def test_a_snapshot_staged_before_a_crash_is_dropped_at_open(tmp_path: Pat
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM snapshot_rows").fetchone()[0] == 0
         assert db.execute("SELECT state FROM snapshots").fetchone()[0] == "dropped"
+
+
+async def test_a_limit_of_100_turns_the_guard_off(store: Store) -> None:
+    await seed(store, "ABC")
+    outcome = await store.apply_snapshot(AUDIENCE, chunks(), source="put", max_removal_percent=100)
+    assert (outcome.state, outcome.removed) == ("applied", 3)
