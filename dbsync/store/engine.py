@@ -58,8 +58,11 @@ _UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.E
 # The writer's page cache, KiB. The fold walks ``membership`` in key order a chunk at
 # a time; with its pages cached, each chunk reads from memory what the previous ones
 # brought in, instead of the default 2 MiB cache evicting them between two rows. A
-# ceiling, not an allocation: SQLite grows the cache only as pages are read.
-_WRITER_CACHE_KIB = 262_144
+# ceiling, not an allocation: SQLite grows the cache only as pages are read, and then
+# keeps them, so the ceiling is also most of the daemon's resident memory once a large
+# snapshot or AEP run went through: 128 MiB keeps a 5,000,000-row run under 300 MB
+# (256 MiB peaked at 364 MB, and folded it no faster: bench/README.md, files).
+_WRITER_CACHE_KIB = 131_072
 
 # The state directory, when the store creates it, and the SQLite files: the daemon's.
 _DIRECTORY_MODE = 0o700
