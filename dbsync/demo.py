@@ -1,14 +1,17 @@
 """``dbsync demo``: the emulator, the daemon and a synthetic feed, in one command.
 
 It starts the bundled Demandbase emulator and a real daemon on loopback (temporary
-state directory, real SQLite, real HTTP), then feeds three audiences the three ways
-a CDP can: native NDJSON changes, Adobe Experience Platform profile exports, and a
-full CSV snapshot; then removals the same three ways. Meanwhile the emulator answers a
-storm of 429s and silently drops 5% of the rows of completed import jobs; the
-reconciler (short visibility lag and interval) reads the lists back, finds the losses
-and sends them again. A few accounts are unknown to the tenant on purpose: Demandbase
-ignores rows that match no account, and the reconciler sets them aside as unmatched
-after its repair limit; the report names them instead of hiding them.
+state directory, real SQLite, real HTTP), then feeds three audiences the three ways a
+CDP can: native NDJSON changes, Adobe Experience Platform profile exports, and a full
+CSV snapshot; then removals the same three ways. A fourth audience is fed as a real
+AEP customer feeds dbsync: two daily full exports (CSV with Adobe's headers and a
+manifest) written into the watched folder, the second dropping a fifth of the first.
+Meanwhile the emulator answers a storm of 429s and silently drops 5% of the rows of
+completed import jobs; the reconciler (short visibility lag and interval) reads the
+lists back, finds the losses and sends them again. A few accounts are unknown to the
+tenant on purpose: Demandbase ignores rows that match no account, and the reconciler
+sets them aside as unmatched after its repair limit; the report names them instead of
+hiding them.
 
 A progress table per audience (pending, in flight, exported, acknowledged, verified,
 lost, repaired, rejected, 429s) is printed every 1.5 s: rewritten in place on a
@@ -36,6 +39,7 @@ from pathlib import Path
 import msgspec
 
 from dbsync import logs
+from dbsync.config.schema import FileIngestSettings
 from dbsync.demandbase.emulator import EmulatorSettings
 from dbsync.model import Account, Backlog, LedgerCheck, RejectReason
 from dbsync.testing import (
@@ -49,6 +53,7 @@ from dbsync.testing import (
     strangers,
     write_config,
 )
+from dbsync.testing.aepfiles import epoch, write_export
 
 __all__ = ["run"]
 
@@ -56,7 +61,9 @@ _AUDIENCES = (
     ("demo-emea", "High-intent EMEA accounts", "native NDJSON changes"),
     ("demo-aep", "Open opportunities, North America", "AEP profile exports"),
     ("demo-snapshot", "Expansion targets", "full CSV snapshots"),
+    ("demo-files", "Renewals", "AEP file exports"),
 )
+_AEP_AUDIENCE_ID = "4f8e2b1c-9d3a-4e5f-8a7b-6c5d4e3f2a1b"  # demo-files' UUID in AEP
 _STRANGERS = 5  # accounts only the CDP knows, fed to the first audience
 _DROP_RATIO = 0.05  # share of completed import rows the emulator silently leaves out
 _STORM_429S = 6  # Demandbase requests answered 429 once delivery starts
@@ -100,7 +107,14 @@ _TABLES: dict[str, dict[str, object]] = {
     },
 }
 _CONFIGS = [
-    AudienceConfig(audience_id, name, max_records=250, max_age_seconds=0.5, requests_per_minute=60)
+    AudienceConfig(
+        audience_id,
+        name,
+        max_records=250,
+        max_age_seconds=0.5,
+        requests_per_minute=60,
+        aep_audience_id=_AEP_AUDIENCE_ID if audience_id == "demo-files" else None,
+    )
     for audience_id, name, _ in _AUDIENCES
 ]
 
@@ -109,7 +123,7 @@ async def _demo(per_audience: int, seed: int, timeout_seconds: float) -> int:
     rng = random.Random(seed)
     started = time.monotonic()
     settings = EmulatorSettings(
-        accounts=max(10_000, per_audience * 4),
+        accounts=max(10_000, per_audience * 5),
         seed=seed,
         job_delay_seconds=0.3,
         day_seconds=_DAY_SECONDS,
@@ -130,6 +144,11 @@ async def _demo(per_audience: int, seed: int, timeout_seconds: float) -> int:
                 limits=_TABLES["limits"],
                 delivery=_TABLES["delivery"],
                 reconcile=_TABLES["reconcile"],
+                ingest={
+                    "files": FileIngestSettings(
+                        directory=Path(tmp) / "inbox", poll_seconds=0.5, settle_seconds=1.0
+                    )
+                },
             )
             try:
                 async with running_daemon(config, check_exit=False, ready_timeout=60.0) as daemon:
@@ -151,8 +170,8 @@ async def _run(
     engine: Engine, per_audience: int, rng: random.Random, started: float, timeout_seconds: float
 ) -> tuple[dict[str, set[str]], set[str], _State]:
     """Storm, feed, watch: the desired members, the accounts the tenant knows, the last look."""
-    # Three pools, and newcomers for the second snapshot.
-    tenant = await engine.tenant_accounts(per_audience * 3 + per_audience // 10)
+    # Four pools, and newcomers for the second snapshot and the second file.
+    tenant = await engine.tenant_accounts(per_audience * 4 + 2 * (per_audience // 10))
     storm = {"drop_ratio": _DROP_RATIO, "status_storm": {"status": 429, "count": _STORM_429S}}
     answer = await engine.emulator.set_faults(storm)
     if answer.status != 200:
@@ -172,8 +191,12 @@ async def _feed(
 ) -> dict[str, set[str]]:
     """Send adds then removes, three ways; return the desired members per audience."""
     cdp = engine.cdp
-    (emea, _, _), (aep, _, _), (snapshot, _, _) = _AUDIENCES
-    pools = [tenant[i * per_audience : (i + 1) * per_audience] for i in range(3)]
+    (emea, _, _), (aep, _, _), (snapshot, _, _), (files, _, _) = _AUDIENCES
+    pools = [tenant[i * per_audience : (i + 1) * per_audience] for i in range(4)]
+    config = engine.daemon.config
+    assert config is not None
+    assert config.ingest.files is not None
+    inbox = config.ingest.files.directory
     now = time.time()
 
     def profiles(accounts: list[Account], status: str, ts: float) -> list[dict[str, object]]:
@@ -191,14 +214,29 @@ async def _feed(
     await cdp.changes([(emea, a, False) for a in leaving], ts=now + 1)
     exiting = rng.sample(pools[1], per_audience // 5)
     await cdp.aep(profiles(exiting, "exited", now + 1))
-    kept = rng.sample(pools[2], per_audience - per_audience // 4)
-    newcomers = tenant[3 * per_audience : 3 * per_audience + per_audience // 10]
+    # A fifth at most: more would be held by the removal guard (max_removal_percent).
+    kept = rng.sample(pools[2], per_audience - per_audience // 5)
+    newcomers = tenant[4 * per_audience : 4 * per_audience + per_audience // 10]
     await cdp.snapshot(snapshot, [*kept, *newcomers])
+
+    # Two daily full exports at once: the watcher applies them oldest first.
+    def rows(accounts: list[Account]) -> list[tuple[str, str, str, str | None]]:
+        return [(a.external_id, a.name, a.domain, "realized") for a in accounts]
+
+    write_export(inbox, _AEP_AUDIENCE_ID, rows(pools[3]), when=epoch(2026, 12, 1), manifest=True)
+    renewing = rng.sample(pools[3], per_audience - per_audience // 5)
+    more = tenant[
+        4 * per_audience + per_audience // 10 : 4 * per_audience + 2 * (per_audience // 10)
+    ]
+    write_export(
+        inbox, _AEP_AUDIENCE_ID, rows([*renewing, *more]), when=epoch(2026, 12, 2), manifest=True
+    )
 
     return {
         emea: {a.external_id for a in emea_members} - {a.external_id for a in leaving},
         aep: {a.external_id for a in pools[1]} - {a.external_id for a in exiting},
         snapshot: {a.external_id for a in [*kept, *newcomers]},
+        files: {a.external_id for a in [*renewing, *more]},
     }
 
 

@@ -19,7 +19,8 @@ def dbsync(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[st
 
 
 def test_the_demo_delivers_every_audience_through_429s_and_drops_and_exits_0() -> None:
-    """1. dbsync demo: emulator, daemon, NDJSON + AEP + CSV feeds, then removals, under
+    """1. dbsync demo: emulator, daemon, NDJSON + AEP + CSV feeds and AEP files in the
+       watched folder, then removals, under
     a 429 storm and 5% silent row loss that read-backs find and repair.
     Result: exit 0, every audience's list matches its desired state, and the 429s and
     the losses really happened (the test fails if either stops being injected)."""
@@ -28,8 +29,9 @@ def test_the_demo_delivers_every_audience_through_429s_and_drops_and_exits_0() -
     lines = result.stdout.splitlines()
     header = max(i for i, line in enumerate(lines) if line.endswith("verdict"))
     rows = [line for line in lines[header + 1 :] if line.startswith("demo-")]
-    assert len(rows) == 3, result.stdout
+    assert len(rows) == 4, result.stdout
     assert all(line.endswith("matches") for line in rows), result.stdout
+    assert any("AEP file exports" in line for line in rows), result.stdout
     assert "progress at" in result.stdout
     summary = re.search(
         r"met (\d+) answers 429 while delivering; read-backs found (\d+) rows lost"
