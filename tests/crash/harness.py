@@ -296,10 +296,13 @@ class DesiredState:
     def apply(self, request: IngestRequest) -> int:
         """Apply an accepted request; the journal rows it makes (the ledger's ``received``)."""
         if request.snapshot is not None:
+            # Only the difference becomes journal rows: members it keeps (same name and
+            # domain: the pool's accounts never change) are not appended again.
             audience, wanted = request.snapshot
             removed = self.members[audience] - wanted
+            added = wanted - self.members[audience]
             self.members[audience] = set(wanted)
-            return len(wanted) + len(removed)
+            return len(added) + len(removed)
         for audience, external_id, member in request.changes:
             if member:
                 self.members[audience].add(external_id)
@@ -386,12 +389,10 @@ class Cdp:
             )
             self.received_min[audience] += own
             self.received_max[audience] += own
-            if resent:
-                # The first send may have been committed too; then, against the same
-                # state, it made these rows (a snapshot: its members, nothing removed).
-                self.received_max[audience] += (
-                    len(request.snapshot[1]) if request.snapshot is not None else own
-                )
+            if resent and request.snapshot is None:
+                # The first send may have been committed too, and counted. (A snapshot
+                # sent again finds the state it makes: no difference, no rows.)
+                self.received_max[audience] += own
 
 
 async def _chunks(body: bytes, pause_seconds: float) -> AsyncIterator[bytes]:

@@ -14,8 +14,9 @@ from dbsync.testing import AudienceConfig, aep_profile, running_engine, stranger
 
 NATIVE = AudienceConfig("e2e-native", "High-intent EMEA accounts", max_records=25)
 AEP = AudienceConfig("e2e-aep", "Open opportunities, North America", max_records=25)
-CSV = AudienceConfig("e2e-csv", "Expansion targets", max_records=25)
-NDJSON = AudienceConfig("e2e-ndjson", "Renewals at risk", max_records=25)
+# The snapshots below remove most of their audiences on purpose: the guard off.
+CSV = AudienceConfig("e2e-csv", "Expansion targets", max_records=25, max_removal_percent=100)
+NDJSON = AudienceConfig("e2e-ndjson", "Renewals at risk", max_records=25, max_removal_percent=100)
 NOT_ACTIVATED = "segment-activated-elsewhere"
 
 
