@@ -39,6 +39,7 @@ import msgspec
 
 from dbsync.clock import Clock
 from dbsync.config.schema import FileColumns, FileIngestSettings
+from dbsync.errors import StoreError
 from dbsync.files.formats import FileRefused, ReadCounts, Row, read_file
 from dbsync.files.manifest import ManifestError, parse_manifest
 from dbsync.files.names import FileName, is_manifest, parse_name
@@ -192,13 +193,16 @@ class Watcher:
         for run in sorted(runs, key=lambda r: (r.audience.audience_id, _time(r), r.run_key)):
             if self._stopping.is_set():
                 break
+            # A file that cannot be read now, or a store that cannot commit (a full disk):
+            # nothing of the run was applied, and the next poll tries it again. Neither
+            # may end the daemon.
             try:
                 await self._consider(run)
-            except OSError as exc:
+            except (OSError, StoreError) as exc:
                 self._failed(f"{run.run_key}: {exc}")
         try:
             await self._clean()
-        except OSError as exc:
+        except (OSError, StoreError) as exc:
             self._failed(str(exc))
         self.polls += 1
 

@@ -35,6 +35,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Se
 from pathlib import Path
 
 from dbsync.clock import Clock
+from dbsync.errors import StoreError
 from dbsync.model import (
     Account,
     AudienceRecord,
@@ -193,16 +194,23 @@ class Store:
         iterator = aiter(chunks)
         first = await anext(iterator, None)
         snapshot_id = await snapshots.begin(
-            self._engine, audience_id, source=source, mode=mode, ts=self._engine.now()
+            self._engine,
+            audience_id,
+            first or (),
+            source=source,
+            mode=mode,
+            ts=self._engine.now(),
         )
         try:
-            if first is not None:
-                await snapshots.stage(self._engine, snapshot_id, first)
             async for chunk in iterator:
                 await snapshots.stage(self._engine, snapshot_id, chunk)
-        except BaseException:
-            # Shielded: a cancelled sender must not leave its rows behind either.
-            await asyncio.shield(snapshots.drop(self._engine, snapshot_id))
+        except BaseException as exc:
+            # A store refusing writes keeps what it staged until the next start drops
+            # it: a drop now would be a write that succeeds (it frees pages) and would
+            # declare the disk usable again.
+            if not (isinstance(exc, StoreError) and exc.unwritable):
+                # Shielded: a cancelled sender must not leave its rows behind either.
+                await asyncio.shield(snapshots.drop(self._engine, snapshot_id))
             raise
         outcome, folded = await snapshots.finish(
             self._engine,

@@ -93,8 +93,20 @@ async def drop_unfinished(engine: Engine) -> int:
     return await engine.transaction(work)
 
 
-async def begin(engine: Engine, audience_id: str, *, source: str, mode: str, ts: float) -> int:
-    """Open a snapshot of ``audience_id`` to stage rows into; its id."""
+async def begin(
+    engine: Engine,
+    audience_id: str,
+    rows: Sequence[SnapshotRow],
+    *,
+    source: str,
+    mode: str,
+    ts: float,
+) -> int:
+    """Open a snapshot of ``audience_id`` with its first ``rows``, in one transaction; its id.
+
+    One transaction, so that a store refusing writes (a full disk) is left untouched by
+    a snapshot it cannot take, not with an empty one to drop.
+    """
 
     def work(db: sqlite3.Connection) -> int:
         cursor = db.execute(
@@ -102,7 +114,9 @@ async def begin(engine: Engine, audience_id: str, *, source: str, mode: str, ts:
             " VALUES (?, ?, ?, 'staging', ?)",
             (audience_id, source, mode, ts),
         )
-        return int(cursor.lastrowid or 0)
+        snapshot_id = int(cursor.lastrowid or 0)
+        db.executemany(_STAGE, [(snapshot_id, *row) for row in rows])
+        return snapshot_id
 
     return await engine.transaction(work)
 

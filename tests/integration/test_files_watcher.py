@@ -314,3 +314,22 @@ async def test_run_polls_until_stopped(
     watcher.stop()
     await task
     assert await members(store) == {"A", "B"}
+
+
+async def test_a_store_that_cannot_commit_is_retried_at_the_next_poll(
+    store: Store, watcher: Watcher, inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dbsync.errors import StoreError
+
+    write_export(inbox, AEP_ID, accounts("AB"), when=DAY1, manifest=True)
+    real = store.apply_snapshot
+
+    async def full_disk(*args: object, **kwargs: object) -> object:
+        raise StoreError("database or disk is full")
+
+    monkeypatch.setattr(store, "apply_snapshot", full_disk)
+    await watcher.poll()
+    assert await outcomes(store) == []
+    monkeypatch.setattr(store, "apply_snapshot", real)
+    await watcher.poll()
+    assert await outcomes(store) == [("20261201_010000", "applied")]
