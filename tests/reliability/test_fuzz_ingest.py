@@ -372,7 +372,11 @@ class Wire:
                 if status == 202:
                     return
             else:
-                writer.write(head + body[: framed.truncate_at])
+                # Cut short of the declared length: truncate_at was drawn against the
+                # uncompressed body, and a compressed one may be shorter than it. Sent
+                # whole, the request would be complete and might be taken (202) or
+                # cancelled by the hang-up, as the timing falls.
+                writer.write(head + body[: min(framed.truncate_at, len(body) - 1)])
                 await writer.drain()
         finally:
             writer.close()
