@@ -118,9 +118,10 @@ class ChunkDecision(msgspec.Struct, kw_only=True):
 
     Keys are external ids. ``cleared``: a verdict was given (verified) or the account
     was seen right again, so its awaited acknowledgment and its repairs are cleared.
-    ``batch_verified`` and ``batch_lost`` count verdicts by the batch whose
-    acknowledgment they judge. ``unmatched`` and ``not_removable`` pair each account
-    set aside with the repairs it had.
+    ``batch_verified`` and ``batch_lost`` count verdicts by the batch whose acknowledgment
+    they judge; an account already lost once (repairs) and still missing is not counted on
+    its batch again, so the loss estimate counts each loss once. ``unmatched`` and
+    ``not_removable`` pair each account set aside with the repairs it had.
     """
 
     expected: int = 0
@@ -185,7 +186,9 @@ def judge_chunk(
                 continue
             cause = LossCause.NOT_REMOVED
         lost[cause] = lost.get(cause, 0) + 1
-        if ack is not None:
+        if ack is not None and not repairs:
+            # One loss, one count in the estimate: a repair still missing is the same
+            # loss (an account Demandbase cannot match would count at every read-back).
             batch_lost[ack] = batch_lost.get(ack, 0) + 1
         if repairs >= repair_limit:
             ours = Account(external_id=key, name=name, domain=domain)

@@ -1,9 +1,12 @@
 """Loss rates: how many accounts a destination loses per thousand sent, throttled or not.
 
-Each completed batch is marked *throttled* when a 429 was met by its destination while
-it was open; the read-backs' verdicts are counted on the batch whose acknowledgment
-they judge. Comparing the two rates says whether throttling causes the losses (what
-Adobe's documentation calls data that "never reaches Demandbase").
+Each completed batch is marked *throttled* when a 429 was met by its destination while it
+was open; the read-backs' verdicts are counted on the batch whose acknowledgment they judge.
+An account counts as lost once per loss: a repair that a later read-back still misses is the
+same loss (an account Demandbase cannot match would otherwise count at every read-back until
+it is set aside, and the rate would grow with the read-backs), so it is neither judged nor
+lost again on its batch. Comparing the two rates says whether throttling causes the losses
+(what Adobe's documentation calls data that "never reaches Demandbase").
 """
 
 from __future__ import annotations

@@ -35,6 +35,14 @@ DROP_RATIO = 0.05
 TIMEOUT = 20.0
 
 
+def losses(engine: Engine) -> int:
+    """Accounts dropped, once per (list, action, account): a dropped repair is the same loss."""
+    jobs = engine.emulator.emulator.tenant.import_jobs
+    return len(
+        {(job.data_import_name, job.list_action, key) for job in jobs for key in job.dropped}
+    )
+
+
 def dropped(engine: Engine) -> Counter[tuple[str, str | None]]:
     """Rows the emulator dropped, by (list name, list action)."""
     jobs = engine.emulator.emulator.tenant.import_jobs
@@ -69,11 +77,11 @@ async def test_dropped_rows_are_counted_lost_and_repaired_until_lists_equal_desi
     2. 150 members for each of 3 audiences; wait for a read-back that verifies them all.
     3. 50 of each are removed; wait again.
     Result: the emulator dropped rows of both inserts and deletes; for each audience the
-    ledger counts exactly the dropped inserts as lost ``dropped`` and the dropped
-    deletes as ``not_removed``, every one repaired, none set aside; every list equals
-    desired state; every sum of the ledger balances; the loss estimate's rate is those
-    losses per thousand judged rows; ``loss_detected`` warned. The same when each
-    read-back judges its 150 accounts 16 at a time, between deliveries."""
+    ledger counts exactly the dropped inserts as lost ``dropped`` and the dropped deletes as
+    ``not_removed``, every one repaired, none set aside; every list equals desired state;
+    every sum of the ledger balances; the loss estimate counts each dropped account once (a
+    dropped repair is the same loss) per thousand judged rows; ``loss_detected`` warned. The
+    same when each read-back judges its 150 accounts 16 at a time, between deliveries."""
     monkeypatch.setattr("dbsync.store.readback.JUDGE_CHUNK_ROWS", chunk_rows)
     async with running_reconcile_engine(
         tmp_path,
@@ -133,11 +141,11 @@ async def test_dropped_rows_are_counted_lost_and_repaired_until_lists_equal_desi
 
         estimate = await engine.supervisor.loss_estimate("emulator")
         assert estimate is not None
-        assert estimate.overall.lost == lost_in_all
+        assert estimate.overall.lost == losses(engine) <= lost_in_all
         assert estimate.overall.judged > 0
         assert estimate.overall.lost_per_thousand is not None
         assert estimate.overall.lost_per_thousand == pytest.approx(
-            1000 * lost_in_all / estimate.overall.judged, abs=0.001
+            1000 * losses(engine) / estimate.overall.judged, abs=0.001
         )
         print(
             f"\nrows dropped by the emulator {dict(drops)};"

@@ -296,3 +296,26 @@ async def test_a_judgment_cut_by_a_crash_resumes_where_it_stopped(
     assert (
         await store.apply_readback(run.run_id, listed, judged_before=CUTOFF, repair_limit=3) is None
     )
+
+
+async def test_an_unmatched_account_counts_as_lost_once_however_many_read_backs_miss_it(
+    store: Store,
+) -> None:
+    """20 accounts, 10 of them never listed (Demandbase matches none of them); repair
+    limit 3, so four read-backs miss each of the 10 before it is set aside. The loss
+    estimate counts each of them lost once: the rate after the fourth read-back is the
+    rate after the first (500 per thousand), not 10 + 30 losses over 20 + 30 judged."""
+    keys = [f"K{i:02}" for i in range(20)]
+    listed = [account(k) for k in keys[:10]]
+    await apply(store, [change(k, True) for k in keys])
+    rates = []
+    for _ in range(4):
+        await deliver(store, ListAction.INSERT)
+        await read_back(store, listed, repair_limit=3)
+        [tally] = await store.loss_tallies("d")
+        rates.append(1000 * tally.lost / (tally.verified + tally.lost))
+    assert rates == [500.0] * 4
+    assert len(await store.rejected(AUDIENCE)) == 10
+    check = await store.ledger_check(AUDIENCE)
+    assert check.balanced, check
+    assert check.counts.lost == 40, "the ledger still counts every verdict"
