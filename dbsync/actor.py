@@ -53,8 +53,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
 import msgspec
@@ -120,6 +121,9 @@ class ActorSettings(msgspec.Struct, frozen=True, kw_only=True):
     # How long a job may stay in a state dbsync does not know before it counts as failed.
     unknown_state_deadline_seconds: float = UNKNOWN_STATE_DEADLINE_SECONDS
     paused: bool = False
+    # Seconds after which an account set aside as unmatched is sent again, one per
+    # try, the last repeating (``retry_unmatched_days`` in days of ``day_seconds``).
+    retry_delays: tuple[float, ...] = ()
 
 
 class DeliveryStore(TriageStore, Protocol):
@@ -136,6 +140,10 @@ class DeliveryStore(TriageStore, Protocol):
     async def fail_batch(self, batch_id: int, reason: str) -> None: ...
     async def abandon_batch(self, batch_id: int, reason: str) -> None: ...
     async def resync(self, audience_id: str) -> int: ...
+    async def retry_due_in(self, audience_id: str, delays: Sequence[float]) -> float: ...
+    async def release_retries(
+        self, audience_id: str, delays: Sequence[float], max_rows: int
+    ) -> int: ...
     async def add_to_ledger(self, audience_id: str, **deltas: int) -> None: ...
     async def set_audience_state(
         self, audience_id: str, state: AudienceState, reason: str = ""
@@ -200,6 +208,9 @@ class AudienceActor:
         self._triage = Triage(store, self._send, self._log)
         # Monotonic time before which nothing new is sent (after a 409, 413 or 415).
         self._held_until = 0.0
+        # The delivery that carries set-aside accounts tried again: it asks the budget
+        # with the lowest priority, so it spends only what no other batch waits for.
+        self._retry_task: asyncio.Task[None] | None = None
 
     # --- control (called by the supervisor and the admin socket) ---------------------
 
@@ -298,6 +309,15 @@ class AudienceActor:
                     await self._wait(held)
                     continue
                 delay = await self._due_in()
+                if delay == float("inf") and not self._deliveries and self.settings.retry_delays:
+                    # Nothing else to send: the set-aside accounts whose retry is due.
+                    delay = await self._store.retry_due_in(
+                        self.settings.audience_id, self.settings.retry_delays
+                    )
+                    if delay <= 0:
+                        self._spawn(deliveries, self._retry_next(), "retry")
+                        await asyncio.sleep(0)
+                        continue
                 most = self.settings.max_jobs_in_flight if self._list_settled else 1
                 if delay > 0 or len(self._deliveries) >= most:
                     await self._wait(delay if delay > 0 else None)
@@ -351,8 +371,39 @@ class AudienceActor:
     # --- one delivery ----------------------------------------------------------------
 
     def _priority(self) -> float:
-        """The destination serves the audience whose backlog is oldest first."""
+        """The destination serves the audience whose backlog is oldest first; set-aside
+        accounts tried again come after every other batch."""
+        if self._retry_task is not None and asyncio.current_task() is self._retry_task:
+            return math.inf
         return self._backlog.oldest_changed_at or self._clock.time()
+
+    async def _retry_next(self) -> None:
+        """Send again the set-aside accounts whose retry is due, with the quota and the
+        job slot that no other batch of the destination waits for."""
+        self._retry_task = asyncio.current_task()
+        await self._destination.wait_running(self._clock)
+        async with self._destination.budget.job(priority=math.inf):
+            task = asyncio.current_task()
+            assert task is not None
+            self._carrying.add(task)
+            if self._stopping.is_set() or self.contract_breach or self._paused:
+                return
+            released = await self._store.release_retries(
+                self.settings.audience_id, self.settings.retry_delays, self.settings.max_records
+            )
+            if not released:
+                return
+            self._log.info("unmatched_retried", extra={"accounts": released})
+            batch = await self._store.plan_batch(
+                self.settings.audience_id, ListAction.INSERT, self.settings.max_records
+            )
+            if batch is None:
+                return
+            self._log.info(
+                "batch_planned",
+                extra={"batch_id": batch.batch_id, "action": "insert", "rows": len(batch.accounts)},
+            )
+            await self._send(batch)
 
     async def _deliver_next(self) -> None:
         await self._destination.wait_running(self._clock)

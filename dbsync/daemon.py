@@ -112,6 +112,10 @@ def build_plans(config: Config, credentials: dict[str, Credentials]) -> list[Des
                         job_poll_initial_seconds=delivery.job_poll_initial_seconds,
                         job_poll_max_seconds=delivery.job_poll_max_seconds,
                         paused=audience.paused,
+                        retry_delays=tuple(
+                            days * limits.day_seconds
+                            for days in destination.reconcile.retry_unmatched_days
+                        ),
                     )
                     for audience in destination.audiences
                 ),

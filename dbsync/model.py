@@ -131,6 +131,7 @@ class LedgerCounts(msgspec.Struct, frozen=True, kw_only=True):
     failed        rows of jobs Demandbase failed (sent again)
     rejected      rows set aside with a reason (``rejected_by_reason``)
     requeued      rejected rows put back by the operator
+    retried       rows set aside as unmatched, sent again on their retry schedule
     verified      acknowledged rows that a read-back found as acknowledged (each
                   acknowledgment is judged once: verified, lost or overtaken)
     lost          rows a read-back found wrong (``lost_by_cause``); each is repaired or,
@@ -158,6 +159,7 @@ class LedgerCounts(msgspec.Struct, frozen=True, kw_only=True):
     failed: int = 0
     rejected: int = 0
     requeued: int = 0
+    retried: int = 0
     verified: int = 0
     lost: int = 0
     repaired: int = 0
@@ -269,6 +271,8 @@ class RejectedAccount(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
     rejected_at: float
     attempts: int
+    retries: int = 0  # times it was sent again on the retry schedule (unmatched only)
+    retrying: bool = False  # sent again now, awaiting a read-back's verdict
 
 
 class ReconcileRun(msgspec.Struct, frozen=True, kw_only=True):

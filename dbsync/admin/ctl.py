@@ -513,7 +513,16 @@ def _rejected(reply: RejectedReply) -> str:
     if not reply.accounts:
         return "no rejected accounts"
     table = _table(
-        ["AUDIENCE", "EXTERNAL ID", "ACTION", "DOMAIN", "ATTEMPTS", "REJECTED AT", "REASON"],
+        [
+            "AUDIENCE",
+            "EXTERNAL ID",
+            "ACTION",
+            "DOMAIN",
+            "ATTEMPTS",
+            "REJECTED AT",
+            "NEXT RETRY",
+            "REASON",
+        ],
         [
             [
                 r.audience,
@@ -522,6 +531,9 @@ def _rejected(reply: RejectedReply) -> str:
                 r.domain,
                 r.attempts,
                 _timestamp(r.rejected_at),
+                "now (sent again)"
+                if r.retrying
+                else (_timestamp(r.next_retry_at) if r.next_retry_at is not None else "never"),
                 r.reason,
             ]
             for r in reply.accounts

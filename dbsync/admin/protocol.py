@@ -472,6 +472,9 @@ class RejectedView(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
     rejected_at: float
     attempts: int
+    retries: int = 0  # times sent again on the retry schedule
+    retrying: bool = False  # sent again now, awaiting a read-back's verdict
+    next_retry_at: float | None = None  # None: not retried (or retrying now)
 
 
 class RejectedReply(Reply, frozen=True, tag="rejected"):

@@ -80,9 +80,9 @@ from dbsync.clock import Clock
 from dbsync.config import Config
 from dbsync.contract.record import read_records
 from dbsync.files.watcher import Watcher
-from dbsync.model import AudienceRecord, AudienceState, HeldSnapshot
+from dbsync.model import AudienceRecord, AudienceState, HeldSnapshot, RejectedAccount
 from dbsync.reconcile import ReconcileDeferred, ReconcileReport
-from dbsync.store import Store
+from dbsync.store import Store, next_retry_at
 from dbsync.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,17 @@ async def _rejected(c: Controls, audience: str | None, limit: int) -> RejectedRe
     if audience is not None:
         await _record(c, audience)
     rows = await c.store.rejected(audience)
+    delays = {
+        a.id: tuple(days * d.limits.day_seconds for days in d.reconcile.retry_unmatched_days)
+        for d in c.config().destinations
+        for a in d.audiences
+    }
+
+    def next_retry(row: RejectedAccount) -> float | None:
+        if row.retrying or not row.member or not row.reason.startswith("unmatched"):
+            return None
+        return next_retry_at(row.rejected_at, row.retries, delays.get(row.audience_id, ()))
+
     return RejectedReply(
         total=len(rows),
         accounts=[
@@ -291,6 +302,9 @@ async def _rejected(c: Controls, audience: str | None, limit: int) -> RejectedRe
                 reason=row.reason,
                 rejected_at=row.rejected_at,
                 attempts=row.attempts,
+                retries=row.retries,
+                retrying=row.retrying,
+                next_retry_at=next_retry(row),
             )
             for row in rows[:limit]
         ],

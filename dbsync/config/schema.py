@@ -43,6 +43,7 @@ _WEEK_SECONDS = 7 * 86400.0
 Seconds = Annotated[float, msgspec.Meta(ge=0.01, le=_WEEK_SECONDS)]
 NonNegativeSeconds = Annotated[float, msgspec.Meta(ge=0, le=_WEEK_SECONDS)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
+PositiveDays = Annotated[float, msgspec.Meta(gt=0, le=3650)]
 AudienceId = Annotated[
     str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
 ]
@@ -372,6 +373,13 @@ class ReconcileSettings(_Table, frozen=True):
     """Times an account found missing is sent again. Found missing once more, it is set
     aside as ``unmatched`` (Demandbase has no account that matches it) and listed by
     ``dbsync ctl rejected`` instead of being sent forever."""
+
+    retry_unmatched_days: tuple[PositiveDays, ...] = (1.0, 3.0, 7.0, 30.0)
+    """Days (of ``[destinations.limits] day_seconds``) after which an account set aside as
+    ``unmatched`` is sent again, one entry per try, the last repeating: by default after
+    1, 3 and 7 days, then every 30. Demandbase's account database grows, and a row it
+    dropped at every repair looks unmatched. A try uses only quota no other batch waits
+    for; an account found listed is verified and leaves the set. ``[]``: never again."""
 
     export_poll_initial_seconds: Seconds = 30.0
     """Seconds before the first status read of an export job. Each later read waits

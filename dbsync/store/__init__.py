@@ -16,6 +16,7 @@ queue          the dirty set's counters, backlog and summaries, checkpoint,
 batches        plan, create, upload, complete, fail, abandon, split, reject
 ledger         the per-audience counters and the sums they must keep
 readback       read-back runs; applies the judgment of :mod:`dbsync.judgment`
+retries        accounts set aside as unmatched, tried again on a slow schedule
 quota          daily quota use and the learned pace, per destination
 snapshots      complete memberships and AEP file runs: staged in chunks, judged by
                the removal guard, applied set-based; the file runs decided
@@ -61,10 +62,21 @@ from dbsync.model import (
     SnapshotResult,
     SyncResult,
 )
-from dbsync.store import audiences, batches, journal, ledger, queue, quota, readback, snapshots
+from dbsync.store import (
+    audiences,
+    batches,
+    journal,
+    ledger,
+    queue,
+    quota,
+    readback,
+    retries,
+    snapshots,
+)
 from dbsync.store.engine import Engine
 from dbsync.store.journal import FOLD_CHUNK_ROWS, GroupCommitter
 from dbsync.store.readback import JUDGE_CHUNK_ROWS
+from dbsync.store.retries import next_retry_at
 from dbsync.store.snapshots import SnapshotRow
 
 __all__ = [
@@ -82,6 +94,7 @@ __all__ = [
     "SnapshotRow",
     "Store",
     "SyncResult",
+    "next_retry_at",
 ]
 
 
@@ -271,6 +284,14 @@ class Store:
 
     async def resync(self, audience_id: str) -> int:
         return await queue.resync(self._engine, audience_id)
+
+    async def retry_due_in(self, audience_id: str, delays: Sequence[float]) -> float:
+        return await retries.retry_due_in(self._engine, audience_id, delays)
+
+    async def release_retries(
+        self, audience_id: str, delays: Sequence[float], max_rows: int
+    ) -> int:
+        return await retries.release_retries(self._engine, audience_id, delays, max_rows)
 
     async def desired_members(self, audience_id: str) -> set[str]:
         return await queue.desired_members(self._engine, audience_id)

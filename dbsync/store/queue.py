@@ -131,10 +131,12 @@ async def checkpoint(engine: Engine, audience_id: str) -> int:
 
 
 async def rejected(engine: Engine, audience_id: str | None = None) -> list[RejectedAccount]:
-    where, params = ("WHERE audience_id = ?", (audience_id,)) if audience_id else ("", ())
+    where, params = ("WHERE r.audience_id = ?", (audience_id,)) if audience_id else ("", ())
     rows = await engine.read(
-        "SELECT audience_id, external_id, name, domain, member, reason, rejected_at, attempts"
-        f" FROM rejected {where} ORDER BY audience_id, external_id",
+        "SELECT r.audience_id, r.external_id, r.name, r.domain, r.member, r.reason,"
+        " r.rejected_at, r.attempts, r.retries, COALESCE(m.rejected, 1) = 0"
+        " FROM rejected r LEFT JOIN membership m USING (audience_id, external_id)"
+        f" {where} ORDER BY r.audience_id, r.external_id",
         params,
     )
     return [
@@ -145,6 +147,8 @@ async def rejected(engine: Engine, audience_id: str | None = None) -> list[Rejec
             reason=row[5],
             rejected_at=row[6],
             attempts=row[7],
+            retries=row[8],
+            retrying=bool(row[9]),
         )
         for row in rows
     ]

@@ -289,6 +289,16 @@ def _apply_chunk(
     db.executemany(
         "UPDATE membership SET ack_batch = NULL, repairs = 0" + where, each(decision.cleared)
     )
+    # Accounts set aside as unmatched and tried again (:mod:`dbsync.store.retries`) that
+    # the list now holds leave the set.
+    retrying = db.execute(
+        "SELECT r.external_id FROM rejected r JOIN membership m USING (audience_id, external_id)"
+        " WHERE r.audience_id = ? AND m.rejected = 0",
+        (audience_id,),
+    ).fetchall()
+    if retrying:
+        found = {row[0] for row in retrying}.intersection(decision.cleared)
+        db.executemany("DELETE FROM rejected" + where, each(sorted(found)))
     db.executemany(
         "UPDATE membership SET delivered = 0, ack_batch = NULL, repairs = repairs + 1" + where,
         each(decision.resend_inserts),

@@ -351,6 +351,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX file_runs_hash ON file_runs (audience_id, content_hash);
     CREATE INDEX file_runs_snapshot ON file_runs (snapshot_id) WHERE snapshot_id IS NOT NULL
     """,
+    # 9: an account set aside as unmatched is tried again on a slow schedule (Demandbase's
+    # database grows; a throttled row can look unmatched); ``retries`` counts the tries.
+    """
+    ALTER TABLE rejected ADD COLUMN retries INTEGER NOT NULL DEFAULT 0
+    """,
 )
 
 

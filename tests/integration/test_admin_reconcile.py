@@ -11,6 +11,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from dbsync.exitcodes import ExitCode
@@ -97,3 +98,29 @@ async def test_reconcile_beyond_the_export_quota_says_when_it_can(tmp_path: Path
         fault = json.loads(second.stdout)
         assert fault["code"] == "reconcile_deferred"
         assert "it can run at" in fault["message"], fault
+
+
+async def test_rejected_shows_when_each_unmatched_account_is_tried_again(tmp_path: Path) -> None:
+    """1. 5 tenant accounts and 1 the tenant does not know are delivered; repair limit 0;
+    retries after 2 days, then every 5 (of the default 86,400 s).
+    2. ``dbsync ctl reconcile`` sets the stranger aside; ``ctl rejected`` (JSON, table).
+    Result: the stranger is listed, not retried yet, its next retry 2 days after it was
+    set aside; the table has a NEXT RETRY column with that time."""
+    manual = {**MANUAL, "repair_limit": 0, "retry_unmatched_days": [2, 5]}
+    async with running_reconcile_engine(tmp_path, [AUDIENCE], reconcile=manual) as engine:
+        [stranger] = strangers(1)
+        await delivered(engine, [*await engine.tenant_accounts(5), stranger])
+        await asyncio.sleep(float(MANUAL["visibility_lag_seconds"]))  # type: ignore[arg-type]
+        assert (await ctl(engine, "reconcile", AUDIENCE.id)).returncode == ExitCode.OK
+
+        listed = await ctl(engine, "--json", "rejected")
+        assert listed.returncode == ExitCode.OK, listed.stderr
+        [row] = json.loads(listed.stdout)["accounts"]
+        assert row["external_id"] == stranger.external_id
+        assert (row["retries"], row["retrying"]) == (0, False)
+        assert row["next_retry_at"] == row["rejected_at"] + 2 * 86_400
+
+        table = await ctl(engine, "rejected")
+        assert "NEXT RETRY" in table.stdout, table.stdout
+        when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(row["next_retry_at"]))
+        assert when in table.stdout, table.stdout

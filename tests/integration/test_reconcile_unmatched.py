@@ -1,9 +1,10 @@
-"""Accounts Demandbase cannot match end ``unmatched``: named, set aside, no longer sent.
+"""Accounts Demandbase cannot match end ``unmatched``: named, set aside, not sent before a retry.
 
 Demandbase ignores import rows that match no account, and the job still completes.
 Only a read-back shows it: the account is missing. It is sent again ``repair_limit``
 times (a throttled row would make it the second time); missing once more, it is set
-aside in the rejected table with its external id, name and domain.
+aside in the rejected table with its external id, name and domain. It is tried again
+only a day later (``retry_unmatched_days``; see test_reconcile_retries.py).
 """
 
 from __future__ import annotations
