@@ -103,6 +103,8 @@ _POLICY = RetryPolicy(give_up_after=None, on_refused=OnRefused.STOP_DESTINATION)
 # After one of them, the audience sends nothing for this long (or until ``ctl resume``):
 # the same request would meet the same answer, so at most 48 jobs a day go to it.
 REFUSED_HOLD_SECONDS = 1_800.0
+# While its list is being adopted, an audience looks again this often (it is woken too).
+ADOPTION_RECHECK_SECONDS = 5.0
 
 
 class ActorSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,6 +143,7 @@ class DeliveryStore(TriageStore, Protocol):
     async def abandon_batch(self, batch_id: int, reason: str) -> None: ...
     async def resync(self, audience_id: str) -> int: ...
     async def retry_due_in(self, audience_id: str, delays: Sequence[float]) -> float: ...
+    async def adoption_pending(self, audience_id: str) -> bool: ...
     async def release_retries(
         self, audience_id: str, delays: Sequence[float], max_rows: int
     ) -> int: ...
@@ -321,6 +324,11 @@ class AudienceActor:
                 most = self.settings.max_jobs_in_flight if self._list_settled else 1
                 if delay > 0 or len(self._deliveries) >= most:
                     await self._wait(delay if delay > 0 else None)
+                    continue
+                if await self._store.adoption_pending(self.settings.audience_id):
+                    # Its list is read back first: what it holds is not sent again. The
+                    # reconciler wakes the actor once adopted (or given up).
+                    await self._wait(ADOPTION_RECHECK_SECONDS)
                     continue
                 self._flush_requested = False
                 self._spawn(deliveries, self._deliver_next(), "new")

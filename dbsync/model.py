@@ -132,6 +132,8 @@ class LedgerCounts(msgspec.Struct, frozen=True, kw_only=True):
     rejected      rows set aside with a reason (``rejected_by_reason``)
     requeued      rejected rows put back by the operator
     retried       rows set aside as unmatched, sent again on their retry schedule
+    adopted       pending members taken as delivered, unsent, because their list held
+                  them when it was adopted (outside every sum: nothing was exported)
     verified      acknowledged rows that a read-back found as acknowledged (each
                   acknowledgment is judged once: verified, lost or overtaken)
     lost          rows a read-back found wrong (``lost_by_cause``); each is repaired or,
@@ -160,6 +162,7 @@ class LedgerCounts(msgspec.Struct, frozen=True, kw_only=True):
     rejected: int = 0
     requeued: int = 0
     retried: int = 0
+    adopted: int = 0
     verified: int = 0
     lost: int = 0
     repaired: int = 0

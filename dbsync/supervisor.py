@@ -258,6 +258,22 @@ class Supervisor:
             task.cancel()  # the caller went away
             raise
 
+    async def adopt_now(self, audience_id: str) -> tuple[ReconcileReport, int]:
+        """Adopt the audience's list now: read it back and take the pending members it
+        holds as delivered (:mod:`dbsync.store.adoption`); the report and how many.
+
+        Raises what :meth:`reconcile_now` raises; a deferred adoption stays asked for,
+        and the reconciler does it as soon as it can (its actor sends nothing new).
+        """
+        if audience_id not in self._actors:
+            raise KeyError(audience_id)
+        entry = self._reconcilers.get(self._actors[audience_id].actor.settings.destination)
+        if entry is not None:
+            entry[0].adopted.pop(audience_id, None)
+        await self._store.request_adoption(audience_id)
+        report = await self.reconcile_now(audience_id)
+        return report, 0 if entry is None else entry[0].adopted.get(audience_id, 0)
+
     def reconcile_state(self, audience_id: str) -> tuple[ReconcileReport | None, float | None]:
         """The audience's last read-back report, and when the next is due (epoch seconds).
 
@@ -308,6 +324,15 @@ class Supervisor:
             ]
         )
         records = await self._store.audiences()
+        # A configured list that this store never fed (a first start, a migration from
+        # AEP's own destination, a lost state directory) is adopted before its first send.
+        for audience_id in await self._store.request_first_adoptions(
+            a.audience_id
+            for plan in plans
+            for a in plan.audiences
+            if a.audience_id in plan.reconcile.list_ids
+        ):
+            log.info("list_adoption_requested", extra={"audience": audience_id})
         for audience_id, old_name, new_name in result.renamed:
             log.warning(
                 "audience_renamed",
@@ -393,6 +418,7 @@ class Supervisor:
             clock=self._clock,
             audience_ids=audience_ids,
             wake=self.wake,
+            adoptions=self._store,
         )
         assert self._group is not None
         task = self._group.create_task(

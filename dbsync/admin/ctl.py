@@ -29,6 +29,7 @@ import msgspec
 from dbsync.admin.protocol import (
     DEFAULT_TIMEOUT_SECONDS,
     REQUESTS,
+    AdoptReply,
     AnyReply,
     AnyRequest,
     ApproveReply,
@@ -196,6 +197,11 @@ def render(reply: AnyReply) -> str:
             return _destinations(destinations)
         case ReconcileReply(report=report):
             return _report(report)
+        case AdoptReply(adopted=adopted, report=report):
+            return (
+                f"{report.audience_id}: {adopted} members already in list {report.list_id}"
+                " taken as delivered; only the difference is sent\n" + _report(report)
+            )
         case ReloadReply(audiences=audiences):
             return f"configuration reloaded: {len(audiences)} audiences active"
         case DrainReply(drain_seconds=seconds):

@@ -30,6 +30,8 @@ __all__ = [
     "RECONCILE_TIMEOUT_SECONDS",
     "REQUESTS",
     "AccountView",
+    "Adopt",
+    "AdoptReply",
     "AnyReply",
     "AnyRequest",
     "Approve",
@@ -228,6 +230,13 @@ class Discard(Request, frozen=True, tag="discard"):
     audience: AudienceId
 
 
+class Adopt(Request, frozen=True, kw_only=True, tag="adopt"):
+    """read the list back and take the members it holds as delivered; send the rest"""
+
+    audience: AudienceId
+    timeout_seconds: TimeoutSeconds = RECONCILE_TIMEOUT_SECONDS
+
+
 class Reload(Request, frozen=True, tag="reload"):
     """re-read the config; non-zero (78) when the new one is rejected"""
 
@@ -245,6 +254,7 @@ AnyRequest = (
     | Rejected
     | Requeue
     | Reconcile
+    | Adopt
     | Quota
     | Files
     | Approve
@@ -262,6 +272,7 @@ REQUESTS: tuple[type[Request], ...] = (
     Rejected,
     Requeue,
     Reconcile,
+    Adopt,
     Quota,
     Files,
     Approve,
@@ -542,6 +553,11 @@ class DiscardReply(Reply, frozen=True, tag="discard"):
     removed: int
 
 
+class AdoptReply(Reply, frozen=True, tag="adopt"):
+    adopted: int  # pending members the list held, taken as delivered and not sent
+    report: ReconcileView  # the read-back that followed
+
+
 class ReloadReply(Reply, frozen=True, tag="reload"):
     accepted: bool
     audiences: list[str]
@@ -562,6 +578,7 @@ AnyReply = (
     | RejectedReply
     | RequeueReply
     | ReconcileReply
+    | AdoptReply
     | QuotaReply
     | FilesReply
     | ApproveReply

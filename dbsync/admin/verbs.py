@@ -31,6 +31,8 @@ import msgspec
 from dbsync import __version__
 from dbsync.actor import AudienceActor
 from dbsync.admin.protocol import (
+    Adopt,
+    AdoptReply,
     AnyRequest,
     Approve,
     ApproveReply,
@@ -154,6 +156,8 @@ async def _perform(c: Controls, request: AnyRequest) -> Reply:
             return RequeueReply(audience=audience, accounts=count)
         case Reconcile(audience=audience):
             return await _reconcile(c, audience)
+        case Adopt(audience=audience):
+            return await _adopt(c, audience)
         case Quota():
             return QuotaReply(destinations=await _destinations(c))
         case Files(limit=limit):
@@ -191,6 +195,11 @@ def _timed_out(request: AnyRequest) -> str:
             return (
                 f"the read-back of {audience} goes on, and its report will be logged"
                 " (reconcile_completed) and shown by status; it did not finish"
+            )
+        case Adopt(audience=audience):
+            return (
+                f"the adoption of {audience}'s list goes on, and will be logged"
+                " (list_adopted, reconcile_completed); it did not finish"
             )
     return f"{type(request).__name__.lower()} did not complete"
 
@@ -323,6 +332,21 @@ async def _reconcile(c: Controls, audience: str) -> ReconcileReply:
             FaultCode.RECONCILE_DEFERRED, f"{audience}: {exc.reason}; it can run at {when}"
         ) from None
     return ReconcileReply(report=_report(report))
+
+
+async def _adopt(c: Controls, audience: str) -> AdoptReply:
+    _actor(c, audience)
+    # Shielded like reconcile: the export runs at Demandbase whatever the caller's
+    # patience; a deferred adoption stays asked for and runs when it can.
+    try:
+        report, adopted = await asyncio.shield(c.supervisor.adopt_now(audience))
+    except ReconcileDeferred as exc:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(exc.retry_at))
+        raise AdminFault(
+            FaultCode.RECONCILE_DEFERRED,
+            f"{audience}: {exc.reason}; the adoption stays asked for and can run at {when}",
+        ) from None
+    return AdoptReply(adopted=adopted, report=_report(report))
 
 
 def _report(report: ReconcileReport) -> ReconcileView:

@@ -35,6 +35,13 @@ Scheduling, within Demandbase's export limits (60 jobs a day, one at a time):
 * a read-back's export job is recorded as soon as Demandbase accepted it: a restart
   resumes polling it instead of paying for another.
 
+Adopting a list (:mod:`dbsync.store.adoption`): an audience asked to adopt its list
+(configured ``list_id``, nothing delivered yet; or ``dbsync ctl adopt``) goes before
+every scheduled turn once it has desired members; its read-back first takes the
+pending members the list holds as delivered (``list_adopted``), then judges as usual.
+If the list cannot be read, the adoption is given up (``list_adoption_failed``) and the
+audience sends its whole desired state rather than wait.
+
 The reconciler never holds up delivery: it spends only the export quotas, stops
 (cancelled) when the drain begins, and an export or permission error fails the
 read-back, never the destination.
@@ -60,6 +67,7 @@ from dbsync.demandbase.wire import EXPORT_JOB_NAME_MAX_CHARS, Endpoint
 from dbsync.destination import STOPPED_PROBE_SECONDS, Destination
 from dbsync.errors import DbsyncError, DemandbaseError, PermissionDeniedError, ThrottledError
 from dbsync.model import (
+    Backlog,
     LedgerCheck,
     ListedAccount,
     LossTally,
@@ -179,6 +187,21 @@ class ReadbackStore(Protocol):
     async def loss_tallies(self, destination: str, since: float = 0.0) -> list[LossTally]: ...
 
 
+class AdoptionStore(Protocol):
+    """The part of :class:`~dbsync.store.Store` that adopting lists uses
+    (:mod:`dbsync.store.adoption`); a reconciler without one adopts nothing."""
+
+    async def backlog(self, audience_id: str) -> Backlog: ...
+
+    async def adoptions_pending(self, audience_ids: Iterable[str]) -> list[str]: ...
+
+    async def adopt_listed(
+        self, audience_id: str, listed: Sequence[ListedAccount]
+    ) -> int | None: ...
+
+    async def abandon_adoption(self, audience_id: str) -> bool: ...
+
+
 class _ReadBackFailed(Exception):
     """A read-back ended without a verdict (logged as ``reconcile_failed``)."""
 
@@ -197,6 +220,7 @@ class Reconciler:
         audience_ids: Callable[[], Iterable[str]],
         wake: Callable[[Iterable[str]], None],
         rng: random.Random | None = None,
+        adoptions: AdoptionStore | None = None,
     ) -> None:
         self.plan = plan
         self._destination = destination
@@ -206,6 +230,7 @@ class Reconciler:
         self._clock = clock
         self._audience_ids = audience_ids
         self._wake = wake
+        self._adoptions = adoptions
         self._rng = rng or random.Random()
         self._free_slots = plan.concurrent_export_jobs
         self._wakeup = asyncio.Event()
@@ -216,6 +241,8 @@ class Reconciler:
         self._export_duration = LearnedDuration(
             self._settings.export_poll_initial_seconds, self._settings.export_poll_max_seconds
         )
+        # Members each audience's last adoption took as delivered (dbsync ctl adopt).
+        self.adopted: dict[str, int] = {}
         # Refreshed after each read-back, for the destination's summary line.
         self.last_estimate: LossEstimate | None = None
         # Set by stop(); the supervisor's restart backoff ends on it too.
@@ -327,9 +354,26 @@ class Reconciler:
         facts = await self._store.reconcile_facts(ids)
         now = self._clock.time()
         room, window_ends_at = self._room()
+        adopting = (
+            []
+            if self._adoptions is None
+            else await self._adoptions.adoptions_pending(f.audience_id for f in facts)
+        )
+        adopt = await self._adoption_turn(facts, adopting)
+        if adopt is not None and room > 0 and self._destination.is_running:
+            if not self._take_slot():
+                return None  # woken when the slot is released
+            try:
+                await self._read_back(adopt.audience_id, adopt.list_id or 0)
+            except _ReadBackFailed:
+                await self._adoption_failed(adopt.audience_id)
+            finally:
+                self._release_slot()
+            return 0.0
         if not self._settings.scheduled:
             self._next = {}
-            return None  # on demand only
+            # On demand only; an adoption waiting for its first members is looked at again.
+            return self._recheck_seconds() if adopting else None
         self._next = predict_next(
             facts,
             self._settings,
@@ -361,6 +405,28 @@ class Reconciler:
         finally:
             self._release_slot()
         return 0.0
+
+    async def _adoption_turn(
+        self, facts: Sequence[ReconcileFacts], adopting: Sequence[str]
+    ) -> ReconcileFacts | None:
+        """The audience whose list to adopt first (``adopting``: asked, oldest first): with
+        a list id and members desired already (compared with its desired state)."""
+        by_id = {f.audience_id: f for f in facts}
+        for audience_id in adopting:
+            turn = by_id[audience_id]
+            assert self._adoptions is not None
+            if turn.list_id is not None and (await self._adoptions.backlog(audience_id)).pending:
+                return turn
+        return None
+
+    async def _adoption_failed(self, audience_id: str) -> None:
+        """The list could not be read: its audience sends everything rather than wait."""
+        if self._adoptions is not None and await self._adoptions.abandon_adoption(audience_id):
+            log.warning(
+                "list_adoption_failed",
+                extra={"audience": audience_id, "destination": self.name},
+            )
+            self._wake([audience_id])
 
     async def _wait(self, seconds: float | None) -> None:
         if seconds is not None and seconds <= 0:
@@ -489,6 +555,23 @@ class Reconciler:
             )
         except DemandbaseError as exc:
             await self._fail(run, f"the results file could not be read: {exc}", exc)
+        adopted = (
+            None
+            if self._adoptions is None
+            else await self._adoptions.adopt_listed(run.audience_id, listed)
+        )
+        if adopted is not None:
+            self.adopted[run.audience_id] = adopted
+            log.info(
+                "list_adopted",
+                extra={
+                    "audience": run.audience_id,
+                    "destination": self.name,
+                    "list_id": run.list_id,
+                    "listed": len(listed),
+                    "adopted": adopted,
+                },
+            )
         judged_before = run.started_at - self._settings.visibility_lag_seconds
         verdict = await self._store.apply_readback(
             run.run_id,

@@ -17,6 +17,7 @@ batches        plan, create, upload, complete, fail, abandon, split, reject
 ledger         the per-audience counters and the sums they must keep
 readback       read-back runs; applies the judgment of :mod:`dbsync.judgment`
 retries        accounts set aside as unmatched, tried again on a slow schedule
+adoption       lists that already exist: listed members taken as delivered, unsent
 quota          daily quota use and the learned pace, per destination
 snapshots      complete memberships and AEP file runs: staged in chunks, judged by
                the removal guard, applied set-based; the file runs decided
@@ -63,6 +64,7 @@ from dbsync.model import (
     SyncResult,
 )
 from dbsync.store import (
+    adoption,
     audiences,
     batches,
     journal,
@@ -284,6 +286,24 @@ class Store:
 
     async def resync(self, audience_id: str) -> int:
         return await queue.resync(self._engine, audience_id)
+
+    async def request_first_adoptions(self, audience_ids: Iterable[str]) -> list[str]:
+        return await adoption.request_first_adoptions(self._engine, audience_ids)
+
+    async def request_adoption(self, audience_id: str) -> None:
+        await adoption.request_adoption(self._engine, audience_id)
+
+    async def adoption_pending(self, audience_id: str) -> bool:
+        return await adoption.adoption_pending(self._engine, audience_id)
+
+    async def adoptions_pending(self, audience_ids: Iterable[str]) -> list[str]:
+        return await adoption.adoptions_pending(self._engine, audience_ids)
+
+    async def adopt_listed(self, audience_id: str, listed: Sequence[ListedAccount]) -> int | None:
+        return await adoption.adopt_listed(self._engine, audience_id, listed)
+
+    async def abandon_adoption(self, audience_id: str) -> bool:
+        return await adoption.abandon_adoption(self._engine, audience_id)
 
     async def retry_due_in(self, audience_id: str, delays: Sequence[float]) -> float:
         return await retries.retry_due_in(self._engine, audience_id, delays)

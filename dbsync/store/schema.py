@@ -356,6 +356,18 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE rejected ADD COLUMN retries INTEGER NOT NULL DEFAULT 0
     """,
+    # 10: adopting a list that already exists: read back before the first send, the
+    # listed members are taken as delivered. One row per audience asked to (pending
+    # while ``adopted_at`` is NULL), kept afterwards so that a first start adopts once.
+    """
+    CREATE TABLE adoptions (
+        audience_id  TEXT PRIMARY KEY,
+        requested_at REAL NOT NULL,
+        adopted_at   REAL,
+        listed       INTEGER NOT NULL DEFAULT 0,
+        adopted      INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID
+    """,
 )
 
 

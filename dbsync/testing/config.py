@@ -115,6 +115,7 @@ class AudienceConfig:
     aep_audience_id: str | None = None
     file_mode: Literal["full", "incremental"] = "full"
     max_removal_percent: float = 20.0
+    list_id: int | None = None  # the Demandbase list, when configured (adopted at start)
 
     @property
     def display_name(self) -> str:
@@ -137,6 +138,7 @@ class AudienceConfig:
             aep_audience_id=self.aep_audience_id,
             file_mode=self.file_mode,
             max_removal_percent=self.max_removal_percent,
+            list_id=self.list_id,
         )
 
 

@@ -190,6 +190,9 @@ class MemoryDeliveryStore:
     async def resync(self, audience_id: str) -> int:
         return 0
 
+    async def adoption_pending(self, audience_id: str) -> bool:
+        return False
+
     async def add_to_ledger(self, audience_id: str, **deltas: int) -> None:
         for name, count in deltas.items():
             self.ledger[name] = self.ledger.get(name, 0) + count

@@ -195,6 +195,7 @@ def test_every_verb_of_interfaces_is_a_subcommand() -> None:
         "rejected",
         "requeue",
         "reconcile",
+        "adopt",
         "quota",
         "files",
         "approve",
@@ -211,6 +212,7 @@ def test_every_verb_of_interfaces_is_a_subcommand() -> None:
         "reconcile",
         "approve",
         "discard",
+        "adopt",
     ):
         with pytest.raises(msgspec.ValidationError, match="audience"):
             decode_request(msgspec.json.encode({"verb": verb}))
