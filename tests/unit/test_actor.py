@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 import pytest
@@ -506,3 +507,82 @@ async def test_a_job_that_fed_another_list_stops_the_audience_until_resumed(
     await h.advance(30.0)
     assert actor.state is AudienceState.ACTIVE
     assert h.store.dirty == {}
+
+
+class RetryingStore(MemoryDeliveryStore):
+    """No pending account; ``set_aside`` accounts are due for a retry now."""
+
+    def __init__(self, set_aside: list[Account], clock: FakeClock) -> None:
+        super().__init__([], clock)
+        self.set_aside = {a.external_id: a for a in set_aside}
+
+    async def retry_due_in(self, audience_id: str, delays: Sequence[float]) -> float:
+        return 0.0 if self.set_aside else math.inf
+
+    async def release_retries(
+        self, audience_id: str, delays: Sequence[float], max_rows: int
+    ) -> int:
+        released = len(self.set_aside)
+        self.dirty.update(self.set_aside)
+        self.set_aside.clear()
+        self.events.append(f"released {released}")
+        return released
+
+
+async def test_a_due_retry_takes_only_a_job_slot_no_other_batch_waits_for(
+    clock: FakeClock,
+) -> None:
+    """One job slot, held by another audience's job. The actor's set-aside account is due
+    for a retry: it asks for the slot; then a third audience, whose backlog is younger,
+    asks too. When the slot is freed it goes to the third audience, not to the retry;
+    the retry is sent once nobody else waits."""
+    client = ScriptedClient()
+    store = RetryingStore([Account(external_id="U1", name="Unmatched Co")], clock)
+    limits = BudgetLimits(requests_per_minute=1_000_000.0, daily={}, concurrent_import_jobs=1)
+    budget = DestinationBudget("dest", limits, MemoryQuotaStore(), clock)
+    await budget.start()
+    harness = Harness(clock, client, store, Destination("dest", client, budget))
+    release_first, release_second = asyncio.Event(), asyncio.Event()
+    granted: list[str] = []
+
+    async def other(name: str, priority: float, release: asyncio.Event) -> None:
+        async with budget.job(priority=priority):
+            granted.append(name)
+            await release.wait()
+
+    first = asyncio.create_task(other("first", clock.time(), release_first))
+    await harness.settle()
+    actor = AudienceActor(
+        ActorSettings(
+            audience_id=AUDIENCE,
+            destination="dest",
+            name="List 1",
+            list_name="List 1",
+            requests_per_minute=6_000.0,
+            job_poll_initial_seconds=POLL_SECONDS,
+            retry_delays=(86_400.0,),
+        ),
+        destination=harness.destination,
+        store=store,
+        clock=clock,
+        rng=Highest(),
+    )
+    running = asyncio.create_task(actor.run())
+    await harness.settle()
+    second = asyncio.create_task(other("younger", clock.time() + 3_600.0, release_second))
+    await harness.settle()
+    assert (granted, client.calls) == (["first"], [])
+
+    release_first.set()
+    await harness.settle()
+    assert (granted, client.calls) == (["first", "younger"], []), "the retry waits"
+
+    release_second.set()
+    await harness.advance(POLL_SECONDS)
+    assert store.events[0] == "released 1"
+    assert client.calls[:2] == ["create 101", "upload 101 insert"]
+    actor.stop()
+    while not running.done():
+        await harness.advance(60.0)
+    await asyncio.gather(first, second, running)
+    budget.stop()
