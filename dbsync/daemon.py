@@ -44,6 +44,7 @@ from dbsync.config import (
     load_credentials,
     load_ingest_token,
 )
+from dbsync.contract.record import a5_holds
 from dbsync.demandbase.auth import ApiKeyTokenSource, LegacyToken, TokenSource
 from dbsync.demandbase.client import DemandbaseClient
 from dbsync.demandbase.wire import Endpoint
@@ -83,7 +84,9 @@ def build_plans(config: Config, credentials: dict[str, Credentials]) -> list[Des
                 base_url=destination.base_url,
                 request_timeout_seconds=destination.request_timeout_seconds,
                 credentials=credentials[destination.name],
-                reconcile=ReconcilePlan.from_config(destination),
+                reconcile=ReconcilePlan.from_config(
+                    destination, a5_holds=a5_holds(config.daemon.state_dir, destination.name)
+                ),
                 limits=BudgetLimits(
                     requests_per_minute=limits.requests_per_minute,
                     daily={

@@ -316,6 +316,10 @@ class Limits(_Table, frozen=True):
     assumed, to keep a backlog from flooding the tenant."""
 
     concurrent_export_jobs: Count = 1
+
+    export_bytes_per_day: Count = 10_000_000_000
+    """Bytes of export results a day (10 GB; 429-101 beyond), tracked on our side from
+    the files downloaded and estimated from the lists' sizes before an export starts."""
     """Export jobs running at once; Demandbase allows one (429-102 beyond)."""
 
     day_seconds: Seconds = 86400.0
@@ -373,6 +377,19 @@ class ReconcileSettings(_Table, frozen=True):
     """Times an account found missing is sent again. Found missing once more, it is set
     aside as ``unmatched`` (Demandbase has no account that matches it) and listed by
     ``dbsync ctl rejected`` instead of being sent forever."""
+
+    multi_list_exports: Literal["auto", "yes", "no"] = "auto"
+    """Read many audiences' lists in one export job (``accountListIds``), which needs
+    Demandbase's results file to say each row's list (assumption A5, an ``Account List
+    ID`` column). ``auto``: when ``dbsync probe`` found A5 holds for this destination
+    (``<state_dir>/contract.json``); ``yes``: it holds (the development emulator's
+    ``multi-list-column`` dialect); ``no``: one list per export job. A results file
+    without the column turns it off until the next start."""
+
+    verify_within_hours: Annotated[float, msgspec.Meta(gt=0, le=720)] = 24.0
+    """With multi-list exports: hours within which every audience is read back again, if
+    the export jobs, status reads and the daily export volume allow; each export job then
+    reads every audience due by the next one."""
 
     retry_unmatched_days: tuple[PositiveDays, ...] = (1.0, 3.0, 7.0, 30.0)
     """Days (of ``[destinations.limits] day_seconds``) after which an account set aside as

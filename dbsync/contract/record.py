@@ -17,6 +17,7 @@ __all__ = [
     "CONTRACT_FILE",
     "ContractRecord",
     "Verdict",
+    "a5_holds",
     "contract_path",
     "read_records",
     "write_record",
@@ -70,3 +71,12 @@ def write_record(state_dir: Path, record: ContractRecord) -> Path:
     temporary.write_bytes(msgspec.json.format(_encoder.encode(records)) + b"\n")
     os.replace(temporary, path)
     return path
+
+
+def a5_holds(state_dir: Path, destination: str) -> bool:
+    """Whether the destination's last probe found that a multi-list export says each
+    row's list (A5); False when no probe ran or its record is unreadable."""
+    record = read_records(state_dir).get(destination)
+    if record is None:
+        return False
+    return any(v.check == "A5" and v.outcome == "holds" for v in record.verdicts)

@@ -241,13 +241,40 @@ class DemandbaseClient:
             ListedAccount(external_id=external_id, name=name, domain=domain)
             for _, name, domain, external_id in rows
         ]
+        self._log_without_external_id(accounts, len(rows))
+        return accounts
+
+    async def read_export_accounts_by_list(
+        self, results_url: str
+    ) -> tuple[dict[int, list[ListedAccount]], int]:
+        """The members of each list of a finished multi-list export [A5], and the file's
+        size in bytes (Demandbase counts a daily export volume).
+
+        Each row names its list in an ``Account List ID`` column; a file without it is
+        a :class:`PayloadError` (the tenant does not say which list a row is on).
+        """
+        data = await self.download_export_results(results_url)
+        try:
+            rows = read_results(data, (*wire.EXPORT_RESULT_COLUMNS, wire.EXPORT_LIST_ID_COLUMN))
+            by_list: dict[int, list[ListedAccount]] = {}
+            for _, name, domain, external_id, list_id in rows:
+                by_list.setdefault(int(list_id), []).append(
+                    ListedAccount(external_id=external_id, name=name, domain=domain)
+                )
+        except ValueError as exc:
+            raise PayloadError(
+                f"multi-list results file unreadable: {exc}", endpoint=Endpoint.EXPORT_DOWNLOAD
+            ) from exc
+        self._log_without_external_id([a for v in by_list.values() for a in v], len(rows))
+        return by_list, len(data)
+
+    def _log_without_external_id(self, accounts: list[ListedAccount], rows: int) -> None:
         without = sum(1 for a in accounts if not a.external_id)
         if without:
             _log.info(
                 "demandbase_export_rows_without_external_id",
-                extra={"rows": len(rows), "without_external_id": without},
+                extra={"rows": rows, "without_external_id": without},
             )
-        return accounts
 
     # The one request helper
 

@@ -65,7 +65,13 @@ from dbsync.contract.watch import UnknownStateWatch
 from dbsync.demandbase import wire
 from dbsync.demandbase.wire import EXPORT_JOB_NAME_MAX_CHARS, Endpoint
 from dbsync.destination import STOPPED_PROBE_SECONDS, Destination
-from dbsync.errors import DbsyncError, DemandbaseError, PermissionDeniedError, ThrottledError
+from dbsync.errors import (
+    DbsyncError,
+    DemandbaseError,
+    PayloadError,
+    PermissionDeniedError,
+    ThrottledError,
+)
 from dbsync.model import (
     Backlog,
     LedgerCheck,
@@ -116,6 +122,12 @@ _MIN_WAIT_SECONDS = 0.05
 _POLICY = RetryPolicy(give_up_after=GIVE_UP_AFTER, on_refused=OnRefused.RAISE)
 _EXPORT_DONE = (ExportJobState.FINISHED, ExportJobState.FAILED)
 _UNLIMITED = 1_000_000_000
+# Lists one export job may name (``accountListIds``) [DOC].
+MAX_LISTS_PER_EXPORT = 10_000
+# Bytes a results row takes, until a download says: four columns of a few dozen bytes.
+_BYTES_PER_ROW_GUESS = 100.0
+# Rows of a list no read-back has counted yet, for the volume estimate.
+_ROWS_GUESS = 10_000
 
 
 class ReconcileDeferred(DbsyncError):
@@ -133,13 +145,23 @@ class ReconcilePlan(msgspec.Struct, frozen=True, kw_only=True):
     settings: ReconcileSettings = ReconcileSettings()
     concurrent_export_jobs: int = 1
     list_ids: dict[str, int] = msgspec.field(default_factory=dict)  # configured, by audience
+    # Many lists per export job: A5 holds (``multi_list_exports``, or the probe's record).
+    multi_list: bool = False
+    export_bytes_per_day: int = 10_000_000_000
 
     @classmethod
-    def from_config(cls, destination: DestinationConfig) -> ReconcilePlan:
+    def from_config(
+        cls, destination: DestinationConfig, *, a5_holds: bool = False
+    ) -> ReconcilePlan:
+        """``a5_holds``: the destination's last probe found multi-list exports say each
+        row's list (``<state_dir>/contract.json``); ``multi_list_exports = "auto"`` follows it."""
+        mode = destination.reconcile.multi_list_exports
         return cls(
             settings=destination.reconcile,
             concurrent_export_jobs=destination.limits.concurrent_export_jobs,
             list_ids={a.id: a.list_id for a in destination.audiences if a.list_id is not None},
+            multi_list=mode == "yes" or (mode == "auto" and a5_holds),
+            export_bytes_per_day=destination.limits.export_bytes_per_day,
         )
 
 
@@ -154,6 +176,19 @@ class ExportClient(Protocol):
     async def get_export_job(self, job_id: str) -> wire.ExportJobStatus: ...
 
     async def read_export_accounts(self, results_url: str) -> list[ListedAccount]: ...
+
+
+@runtime_checkable
+class MultiListExportClient(Protocol):
+    """Exports of many lists in one job [A5]: a client without them reads one at a time."""
+
+    async def create_account_lists_export(
+        self, job_name: str, account_list_ids: list[int]
+    ) -> wire.ExportJobDetails: ...
+
+    async def read_export_accounts_by_list(
+        self, results_url: str
+    ) -> tuple[dict[int, list[ListedAccount]], int]: ...
 
 
 class ReadbackStore(Protocol):
@@ -231,6 +266,12 @@ class Reconciler:
         self._audience_ids = audience_ids
         self._wake = wake
         self._adoptions = adoptions
+        # Many lists per export job while A5 holds; a results file without the list
+        # column turns it off until the next start.
+        self._multi = plan.multi_list and isinstance(client, MultiListExportClient)
+        self._last_multi_at = -math.inf  # when the last multi-list export started
+        self._volume = (-1, 0)  # (quota window, export bytes downloaded in it)
+        self._bytes_per_row = _BYTES_PER_ROW_GUESS
         self._rng = rng or random.Random()
         self._free_slots = plan.concurrent_export_jobs
         self._wakeup = asyncio.Event()
@@ -325,24 +366,30 @@ class Reconciler:
             return
         ids = list(self._audience_ids())
         await self._load_reports(ids)
+        # Runs of one export job (several lists [A5]) are resumed together.
+        jobs: dict[str, list[ReconcileRun]] = {}
         for run in await self._store.open_reconcile_runs(ids):
+            jobs.setdefault(run.export_job_id, []).append(run)
+        for runs in jobs.values():
             while not self._take_slot():
                 await self._wait(None)
             try:
-                log.info(
-                    "reconcile_resumed",
-                    extra={
-                        "audience": run.audience_id,
-                        "destination": self.name,
-                        "export_job_id": run.export_job_id,
-                    },
-                )
-                self._running[run.audience_id] = run.started_at
-                await self._finish(run)
+                for run in runs:
+                    log.info(
+                        "reconcile_resumed",
+                        extra={
+                            "audience": run.audience_id,
+                            "destination": self.name,
+                            "export_job_id": run.export_job_id,
+                        },
+                    )
+                    self._running[run.audience_id] = run.started_at
+                await self._finish_group(runs)
             except _ReadBackFailed:
                 pass
             finally:
-                self._running.pop(run.audience_id, None)
+                for run in runs:
+                    self._running.pop(run.audience_id, None)
                 self._release_slot()
         while True:
             await self._wait(await self._step())
@@ -384,6 +431,8 @@ class Reconciler:
             day_seconds=self._destination.budget.limits.day_seconds,
             export_seconds=self._export_duration.seconds,
         )
+        if self._multi:
+            return await self._step_many(facts, now, room, window_ends_at)
         order = turn_order(facts, self._settings, now)
         if not order:
             dues = [at for f in facts if (at := due_at(f, self._settings)) is not None]
@@ -405,6 +454,74 @@ class Reconciler:
         finally:
             self._release_slot()
         return 0.0
+
+    async def _step_many(
+        self, facts: Sequence[ReconcileFacts], now: float, room: int, window_ends_at: float
+    ) -> float | None:
+        """Multi-list exports: at most one job every ``gap`` (the day's exports spread
+        evenly) reads every audience due, so each waits at most ``gap`` past its due time
+        and is read back within ``verify_within_hours`` (its interval is shortened to
+        fit), within the jobs, status reads and export volume left."""
+        day_seconds = self._destination.budget.limits.day_seconds
+        gap = day_seconds / max(1, self._per_day())
+        window = self._settings.verify_within_hours * 3_600.0
+        settings = msgspec.structs.replace(
+            self._settings,
+            interval_seconds=max(gap, min(self._settings.interval_seconds, window - 2 * gap)),
+        )
+        order = turn_order(facts, settings, now)
+        if not order:
+            dues = [at for f in facts if (at := due_at(f, settings)) is not None]
+            return min([self._recheck_seconds(), *(at - now for at in dues)])
+        if room <= 0:
+            return max(window_ends_at - now, _MIN_WAIT_SECONDS)
+        if not self._destination.is_running:
+            await self._destination.wait_running(self._clock)
+            return 0.0
+        if now < self._last_multi_at + gap:
+            return self._last_multi_at + gap - now
+        left = self._volume_left()
+        group: list[ReconcileFacts] = []
+        for turn in order[:MAX_LISTS_PER_EXPORT]:
+            cost = self._estimated_bytes(turn.audience_id)
+            if group and cost > left:
+                break
+            group.append(turn)
+            left -= cost
+        if left < 0:
+            # Not even one list fits in today's volume: wait for tomorrow's.
+            return max(window_ends_at - now, _MIN_WAIT_SECONDS)
+        if not self._take_slot():
+            return None
+        self._last_multi_at = now
+        try:
+            if len(group) == 1:
+                assert group[0].list_id is not None
+                await self._read_back(group[0].audience_id, group[0].list_id)
+            else:
+                await self._read_back_many(group)
+        except _ReadBackFailed:
+            pass
+        finally:
+            self._release_slot()
+        return 0.0
+
+    def _volume_left(self) -> int:
+        """Export bytes today's volume still allows, by our count (less the safety margin)."""
+        window = self._destination.budget.snapshot().window
+        if self._volume[0] != window:
+            self._volume = (window, 0)
+        margin = self._destination.budget.limits.quota_safety_margin
+        return int(self.plan.export_bytes_per_day * (1.0 - margin)) - self._volume[1]
+
+    def _charge_volume(self, size: int) -> None:
+        self._volume_left()  # rolls the window
+        self._volume = (self._volume[0], self._volume[1] + size)
+
+    def _estimated_bytes(self, audience_id: str) -> int:
+        last = self._last.get(audience_id)
+        rows = last.listed if last is not None else _ROWS_GUESS
+        return int(max(1, rows) * self._bytes_per_row)
 
     async def _adoption_turn(
         self, facts: Sequence[ReconcileFacts], adopting: Sequence[str]
@@ -505,8 +622,55 @@ class Reconciler:
             self._running.pop(audience_id, None)
             self._wakeup.set()  # predictions change: the loop looks again
 
+    async def _read_back_many(self, group: Sequence[ReconcileFacts]) -> list[ReconcileReport]:
+        """One export job reading every list of ``group`` [A5]; a report per audience."""
+        assert isinstance(self._client, MultiListExportClient)
+        client = self._client
+        started = self._clock.time()
+        for turn in group:
+            self._running[turn.audience_id] = started
+        lists = {turn.audience_id: turn.list_id or 0 for turn in group}
+        try:
+            job_name = f"dbsync {len(group)} lists"[:EXPORT_JOB_NAME_MAX_CHARS]
+            try:
+                job = await self._call(
+                    Endpoint.EXPORT_CREATE_JOB,
+                    lambda: client.create_account_lists_export(job_name, list(lists.values())),
+                )
+            except DemandbaseError as exc:
+                for audience_id in lists:
+                    self._failed(audience_id, "", f"the export job was not created: {exc}", exc)
+                raise _ReadBackFailed(str(exc)) from exc
+            runs = []
+            for audience_id, list_id in lists.items():
+                runs.append(
+                    await self._store.start_reconcile_run(audience_id, list_id, job.job_id, started)
+                )
+                log.info(
+                    "reconcile_started",
+                    extra={
+                        "audience": audience_id,
+                        "destination": self.name,
+                        "list_id": list_id,
+                        "export_job_id": job.job_id,
+                        "lists_in_job": len(lists),
+                    },
+                )
+            return await self._finish_group(runs)
+        finally:
+            for audience_id in lists:
+                self._running.pop(audience_id, None)
+            self._wakeup.set()
+
     async def _finish(self, run: ReconcileRun) -> ReconcileReport:
-        """Poll the export sparingly until finished, download it, judge, report."""
+        [report] = await self._finish_group([run])
+        return report
+
+    async def _finish_group(self, runs: Sequence[ReconcileRun]) -> list[ReconcileReport]:
+        """Poll the export sparingly until finished, download it, judge each list, report.
+
+        ``runs`` share one export job: one list, or several [A5]."""
+        lead = runs[0]
         unknown = UnknownStateWatch()
 
         def done(status: wire.ExportJobStatus) -> bool:
@@ -522,7 +686,7 @@ class Reconciler:
             status = await poll_until(
                 lambda: self._call(
                     Endpoint.EXPORT_JOB_STATUS,
-                    lambda: self._client.get_export_job(run.export_job_id),
+                    lambda: self._client.get_export_job(lead.export_job_id),
                 ),
                 done,
                 clock=self._clock,
@@ -530,31 +694,68 @@ class Reconciler:
                 maximum_seconds=self._settings.export_poll_max_seconds,
             )
         except DemandbaseError as exc:
-            await self._fail(run, f"the export job could not be read: {exc}", exc)
+            await self._fail_all(runs, f"the export job could not be read: {exc}", exc)
         state = export_job_state(status.job_status)
         if state is None:
             log.warning(
                 "export_state_unknown",
                 extra={
-                    "audience": run.audience_id,
-                    "export_job_id": run.export_job_id,
+                    "audience": lead.audience_id,
+                    "export_job_id": lead.export_job_id,
                     "state": status.job_status,
                 },
             )
-            await self._fail(run, f"the export stayed in unknown state {status.job_status!r}")
+            await self._fail_all(runs, f"the export stayed in unknown state {status.job_status!r}")
         if state is ExportJobState.FAILED:
-            await self._fail(run, f"Demandbase failed the export: {status.message or ''}")
+            await self._fail_all(runs, f"Demandbase failed the export: {status.message or ''}")
         results_url = status.results_url or ""
         if not results_url:
-            await self._fail(run, "the finished export names no results file")
-        self._export_duration.learn(self._clock.time() - run.started_at)
+            await self._fail_all(runs, "the finished export names no results file")
+        self._export_duration.learn(self._clock.time() - lead.started_at)
+        by_run = await self._download(runs, results_url)
+        reports = []
+        for run in runs:
+            reports.append(await self._judge(run, by_run[run.run_id]))
+        self.last_estimate = await self.loss_estimate()
+        return reports
+
+    async def _download(
+        self, runs: Sequence[ReconcileRun], results_url: str
+    ) -> dict[int, list[ListedAccount]]:
+        """The members of each run's list, from the export's results file."""
+        if len(runs) == 1:
+            try:
+                listed = await self._call(
+                    Endpoint.EXPORT_DOWNLOAD,
+                    lambda: self._client.read_export_accounts(results_url),
+                )
+            except DemandbaseError as exc:
+                await self._fail_all(runs, f"the results file could not be read: {exc}", exc)
+            self._charge_volume(int(len(listed) * self._bytes_per_row))
+            return {runs[0].run_id: listed}
+        assert isinstance(self._client, MultiListExportClient)
+        client = self._client
         try:
-            listed = await self._call(
-                Endpoint.EXPORT_DOWNLOAD,
-                lambda: self._client.read_export_accounts(results_url),
+            by_list, size = await self._call(
+                Endpoint.EXPORT_DOWNLOAD, lambda: client.read_export_accounts_by_list(results_url)
             )
         except DemandbaseError as exc:
-            await self._fail(run, f"the results file could not be read: {exc}", exc)
+            if isinstance(exc, PayloadError) and self._multi:
+                # A5 does not hold here: one list per export job from now on.
+                self._multi = False
+                log.warning(
+                    "multi_list_export_unsupported",
+                    extra={"destination": self.name, "reason": str(exc)},
+                )
+            await self._fail_all(runs, f"the results file could not be read: {exc}", exc)
+        self._charge_volume(size)
+        rows = sum(len(members) for members in by_list.values())
+        if rows:
+            self._bytes_per_row = size / rows
+        return {run.run_id: by_list.get(run.list_id, []) for run in runs}
+
+    async def _judge(self, run: ReconcileRun, listed: list[ListedAccount]) -> ReconcileReport:
+        """Adopt (if asked), judge the audience against its list, check the ledger, report."""
         adopted = (
             None
             if self._adoptions is None
@@ -598,8 +799,15 @@ class Reconciler:
         await self._store.finish_reconcile_run(run.run_id, encode_report(report))
         self._last[run.audience_id] = report
         log_report(report, check, repair_limit=self._settings.repair_limit)
-        self.last_estimate = await self.loss_estimate()
         return report
+
+    async def _fail_all(
+        self, runs: Sequence[ReconcileRun], reason: str, error: Exception | None = None
+    ) -> NoReturn:
+        for run in runs:
+            await self._store.fail_reconcile_run(run.run_id, reason)
+            self._failed(run.audience_id, run.export_job_id, reason, error)
+        raise _ReadBackFailed(reason)
 
     async def _fail(
         self, run: ReconcileRun, reason: str, error: Exception | None = None

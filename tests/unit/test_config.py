@@ -156,6 +156,7 @@ def test_defaults(base_dir: Path) -> None:
         "export_status_per_day": 300,
         "concurrent_import_jobs": 10,
         "concurrent_export_jobs": 1,
+        "export_bytes_per_day": 10_000_000_000,
         "day_seconds": 86400,
         "quota_safety_margin": 0.02,
     }

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 from dbsync.config import ReconcileSettings, decode_config
+from dbsync.contract.record import ContractRecord, Verdict, a5_holds, write_record
 from dbsync.errors import ConfigError
 from dbsync.model import LossTally, ReconcileFacts
 from dbsync.reconcile import (
+    ReconcilePlan,
     days_to_reconcile_all,
     due_at,
     estimate_losses,
@@ -129,3 +131,39 @@ def test_reconcile_settings_validate_the_poll_waits() -> None:
     settings = config.destinations[0].reconcile
     assert (settings.scheduled, settings.repair_limit) == (False, 3)
     assert settings.export_poll_max_seconds == 1800.0
+
+
+@pytest.mark.parametrize(
+    ("mode", "probed", "multi"),
+    [
+        ("auto", None, False),
+        ("auto", "holds", True),
+        ("auto", "differs", False),
+        ("yes", None, True),
+        ("no", "holds", False),
+    ],
+)
+def test_multi_list_exports_follow_the_setting_or_the_probe(
+    tmp_path: Path, mode: str, probed: str | None, multi: bool
+) -> None:
+    """``multi_list_exports``: ``auto`` follows the A5 verdict of the destination's last
+    probe in ``<state_dir>/contract.json`` (none: one list per job)."""
+    text = (
+        '[[destinations]]\nname = "d"\n[destinations.credentials]\ntoken = { file = "t" }\n'
+        f'[destinations.reconcile]\nmulti_list_exports = "{mode}"\n'
+    )
+    [destination] = decode_config(text.encode(), base_dir=Path("/")).destinations
+    if probed is not None:
+        verdict = Verdict(check="A5", outcome=probed, finding="", action="")
+        record = ContractRecord(
+            destination="d",
+            probed_at=0.0,
+            state="holds",
+            list_name="",
+            verdicts=[verdict],
+            spent={},
+        )
+        write_record(tmp_path, record)
+    plan = ReconcilePlan.from_config(destination, a5_holds=a5_holds(tmp_path, "d"))
+    assert plan.multi_list is multi
+    assert plan.export_bytes_per_day == 10_000_000_000
