@@ -4,7 +4,7 @@ A smoke test, not a timed one: it never asserts a speed, nor that a target was m
 benchmark reports a missed target in its line and still exits 0). It asserts that each
 script exits 0 and that the last line on its stdout decodes as one JSON object naming the
 benchmark, with the figures the README records and values that make sense for the
-quick sizes (counts equal to what was sent, rates and times positive). The eleven
+quick sizes (counts equal to what was sent, rates and times positive). The twelve
 scripts run at once, each in its own process, so that the whole takes as long as the
 slowest (the budget's two emulated days).
 """
@@ -33,8 +33,9 @@ BENCHMARKS = [
     "readback",
     "ingest_memory",
     "files",
+    "multi_readback",
 ]
-# Eleven benchmarks at once on two shared cores: the bound only catches a hang.
+# Twelve benchmarks at once on two shared cores: the bound only catches a hang.
 TIMEOUT_SECONDS = 300
 pytestmark = pytest.mark.timeout(TIMEOUT_SECONDS + 60)
 
@@ -176,3 +177,14 @@ def test_files(outputs: dict[str, tuple[int, str, str]]) -> None:
     assert 0 < line["applied_seconds"] <= line["folded_seconds"]
     assert line["applied_rows_per_second"] > 0
     assert line["rss_before_mb"] <= line["peak_rss_mb"]
+
+
+def test_multi_readback(outputs: dict[str, tuple[int, str, str]]) -> None:
+    line = figures(outputs, "multi_readback")
+    assert (line["audiences"], line["members"], line["day_seconds"]) == (20, 200, 60.0)
+    assert 0 <= line["verified_within_day_share"] <= 1
+    assert line["verified_total"] <= 20
+    assert line["export_jobs"] >= 1
+    assert 1 <= line["lists_per_export_max"] <= 20
+    assert line["export_bytes"] > 0
+    assert {"verified_target_met", "exports_target_met", "volume_target_met"} <= line.keys()
