@@ -63,10 +63,9 @@ async def seed_store(
             )
             if len(pending) >= FOLD_ROWS:
                 await store.append_changes(pending)
-                await store.fold_pending()
                 pending = []
-        if pending:
-            await store.append_changes(pending)
+        await store.append_changes(pending)
+        while await store.pending_journal_rows():
             await store.fold_pending()
         for n, audience in enumerate(audiences):
             while batch := await store.plan_batch(audience, ListAction.INSERT, 10_000):
