@@ -45,7 +45,7 @@ from dbsync.config import (
     load_ingest_token,
 )
 from dbsync.contract.record import a5_holds
-from dbsync.demandbase.auth import ApiKeyTokenSource, LegacyToken, TokenSource
+from dbsync.demandbase.auth import token_source
 from dbsync.demandbase.client import DemandbaseClient
 from dbsync.demandbase.wire import Endpoint
 from dbsync.destination import ImportClient
@@ -465,21 +465,13 @@ def _client_factory(
     """Clients built from the plan alone, so that a reload's new URL or secret is used."""
 
     def build(plan: DestinationPlan) -> ImportClient:
-        secret = plan.credentials
-        auth: TokenSource
-        if secret.token is not None:
-            auth = LegacyToken(secret.token)
-        else:
-            assert secret.client_id is not None
-            assert secret.client_secret is not None
-            auth = ApiKeyTokenSource(
-                session,
-                plan.base_url,
-                secret.client_id,
-                secret.client_secret,
-                clock=clock,
-                timeout_seconds=plan.request_timeout_seconds,
-            )
+        auth = token_source(
+            session,
+            plan.base_url,
+            plan.credentials,
+            clock=clock,
+            timeout_seconds=plan.request_timeout_seconds,
+        )
         return DemandbaseClient(
             session, plan.base_url, auth, timeout_seconds=plan.request_timeout_seconds
         )

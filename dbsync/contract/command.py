@@ -30,7 +30,7 @@ from dbsync.contract.probe import (
     probe_list_name,
 )
 from dbsync.contract.record import ContractRecord, write_record
-from dbsync.demandbase.auth import ApiKeyTokenSource, LegacyToken, TokenSource
+from dbsync.demandbase.auth import token_source
 from dbsync.demandbase.client import DemandbaseClient
 from dbsync.demandbase.wire import Endpoint
 from dbsync.errors import ConfigError, DemandbaseError, TransientError
@@ -125,20 +125,13 @@ async def probe_destination(
     counter = SpendCounter()
     timeout = destination.request_timeout_seconds
     async with aiohttp.ClientSession() as session:
-        auth: TokenSource
-        if credentials.token is not None:
-            auth = LegacyToken(credentials.token)
-        else:
-            assert credentials.client_id is not None
-            assert credentials.client_secret is not None
-            auth = ApiKeyTokenSource(
-                session,
-                destination.base_url,
-                credentials.client_id,
-                credentials.client_secret,
-                clock=SystemClock(),
-                timeout_seconds=timeout,
-            )
+        auth = token_source(
+            session,
+            destination.base_url,
+            credentials,
+            clock=SystemClock(),
+            timeout_seconds=timeout,
+        )
         client = DemandbaseClient(
             session, destination.base_url, auth, timeout_seconds=timeout, observer=counter
         )

@@ -25,6 +25,7 @@ import aiohttp
 import msgspec
 
 from dbsync.clock import Clock
+from dbsync.config import Credentials
 from dbsync.demandbase import wire
 from dbsync.demandbase.http import RequestObserver, decode_answer, send
 from dbsync.demandbase.wire import Endpoint
@@ -161,3 +162,27 @@ class ApiKeyTokenSource:
         return _MintedToken(
             answer.access_token, self._clock.monotonic() + answer.expires_in - margin_seconds
         )
+
+
+def token_source(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    credentials: Credentials,
+    *,
+    clock: Clock,
+    timeout_seconds: float,
+) -> TokenSource:
+    """The token source ``credentials`` call for: the legacy token, or an API key set's
+    minted tokens."""
+    if credentials.token is not None:
+        return LegacyToken(credentials.token)
+    assert credentials.client_id is not None
+    assert credentials.client_secret is not None
+    return ApiKeyTokenSource(
+        session,
+        base_url,
+        credentials.client_id,
+        credentials.client_secret,
+        clock=clock,
+        timeout_seconds=timeout_seconds,
+    )
