@@ -144,33 +144,26 @@ class DemandbaseClient:
         self, job_name: str, account_list_id: int
     ) -> wire.ExportJobDetails:
         """Start exporting list ``account_list_id``'s members (Demandbase runs one at a time)."""
-        if not 1 <= len(job_name) <= EXPORT_JOB_NAME_MAX_CHARS:
-            raise ValueError(
-                f"job_name must have 1 to {EXPORT_JOB_NAME_MAX_CHARS} characters,"
-                f" not {len(job_name)}"
-            )
         request = wire.AccountListExportRequest(job_name=job_name, account_list_id=account_list_id)
-        return await self._call(
-            Endpoint.EXPORT_CREATE_JOB,
-            "POST",
-            "/data/export/v1/accountList/job",
-            _export_job_details,
-            data=_encoder.encode(request),
-            content_type="application/json",
-        )
+        return await self._create_export(request)
 
     async def create_account_lists_export(
         self, job_name: str, account_list_ids: list[int]
     ) -> wire.ExportJobDetails:
         """Start exporting the members of several lists in one job [A5]."""
+        request = wire.AccountListExportRequest(
+            job_name=job_name, account_list_ids=list(account_list_ids)
+        )
+        return await self._create_export(request)
+
+    async def _create_export(self, request: wire.AccountListExportRequest) -> wire.ExportJobDetails:
+        """Start the export ``request`` asks for, one list or several."""
+        job_name = request.job_name
         if not 1 <= len(job_name) <= EXPORT_JOB_NAME_MAX_CHARS:
             raise ValueError(
                 f"job_name must have 1 to {EXPORT_JOB_NAME_MAX_CHARS} characters,"
                 f" not {len(job_name)}"
             )
-        request = wire.AccountListExportRequest(
-            job_name=job_name, account_list_ids=list(account_list_ids)
-        )
         return await self._call(
             Endpoint.EXPORT_CREATE_JOB,
             "POST",
