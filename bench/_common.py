@@ -182,3 +182,13 @@ class EmulatorProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def pending_inserts(socket: Path, audience: str) -> int:
+    """The audience's accounts waiting to be inserted, from ``dbsync ctl status``."""
+    from dbsync.admin.client import exchange
+    from dbsync.admin.protocol import Status, StatusReply
+
+    reply = exchange(socket, Status(audience=audience))
+    assert isinstance(reply, StatusReply), reply
+    return reply.audiences[0].pending_inserts

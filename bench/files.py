@@ -22,7 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._common import DaemonProcess, EmulatorProcess, add_check_flag, emit, say, status_kib
+from bench._common import (
+    DaemonProcess,
+    EmulatorProcess,
+    add_check_flag,
+    emit,
+    pending_inserts,
+    say,
+    status_kib,
+)
 
 AUDIENCE = "aep-files"
 AEP_ID = "7c1f0d3a-2b4e-4c6f-9a8b-1d2e3f4a5b6c"
@@ -50,15 +58,6 @@ def runs(socket: Path) -> list[str]:
     reply = exchange(socket, Files())
     assert isinstance(reply, FilesReply), reply
     return [r.outcome for r in reply.runs]
-
-
-def pending(socket: Path) -> int:
-    from dbsync.admin.client import exchange
-    from dbsync.admin.protocol import Status, StatusReply
-
-    reply = exchange(socket, Status(audience=AUDIENCE))
-    assert isinstance(reply, StatusReply), reply
-    return reply.audiences[0].pending_inserts
 
 
 def main() -> int:
@@ -99,7 +98,7 @@ def main() -> int:
                 raise SystemExit(f"not applied within 1200 s: {runs(socket)}")
             time.sleep(0.05)
         applied = time.perf_counter() - started
-        while (count := pending(socket)) < args.rows:
+        while (count := pending_inserts(socket, AUDIENCE)) < args.rows:
             if time.perf_counter() - started > 1200:
                 raise SystemExit(f"only {count} accounts folded within 1200 s")
             time.sleep(0.05)

@@ -20,7 +20,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench._common import DaemonProcess, EmulatorProcess, add_check_flag, emit, say, status_kib
+from bench._common import (
+    DaemonProcess,
+    EmulatorProcess,
+    add_check_flag,
+    emit,
+    pending_inserts,
+    say,
+    status_kib,
+)
 
 AUDIENCE = "snapshot"
 SECONDS_TARGET = 20.0
@@ -31,15 +39,6 @@ def csv_body(accounts: int) -> bytes:
     lines = [b"Account Name,Account Domain,External Account ID"]
     lines += [b"Company %07d,c%07d.example,SNAP-%07d" % (i, i, i) for i in range(1, accounts + 1)]
     return b"\n".join(lines) + b"\n"
-
-
-def pending(socket: Path) -> int:
-    from dbsync.admin.client import exchange
-    from dbsync.admin.protocol import Status, StatusReply
-
-    reply = exchange(socket, Status(audience=AUDIENCE))
-    assert isinstance(reply, StatusReply), reply
-    return reply.audiences[0].pending_inserts
 
 
 def main() -> int:
@@ -76,7 +75,7 @@ def main() -> int:
             assert answer.status == 202, answer.status
         answered = time.perf_counter() - started
         socket = Path(tmp) / "state" / "admin.sock"
-        while (count := pending(socket)) < args.accounts:
+        while (count := pending_inserts(socket, AUDIENCE)) < args.accounts:
             if time.perf_counter() - started > 600:
                 raise SystemExit(f"only {count} accounts folded within 600 s")
             time.sleep(0.05)
