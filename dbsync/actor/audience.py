@@ -1,4 +1,4 @@
-"""One actor per activated audience: it turns the audience's dirty set into import jobs.
+"""The actor of one audience: it turns the audience's dirty set into import jobs.
 
 The queue is the difference, not a log: the store keeps, per account, the desired
 state and the state Demandbase acknowledged, and the actor sends only accounts whose
@@ -10,8 +10,6 @@ An actor's life::
     resume open batches ──> idle ──backlog due and budget grants──> delivering ──┐
                              ^  └──pause──> paused ──resume──┘                   │
                              └───────────────────────────────────────────────────┘
-    every call: ──transient failures──> backing off ──keeps failing──> failed
-                                              └───────── success ────────> active
 
 A backlog is *due* when it holds ``max_records`` accounts, when its oldest change is
 ``max_age_seconds`` old, or when the operator asks for a flush. Each delivery holds a
@@ -25,12 +23,8 @@ A batch goes: create job -> upload CSV with an explicit ``listAction`` (``insert
 one transaction. Only then; a crash anywhere before re-sends, which is harmless
 because list membership is a set (invariant 2).
 
-Failures (the policy is :mod:`dbsync.retry`'s, shared with the reconcilers): 429
-slows the destination's pace and retries (never drops anything); 5xx, timeouts and
-resets retry with capped exponential backoff and full jitter; after
-:data:`~dbsync.retry.GIVE_UP_AFTER` consecutive failures the actor reports ``failed``
-and keeps trying at the longest backoff, so it recovers by itself; 401/403 stop the
-whole destination (see :mod:`dbsync.destination`); a 400 on an upload splits the
+Failures: what happens around each call to Demandbase (429s, 5xx, 401/403, the
+``failed`` state) is :mod:`dbsync.actor.calls`'s. A 400 on an upload splits the
 batch in two, down to the single row that Demandbase refuses, which is set aside as
 rejected with its reason; a job Demandbase *fails* is sent again, then split, and a
 part still failing is set aside: :mod:`dbsync.triage` bounds what either costs. 409,
@@ -55,111 +49,32 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Awaitable
 
 import msgspec
 
+from dbsync.actor.calls import ActorCalls, AudienceStatus, HeldBack
+from dbsync.actor.settings import ActorSettings, DeliveryStore
 from dbsync.clock import Clock, Limiter, PaceLimiter, wait_event
-from dbsync.contract.watch import UNKNOWN_STATE_DEADLINE_SECONDS, UnknownStateWatch, list_breach
+from dbsync.contract.watch import UnknownStateWatch, list_breach
 from dbsync.demandbase.csvfile import encode_accounts
 from dbsync.demandbase.wire import Endpoint, ImportJob
-from dbsync.destination import Destination, ImportClient
-from dbsync.errors import (
-    AuthError,
-    BadRequestError,
-    DemandbaseError,
-    NotFoundError,
-    ThrottledError,
-)
+from dbsync.destination import Destination
+from dbsync.errors import BadRequestError, NotFoundError
 from dbsync.logs import AudienceLogger
-from dbsync.model import AudienceRecord, AudienceState, Backlog, Batch, BatchState, ListAction
-from dbsync.retry import (
-    GIVE_UP_AFTER,
-    LearnedDuration,
-    OnRefused,
-    RetryPolicy,
-    call_with_retries,
-    poll_until,
-)
-from dbsync.states import DestinationState, ImportJobState, check_transition, import_job_state
-from dbsync.triage import NOT_ABOUT_A_ROW, Triage, TriageStore
+from dbsync.model import AudienceState, Backlog, Batch, BatchState, ListAction
+from dbsync.retry import LearnedDuration, poll_until
+from dbsync.states import ImportJobState, import_job_state
+from dbsync.triage import NOT_ABOUT_A_ROW, Triage
 
-# Destination and ImportClient used to live here; importers of them keep working.
-__all__ = [
-    "REFUSED_HOLD_SECONDS",
-    "ActorSettings",
-    "AudienceActor",
-    "Destination",
-    "ImportClient",
-]
+__all__ = ["ADOPTION_RECHECK_SECONDS", "REFUSED_HOLD_SECONDS", "AudienceActor"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-# An actor never gives up a call: it holds its work until Demandbase takes it.
-_POLICY = RetryPolicy(give_up_after=None, on_refused=OnRefused.STOP_DESTINATION)
-
 # After one of them, the audience sends nothing for this long (or until ``ctl resume``):
 # the same request would meet the same answer, so at most 48 jobs a day go to it.
 REFUSED_HOLD_SECONDS = 1_800.0
 # While its list is being adopted, an audience looks again this often (it is woken too).
 ADOPTION_RECHECK_SECONDS = 5.0
-
-
-class ActorSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """What one actor needs to know of its audience (built from the configuration)."""
-
-    audience_id: str
-    destination: str
-    name: str
-    list_name: str
-    requests_per_minute: float = 60.0
-    max_records: int = 10_000
-    max_age_seconds: float = 60.0
-    max_jobs_in_flight: int = 2
-    job_poll_initial_seconds: float = 2.0
-    job_poll_max_seconds: float = 300.0
-    # How long a job may stay in a state dbsync does not know before it counts as failed.
-    unknown_state_deadline_seconds: float = UNKNOWN_STATE_DEADLINE_SECONDS
-    paused: bool = False
-    # Seconds after which an account set aside as unmatched is sent again, one per
-    # try, the last repeating (``retry_unmatched_days`` in days of ``day_seconds``).
-    retry_delays: tuple[float, ...] = ()
-
-
-class DeliveryStore(TriageStore, Protocol):
-    """The part of :class:`~dbsync.store.Store` an actor uses."""
-
-    async def backlog(self, audience_id: str) -> Backlog: ...
-    async def plan_batch(
-        self, audience_id: str, action: ListAction, max_rows: int
-    ) -> Batch | None: ...
-    async def open_batches(self, audience_id: str) -> list[Batch]: ...
-    async def mark_created(self, batch_id: int, job_id: int) -> None: ...
-    async def mark_uploaded(self, batch_id: int) -> None: ...
-    async def complete_batch(self, batch_id: int, *, list_id: int | None) -> int: ...
-    async def fail_batch(self, batch_id: int, reason: str) -> None: ...
-    async def abandon_batch(self, batch_id: int, reason: str) -> None: ...
-    async def resync(self, audience_id: str) -> int: ...
-    async def retry_due_in(self, audience_id: str, delays: Sequence[float]) -> float: ...
-    async def adoption_pending(self, audience_id: str) -> bool: ...
-    async def release_retries(
-        self, audience_id: str, delays: Sequence[float], max_rows: int
-    ) -> int: ...
-    async def add_to_ledger(self, audience_id: str, **deltas: int) -> None: ...
-    async def set_audience_state(
-        self, audience_id: str, state: AudienceState, reason: str = ""
-    ) -> None: ...
-    async def audiences(self) -> dict[str, AudienceRecord]: ...
-
-
-class _HeldBack(Exception):
-    """A delivery waited for a stopped destination when its actor was told to stop.
-
-    Nothing runs at Demandbase for it that a drain could wait for: its batch stays open
-    in the store, and the next start resumes it.
-    """
 
 
 class AudienceActor:
@@ -194,12 +109,24 @@ class AudienceActor:
         self._carrying: set[asyncio.Task[None]] = set()
         self._backlog = Backlog(inserts=0, deletes=0, oldest_changed_at=None)
         self._next_action = ListAction.INSERT
-        self._failures = 0
         self._job_seconds = LearnedDuration(
             settings.job_poll_initial_seconds, settings.job_poll_max_seconds
         )
-        self.state = AudienceState.PAUSED if settings.paused else AudienceState.ACTIVE
-        self.last_error = ""
+        initial = AudienceState.PAUSED if settings.paused else AudienceState.ACTIVE
+        self._status = AudienceStatus(settings.audience_id, initial, store, self._log)
+        self._calls = ActorCalls(
+            settings.audience_id,
+            destination=destination,
+            store=store,
+            clock=clock,
+            rng=self._rng,
+            limiter=self._limiter,
+            status=self._status,
+            stopping=self._stopping,
+            priority=self._priority,
+            is_paused=lambda: self._paused,
+            log=self._log,
+        )
         self.jobs_completed = 0
         # The list the audience feeds (configured, or reported by its first job) [A1/A2].
         self._list_id: int | None = None
@@ -252,6 +179,14 @@ class AudienceActor:
         self._wakeup.set()
 
     @property
+    def state(self) -> AudienceState:
+        return self._status.state
+
+    @property
+    def last_error(self) -> str:
+        return self._status.last_error
+
+    @property
     def is_paused(self) -> bool:
         return self._paused
 
@@ -261,8 +196,8 @@ class AudienceActor:
 
     async def record_failure(self, reason: str) -> None:
         """The supervisor saw :meth:`run` crash: report ``failed``, saying why."""
-        self.last_error = reason
-        await self._set_state(AudienceState.FAILED, reason, persist=True)
+        self._status.last_error = reason
+        await self._status.set(AudienceState.FAILED, reason, persist=True)
 
     async def resync(self) -> int:
         """Push the whole desired membership again (e.g. after the list was emptied)."""
@@ -284,9 +219,10 @@ class AudienceActor:
         self._list_settled = self._list_id is not None
         # The store may hold what an earlier run left (failed, stopped): say what is true.
         if self.contract_breach:
-            await self._set_state(AudienceState.CONTRACT_BROKEN, self.contract_breach, persist=True)
+            breach = self.contract_breach
+            await self._status.set(AudienceState.CONTRACT_BROKEN, breach, persist=True)
         else:
-            await self._set_state(
+            await self._status.set(
                 AudienceState.PAUSED if self._paused else AudienceState.ACTIVE, persist=True
             )
         async with asyncio.TaskGroup() as deliveries:
@@ -298,15 +234,15 @@ class AudienceActor:
                 self._spawn(deliveries, self._resume(batch), batch.batch_id, carrying=uploaded)
             while not self._stopping.is_set():
                 if self.contract_breach:
-                    await self._set_state(AudienceState.CONTRACT_BROKEN, self.contract_breach)
+                    await self._status.set(AudienceState.CONTRACT_BROKEN, self.contract_breach)
                     await self._wait(None)
                     continue
                 if self._paused:
-                    await self._set_state(AudienceState.PAUSED)
+                    await self._status.set(AudienceState.PAUSED)
                     await self._wait(None)
                     continue
                 if self.state in (AudienceState.PAUSED, AudienceState.CONTRACT_BROKEN):
-                    await self._set_state(AudienceState.ACTIVE)
+                    await self._status.set(AudienceState.ACTIVE)
                 held = self._held_until - self._clock.monotonic()
                 if held > 0:
                     await self._wait(held)
@@ -347,7 +283,7 @@ class AudienceActor:
         async def tracked() -> None:
             try:
                 await work
-            except _HeldBack:
+            except HeldBack:
                 pass
             finally:
                 self._deliveries.discard(task)
@@ -464,7 +400,7 @@ class AudienceActor:
             if batch.state is BatchState.CREATED and batch.job_id is not None:
                 # We cannot know whether the upload reached Demandbase before the crash.
                 try:
-                    job = await self._call(
+                    job = await self._calls.call(
                         Endpoint.IMPORT_JOB_STATUS,
                         lambda: self._destination.client.get_import_job(batch.job_id or 0),
                     )
@@ -482,7 +418,7 @@ class AudienceActor:
         client = self._destination.client
         job_id = batch.job_id
         if job_id is None:
-            job = await self._call(
+            job = await self._calls.call(
                 Endpoint.IMPORT_CREATE_JOB,
                 lambda: client.create_import_job(self.settings.list_name),
             )
@@ -490,7 +426,7 @@ class AudienceActor:
             await self._store.mark_created(batch.batch_id, job_id)
         data = encode_accounts(batch.accounts)
         try:
-            await self._call(
+            await self._calls.call(
                 Endpoint.IMPORT_UPLOAD,
                 lambda: client.upload_import_data(job_id, data, list_action=batch.action),
             )
@@ -516,7 +452,7 @@ class AudienceActor:
 
     async def _job_has_data(self, job_id: int) -> bool:
         try:
-            job = await self._call(
+            job = await self._calls.call(
                 Endpoint.IMPORT_JOB_STATUS,
                 lambda: self._destination.client.get_import_job(job_id),
             )
@@ -528,12 +464,12 @@ class AudienceActor:
         """409, 413 or 415: about the request, not a row. Hold the accounts; say so."""
         await self._store.abandon_batch(batch.batch_id, error.message)
         self._held_until = self._clock.monotonic() + REFUSED_HOLD_SECONDS
-        self.last_error = str(error)
+        self._status.last_error = str(error)
         self._log.error(
             "upload_refused",
             extra={"batch_id": batch.batch_id, "status": error.status, "reason": error.message},
         )
-        await self._set_state(AudienceState.FAILED, str(error))
+        await self._status.set(AudienceState.FAILED, str(error))
 
     async def _finish(self, batch: Batch) -> None:
         """Poll the job, sparingly, until Demandbase says completed or failed."""
@@ -550,7 +486,7 @@ class AudienceActor:
 
         try:
             job = await poll_until(
-                lambda: self._call(
+                lambda: self._calls.call(
                     Endpoint.IMPORT_JOB_STATUS,
                     lambda: self._destination.client.get_import_job(job_id),
                 ),
@@ -621,84 +557,5 @@ class AudienceActor:
                     "reason": reason,
                 },
             )
-        await self._set_state(AudienceState.CONTRACT_BROKEN, reason)
+        await self._status.set(AudienceState.CONTRACT_BROKEN, reason)
         self._wakeup.set()
-
-    # --- one call, with the retry policy (dbsync.retry) and the actor's hooks ---------
-
-    async def _call(self, endpoint: Endpoint, request: Callable[[], Awaitable[T]]) -> T:
-        """Spend budget, make the request, retry what is retriable; never drop the work.
-
-        401/403 stop the destination; the call then waits for it to run again.
-        Errors that are not retriable (400, 404) go back to the caller.
-        """
-        return await call_with_retries(
-            endpoint, request, policy=_POLICY, hooks=self, clock=self._clock, rng=self._rng
-        )
-
-    async def before_attempt(self, endpoint: Endpoint) -> None:
-        await self._destination.wait_running(self._clock, unless=self._stopping)
-        if self._stopping.is_set() and not self._destination.is_running:
-            raise _HeldBack
-        # The audience's own pace first: between the destination's charge and the
-        # request nothing should wait, or a request charged to today could reach
-        # Demandbase tomorrow.
-        await self._limiter.acquire()
-        await self._destination.budget.spend(endpoint, priority=self._priority())
-
-    async def refused(self, endpoint: Endpoint, error: DemandbaseError) -> None:
-        reason = (
-            DestinationState.AUTH_FAILED
-            if isinstance(error, AuthError)
-            else DestinationState.PERMISSION_DENIED
-        )
-        self._destination.stop(reason, error)
-        await self._set_state(AudienceState.STOPPED, reason)
-
-    async def throttled(self, endpoint: Endpoint, error: ThrottledError) -> None:
-        await self._destination.budget.on_throttled(error.retry_after)
-        await self._store.add_to_ledger(self.settings.audience_id, throttled=1)
-
-    async def retrying(
-        self, endpoint: Endpoint, error: DemandbaseError, attempt: int, delay: float
-    ) -> None:
-        self._failures += 1
-        self.last_error = str(error)
-        self._log.warning(
-            "api_retry",
-            extra={
-                "endpoint": endpoint,
-                "status": error.status,
-                "error_code": error.error_code,
-                "failures": self._failures,
-                "retry_in_seconds": round(delay, 3),
-            },
-        )
-        if self._failures >= GIVE_UP_AFTER and self.state is not AudienceState.FAILED:
-            await self._set_state(AudienceState.FAILED, str(error))
-
-    async def succeeded(self, endpoint: Endpoint) -> None:
-        self._failures = 0
-        self._destination.restart()  # a probe of a stopped destination went through
-        if self.state in (AudienceState.FAILED, AudienceState.STOPPED):
-            await self._set_state(AudienceState.PAUSED if self._paused else AudienceState.ACTIVE)
-
-    async def _set_state(
-        self, state: AudienceState, reason: str = "", *, persist: bool = False
-    ) -> None:
-        """Move to ``state`` (checked against its machine) and store it.
-
-        ``persist``: store it even if it is the state already (a new reason, a new run).
-        """
-        if state is self.state:
-            if persist:
-                await self._store.set_audience_state(self.settings.audience_id, state, reason)
-            return
-        previous, self.state = self.state, check_transition(self.state, state)
-        level = logging.ERROR if state is AudienceState.FAILED else logging.INFO
-        self._log.log(
-            level,
-            "actor_state_changed",
-            extra={"from": previous, "to": state, "reason": reason},
-        )
-        await self._store.set_audience_state(self.settings.audience_id, state, reason)
