@@ -33,8 +33,8 @@ import aiohttp
 
 from dbsync import __version__, logs, systemd
 from dbsync.actor import ActorSettings
+from dbsync.admin.controls import Controls
 from dbsync.admin.server import AdminServer, AdminSocketError
-from dbsync.admin.verbs import Controls
 from dbsync.budget import BudgetLimits
 from dbsync.clock import Clock, SystemClock, wait_event
 from dbsync.config import (

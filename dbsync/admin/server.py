@@ -43,6 +43,7 @@ from pathlib import Path
 import msgspec
 
 from dbsync.admin.access import Access, Peer, peer_of
+from dbsync.admin.controls import AdminFault, Controls
 from dbsync.admin.protocol import (
     MAX_REQUEST_BYTES,
     Fault,
@@ -52,7 +53,7 @@ from dbsync.admin.protocol import (
     decode_request,
     encode,
 )
-from dbsync.admin.verbs import AdminFault, Controls, perform
+from dbsync.admin.verbs import perform
 from dbsync.restarts import describe
 
 __all__ = ["AdminServer", "AdminSocketError"]

@@ -19,27 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import assert_never
 
-import msgspec
-
-from dbsync import __version__
 from dbsync.actor import AudienceActor
+from dbsync.admin.controls import AdminFault, Controls, audience_record
 from dbsync.admin.protocol import (
     Adopt,
     AdoptReply,
     AnyRequest,
     Approve,
     ApproveReply,
-    AudienceView,
-    BatchView,
-    DaemonView,
-    DestinationView,
     Discard,
     DiscardReply,
     Drain,
@@ -50,17 +41,12 @@ from dbsync.admin.protocol import (
     FilesReply,
     Flush,
     FlushReply,
-    HeldView,
-    LastBatchView,
-    LossEstimateView,
     Pause,
     PauseReply,
     Quota,
-    QuotaLine,
     QuotaReply,
     Reconcile,
     ReconcileReply,
-    ReconcileView,
     Rejected,
     RejectedReply,
     RejectedView,
@@ -75,17 +61,12 @@ from dbsync.admin.protocol import (
     ResyncReply,
     Role,
     Status,
-    StatusReply,
     WaitingRunView,
 )
-from dbsync.clock import Clock
-from dbsync.config import Config
-from dbsync.contract.record import read_records
-from dbsync.files.watcher import Watcher
-from dbsync.model import AudienceRecord, AudienceState, HeldSnapshot, RejectedAccount
-from dbsync.reconcile import ReconcileDeferred, ReconcileReport
-from dbsync.store import Store, next_retry_at
-from dbsync.supervisor import Supervisor
+from dbsync.admin.status import destinations, held_view, report_view, status
+from dbsync.model import AudienceState, RejectedAccount
+from dbsync.reconcile import ReconcileDeferred
+from dbsync.store import next_retry_at
 
 log = logging.getLogger(__name__)
 
@@ -93,31 +74,6 @@ __all__ = ["AdminFault", "Controls", "perform"]
 
 # How often a waiting verb looks again at the state it waits for.
 _POLL_SECONDS = 0.01
-
-
-class AdminFault(Exception):
-    """A request that was not done: its stable code and a message for the operator."""
-
-    def __init__(self, code: FaultCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True, kw_only=True)
-class Controls:
-    """What the daemon lets the admin socket see and do."""
-
-    supervisor: Supervisor
-    store: Store
-    clock: Clock
-    config: Callable[[], Config]  # the configuration in force (a reload replaces it)
-    config_path: Path
-    started_at: float  # clock.time() at start
-    reload: Callable[[], Awaitable[str | None]]  # None: applied; else why it was rejected
-    drain: Callable[[], None]
-    draining: Callable[[], bool]
-    watcher: Watcher | None = None  # the watched folder, when [ingest.files] is set
 
 
 async def perform(controls: Controls, request: AnyRequest) -> Reply:
@@ -136,7 +92,7 @@ async def perform(controls: Controls, request: AnyRequest) -> Reply:
 async def _perform(c: Controls, request: AnyRequest) -> Reply:
     match request:
         case Status(audience=audience):
-            return await _status(c, audience)
+            return await status(c, audience)
         case Pause(audience=audience):
             return await _pause(c, audience)
         case Resume(audience=audience):
@@ -159,7 +115,7 @@ async def _perform(c: Controls, request: AnyRequest) -> Reply:
         case Adopt(audience=audience):
             return await _adopt(c, audience)
         case Quota():
-            return QuotaReply(destinations=await _destinations(c))
+            return QuotaReply(destinations=await destinations(c))
         case Files(limit=limit):
             return await _files(c, limit)
         case Approve(audience=audience):
@@ -286,7 +242,7 @@ async def _flush(c: Controls, audience: str) -> FlushReply:
 
 async def _rejected(c: Controls, audience: str | None, limit: int) -> RejectedReply:
     if audience is not None:
-        await _record(c, audience)
+        await audience_record(c, audience)
     rows = await c.store.rejected(audience)
     delays = {
         a.id: tuple(days * d.limits.day_seconds for days in d.reconcile.retry_unmatched_days)
@@ -331,7 +287,7 @@ async def _reconcile(c: Controls, audience: str) -> ReconcileReply:
         raise AdminFault(
             FaultCode.RECONCILE_DEFERRED, f"{audience}: {exc.reason}; it can run at {when}"
         ) from None
-    return ReconcileReply(report=_report(report))
+    return ReconcileReply(report=report_view(report))
 
 
 async def _adopt(c: Controls, audience: str) -> AdoptReply:
@@ -346,11 +302,7 @@ async def _adopt(c: Controls, audience: str) -> AdoptReply:
             FaultCode.RECONCILE_DEFERRED,
             f"{audience}: {exc.reason}; the adoption stays asked for and can run at {when}",
         ) from None
-    return AdoptReply(adopted=adopted, report=_report(report))
-
-
-def _report(report: ReconcileReport) -> ReconcileView:
-    return msgspec.convert(msgspec.to_builtins(report), ReconcileView)
+    return AdoptReply(adopted=adopted, report=report_view(report))
 
 
 async def _reload(c: Controls) -> ReloadReply:
@@ -368,18 +320,6 @@ async def _reload(c: Controls) -> ReloadReply:
 # --- AEP files and the removal guard ---------------------------------------------------------
 
 
-def _held(snapshot: HeldSnapshot) -> HeldView:
-    return HeldView(
-        audience=snapshot.audience_id,
-        source=snapshot.source,
-        received_at=snapshot.received_at,
-        members=snapshot.members,
-        current=snapshot.current,
-        removed=snapshot.removed,
-        reason=snapshot.reason,
-    )
-
-
 async def _files(c: Controls, limit: int) -> FilesReply:
     waiting = c.watcher.waiting() if c.watcher is not None else []
     return FilesReply(
@@ -394,7 +334,7 @@ async def _files(c: Controls, limit: int) -> FilesReply:
             )
             for w in waiting
         ],
-        held=[_held(h) for h in await c.store.held_snapshots()],
+        held=[held_view(h) for h in await c.store.held_snapshots()],
         runs=[
             FileRunView(
                 audience=r.audience_id,
@@ -418,7 +358,7 @@ async def _files(c: Controls, limit: int) -> FilesReply:
 
 
 async def _approve(c: Controls, audience: str) -> ApproveReply:
-    await _record(c, audience)
+    await audience_record(c, audience)
     outcome = await c.store.approve_snapshot(audience)
     if outcome is None:
         raise AdminFault(
@@ -435,7 +375,7 @@ async def _approve(c: Controls, audience: str) -> ApproveReply:
 
 
 async def _discard(c: Controls, audience: str) -> DiscardReply:
-    await _record(c, audience)
+    await audience_record(c, audience)
     dropped = await c.store.discard_snapshot(audience)
     if dropped is None:
         raise AdminFault(
@@ -446,174 +386,3 @@ async def _discard(c: Controls, audience: str) -> DiscardReply:
         extra={"audience": audience, "members": dropped.members, "removed": dropped.removed},
     )
     return DiscardReply(audience=audience, members=dropped.members, removed=dropped.removed)
-
-
-# --- status ----------------------------------------------------------------------------------
-
-
-async def _record(c: Controls, audience: str) -> AudienceRecord:
-    records = await c.store.audiences()
-    if audience not in records:
-        raise AdminFault(
-            FaultCode.UNKNOWN_AUDIENCE,
-            f"no audience {audience!r} (known: {', '.join(records)})",
-        )
-    return records[audience]
-
-
-async def _status(c: Controls, audience: str | None) -> StatusReply:
-    now = c.clock.time()
-    if audience is not None:
-        records = {audience: await _record(c, audience)}
-    else:
-        records = await c.store.audiences()
-    audiences = [
-        await _audience(c, record, now, batches=audience is not None) for record in records.values()
-    ]
-    destinations = await _destinations(c)
-    if audience is not None:
-        destinations = [d for d in destinations if d.destination == records[audience].destination]
-    return StatusReply(
-        daemon=DaemonView(
-            version=__version__,
-            pid=os.getpid(),
-            config=str(c.config_path),
-            started_at=c.started_at,
-            uptime_seconds=round(now - c.started_at, 3),
-            draining=c.draining(),
-        ),
-        audiences=audiences,
-        destinations=destinations,
-    )
-
-
-async def _audience(
-    c: Controls, record: AudienceRecord, now: float, *, batches: bool
-) -> AudienceView:
-    audience = record.audience_id
-    backlog = await c.store.backlog(audience)
-    check = await c.store.ledger_check(audience, recount=False)
-    last_batch = await c.store.last_batch(audience)
-    last_reconcile, next_reconcile_at = c.supervisor.reconcile_state(audience)
-    actor = c.supervisor.actor(audience)
-    state, reason = record.state, record.state_reason
-    requests_per_minute = pace = None
-    if actor is not None:
-        state = actor.state
-        reason = ""
-        destination = c.supervisor.destination(actor.settings.destination)
-        if state is AudienceState.FAILED:
-            reason = actor.last_error or record.state_reason
-        elif state is AudienceState.STOPPED and destination is not None:
-            reason = destination.stopped_reason
-        requests_per_minute = actor.settings.requests_per_minute
-        pace = requests_per_minute
-        if destination is not None:
-            pace = min(pace, destination.budget.snapshot().pace_per_minute)
-    held = await c.store.held_snapshots(audience)
-    open_batches = None
-    if batches:
-        open_batches = [
-            BatchView(
-                batch_id=b.batch_id,
-                action=b.action,
-                state=b.state,
-                rows=len(b.accounts),
-                job_id=b.job_id,
-                age_seconds=round(now - b.created_at, 3),
-            )
-            for b in await c.store.open_batches(audience)
-        ]
-    return AudienceView(
-        audience=audience,
-        name=record.name,
-        destination=record.destination,
-        list_name=record.list_name,
-        list_id=record.list_id,
-        state=state,
-        reason=reason,
-        paused=actor.is_paused if actor is not None else False,
-        pending_inserts=backlog.inserts,
-        pending_deletes=backlog.deletes,
-        oldest_pending_age_seconds=(
-            round(now - backlog.oldest_changed_at, 3)
-            if backlog.oldest_changed_at is not None
-            else None
-        ),
-        in_flight=backlog.in_flight,
-        rejected=backlog.rejected,
-        jobs_in_flight=actor.jobs_in_flight if actor is not None else 0,
-        jobs_completed=actor.jobs_completed if actor is not None else 0,
-        checkpoint_seq=record.checkpoint_seq,
-        requests_per_minute=requests_per_minute,
-        pace_per_minute=pace,
-        ledger=msgspec.structs.asdict(check.counts),
-        ledger_balanced=check.balanced,
-        open_batches=open_batches,
-        last_batch=(
-            msgspec.convert(msgspec.to_builtins(last_batch), LastBatchView)
-            if last_batch is not None
-            else None
-        ),
-        last_reconcile=_report(last_reconcile) if last_reconcile is not None else None,
-        next_reconcile_at=next_reconcile_at,
-        held_snapshot=_held(held[-1]) if held else None,
-    )
-
-
-async def _destinations(c: Controls) -> list[DestinationView]:
-    """Each configured destination's budget and auth state; never a credential."""
-    views = []
-    probes = read_records(c.config().daemon.state_dir)
-    for configured in c.config().destinations:
-        destination = c.supervisor.destination(configured.name)
-        if destination is None:
-            continue
-        probe = probes.get(configured.name)
-        contract = probe.state if probe is not None else "not probed"
-        broken = [
-            actor.settings.audience_id
-            for audience_id in c.supervisor.audience_ids()
-            if (actor := c.supervisor.actor(audience_id)) is not None
-            and actor.settings.destination == configured.name
-            and actor.contract_breach
-        ]
-        if broken:
-            contract = f"broken at run time ({', '.join(broken)})"
-        budget = destination.budget
-        snapshot = budget.snapshot()
-        limits = {str(endpoint): limit for endpoint, limit in budget.limits.daily.items()}
-        views.append(
-            DestinationView(
-                destination=configured.name,
-                auth_mode="token" if configured.credentials.token is not None else "api_key_set",
-                auth_state="ok" if destination.is_running else destination.stopped_reason,
-                contract=contract,
-                probed_at=probe.probed_at if probe is not None else None,
-                running=destination.is_running,
-                pace_per_minute=snapshot.pace_per_minute,
-                jobs_in_flight=snapshot.jobs_in_flight,
-                job_slots=snapshot.job_slots,
-                throttled=snapshot.throttled,
-                window_ends_at=snapshot.window_ends_at,
-                quota=[
-                    QuotaLine(
-                        endpoint=endpoint,
-                        limit=limits[endpoint],
-                        allowed=snapshot.allowed[endpoint],
-                        used=used,
-                        left=max(0, snapshot.allowed[endpoint] - used),
-                    )
-                    for endpoint, used in snapshot.used.items()
-                ],
-                loss_estimate=await _loss_estimate(c, configured.name),
-            )
-        )
-    return views
-
-
-async def _loss_estimate(c: Controls, destination: str) -> LossEstimateView | None:
-    estimate = await c.supervisor.loss_estimate(destination)
-    if estimate is None or estimate.overall.judged == 0:
-        return None
-    return msgspec.convert(msgspec.to_builtins(estimate), LossEstimateView)

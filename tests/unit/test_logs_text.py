@@ -74,7 +74,8 @@ def test_text_value_brackets_what_is_nested() -> None:
 
 
 def test_ctl_shows_an_imbalance_and_a_reason_as_text() -> None:
-    from dbsync.admin.ctl import _cell, _safe
+    from dbsync.admin.cells import cell as _cell
+    from dbsync.admin.cells import safe as _safe
 
     assert _cell({"delivery": 1}) == "delivery:1"
     assert _cell(LossCause.DROPPED) == "dropped"
