@@ -1,0 +1,262 @@
+"""When today's backlog will be delivered: a pure forecast from backlogs and budgets.
+
+For each audience of one destination, and for the destination as a whole, the time
+by which the accounts pending now will have been carried by completed import jobs,
+under the destination's daily budgets. Nothing here reads a clock or a store: the
+inputs are numbers (:class:`Capacity`, :class:`Load`), so that the forecast is tested
+with numbers and computed alike by ``dbsync ctl status``, ``dbsync ctl plan`` and the
+``audience_summary`` lines.
+
+The model, and what it leaves out:
+
+* **Jobs.** An audience's backlog is ``ceil(inserts / rows_per_job) +
+  ceil(deletes / rows_per_job)`` import jobs (inserts and deletes never share a job).
+  Each job costs one creation, one upload and :data:`STATUS_READS_PER_JOB` status reads
+  (the first poll waits the learned job duration, so one or two reads each), and is
+  done ``job_seconds`` (the learned duration) after it starts.
+* **Daily quotas.** A window (a day of ``day_seconds``) starts at most
+  ``jobs_per_day`` jobs: the fewest the creation, upload and status quotas allow; the
+  current one only what is left of today. No job starts in the last ``edge_seconds``
+  of a window (the budget's edge): those wait for the next window, as the budget does.
+* **Pace.** Within a window, jobs start at most at ``slots / job_seconds`` a second
+  and at ``pace / 60 / REQUESTS_PER_JOB``, where ``slots`` is the destination's job
+  slots as far as the audiences still waiting may hold them (each at most
+  ``max_jobs_in_flight``) and ``pace`` the destination's request pace as far as their
+  own ``requests_per_minute`` allow. The pace is the one in force now: after 429s
+  halved it, the forecast is pessimistic for the minutes the pace takes to recover.
+* **The other audiences' share.** The budget grants job slots and quota to the
+  audience whose oldest pending change is oldest (:mod:`dbsync.budget`), so the forecast
+  serves the backlogs in that order, each until it is empty, then the next: an
+  audience's time is its own jobs after every older backlog's. Real grants interleave
+  a little (an audience's oldest change moves on as its batches are planned), which
+  delivers the older audiences a little later and the younger a little earlier; the
+  destination's time is the same either way.
+* **Not due yet.** A backlog smaller than ``rows_per_job`` waits until its oldest
+  change is ``max_age_seconds`` old.
+* **Left out.** Jobs already in flight are counted done ``job_seconds`` from now (we
+  do not know when they started); failed jobs sent again, split batches, rows refused,
+  set-aside accounts tried again (which use only quota nobody waits for) and changes
+  arriving later are not forecast. A held audience (paused, or its contract broken)
+  has no time: nothing of it is sent until ``ctl resume``.
+
+The bound the tests hold it to (``tests/integration/test_forecast_days.py``): with a
+backlog of several days under a small daily job quota, the window the forecast names
+at the start is the window the last job completes in, give or take one.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+
+import msgspec
+
+__all__ = [
+    "MAX_SIMULATED_JOBS",
+    "REQUESTS_PER_JOB",
+    "STATUS_READS_PER_JOB",
+    "AudienceEta",
+    "Capacity",
+    "DestinationEta",
+    "Load",
+    "forecast",
+    "jobs_needed",
+]
+
+# Status reads of one import job: the first poll waits the learned duration.
+STATUS_READS_PER_JOB = 2
+# Requests one job makes at the destination's pace: creation, upload, status reads.
+REQUESTS_PER_JOB = 2 + STATUS_READS_PER_JOB
+# Jobs simulated at most (about 170 days at the default quotas): audiences whose jobs
+# lie beyond have no time.
+MAX_SIMULATED_JOBS = 200_000
+# The shortest job the forecast believes in (as :class:`dbsync.retry.LearnedDuration`).
+_SHORTEST_JOB_SECONDS = 0.05
+
+
+class Capacity(msgspec.Struct, frozen=True, kw_only=True):
+    """One destination's room for import jobs, as its budget stands ``now``."""
+
+    now: float  # epoch seconds
+    day_seconds: float
+    jobs_left_today: int  # jobs the current window still allows (creations, uploads, reads)
+    jobs_per_day: int  # jobs a whole window allows
+    pace_per_minute: float  # the destination's request pace now (lower after 429s)
+    job_slots: int  # concurrent import jobs
+    edge_seconds: float  # no quota-counted request starts this close to a window's end
+
+
+class Load(msgspec.Struct, frozen=True, kw_only=True):
+    """One audience's backlog and what its actor may do with it."""
+
+    audience_id: str
+    inserts: int  # pending accounts to add, not in flight
+    deletes: int  # pending accounts to remove, not in flight
+    in_flight: int = 0  # accounts in open batches
+    oldest_changed_at: float | None = None  # epoch seconds of its oldest pending change
+    rows_per_job: int = 10_000  # max_records
+    max_jobs_in_flight: int = 2
+    requests_per_minute: float = math.inf  # the audience's own pace
+    max_age_seconds: float = 60.0
+    job_seconds: float = 5.0  # learned job duration
+    held: bool = False  # paused or contract broken: nothing is sent
+
+
+class AudienceEta(msgspec.Struct, frozen=True, kw_only=True):
+    audience_id: str
+    jobs: int  # import jobs its pending backlog needs
+    eta: float | None  # epoch seconds by when it is delivered; None: nothing pending, held,
+    # or no quota at all
+    window: int | None  # the quota window ``eta`` falls in (epoch // day_seconds)
+    starts: tuple[float, ...] = ()  # when its first jobs may start (at most ``starts_wanted``)
+    held: bool = False
+
+
+class DestinationEta(msgspec.Struct, frozen=True, kw_only=True):
+    jobs: int
+    eta: float | None  # the latest audience's; None: nothing to deliver
+    window: int | None
+    audiences: tuple[AudienceEta, ...]
+
+    def of(self, audience_id: str) -> AudienceEta | None:
+        for audience in self.audiences:
+            if audience.audience_id == audience_id:
+                return audience
+        return None
+
+
+def jobs_needed(load: Load) -> int:
+    rows = max(1, load.rows_per_job)
+    return math.ceil(load.inserts / rows) + math.ceil(load.deletes / rows)
+
+
+def forecast(
+    capacity: Capacity, loads: Sequence[Load], *, starts_wanted: int = 0
+) -> DestinationEta:
+    """The time each backlog of ``loads`` is delivered, served oldest backlog first.
+
+    ``starts_wanted``: how many of each audience's first job start times to return
+    (``dbsync ctl plan`` shows them).
+    """
+    day = capacity.day_seconds
+    order = sorted(
+        (load for load in loads if not load.held and jobs_needed(load) > 0),
+        key=lambda load: (
+            load.oldest_changed_at if load.oldest_changed_at is not None else math.inf,
+            load.audience_id,
+        ),
+    )
+    runs = [_Run(rank, load, capacity.now) for rank, load in enumerate(order)]
+    if capacity.jobs_per_day > 0:
+        _simulate(capacity, runs, starts_wanted)
+    results: dict[str, AudienceEta] = {}
+    for run in runs:
+        eta = run.last_end if run.left == 0 else None
+        results[run.load.audience_id] = AudienceEta(
+            audience_id=run.load.audience_id,
+            jobs=run.jobs,
+            eta=eta,
+            window=math.floor(eta / day) if eta is not None else None,
+            starts=tuple(run.starts),
+        )
+    audiences = []
+    for load in loads:
+        found = results.get(load.audience_id)
+        if found is None:
+            in_flight_eta = (
+                capacity.now + max(_SHORTEST_JOB_SECONDS, load.job_seconds)
+                if load.in_flight > 0 and not load.held
+                else None
+            )
+            found = AudienceEta(
+                audience_id=load.audience_id,
+                jobs=jobs_needed(load),
+                eta=in_flight_eta,
+                window=math.floor(in_flight_eta / day) if in_flight_eta is not None else None,
+                held=load.held,
+            )
+        audiences.append(found)
+    etas = [a.eta for a in audiences if a.eta is not None]
+    latest = max(etas) if etas else None
+    return DestinationEta(
+        jobs=sum(a.jobs for a in audiences),
+        eta=latest,
+        window=math.floor(latest / day) if latest is not None else None,
+        audiences=tuple(audiences),
+    )
+
+
+class _Run:
+    """One audience's jobs as the simulation schedules them."""
+
+    def __init__(self, rank: int, load: Load, now: float) -> None:
+        self.rank = rank
+        self.load = load
+        self.jobs = self.left = jobs_needed(load)
+        self.job_seconds = max(_SHORTEST_JOB_SECONDS, load.job_seconds)
+        self.ends: list[float] = []  # its jobs running, by end (at most max_jobs_in_flight)
+        self.starts: list[float] = []
+        # Jobs in flight now are done a job's duration from now (their start is unknown).
+        self.last_end = now + self.job_seconds if load.in_flight > 0 else now
+        self.next_start = now  # its own pace
+        pending = load.inserts + load.deletes
+        if pending < load.rows_per_job and load.oldest_changed_at is not None:
+            self.next_start = max(now, load.oldest_changed_at + load.max_age_seconds)
+
+    def free_at(self) -> float:
+        """The earliest its own limits (jobs in flight, pace) let its next job start."""
+        if len(self.ends) >= max(1, self.load.max_jobs_in_flight):
+            return max(self.next_start, self.ends[0])
+        return self.next_start
+
+
+def _simulate(capacity: Capacity, runs: list[_Run], starts_wanted: int) -> None:
+    """Start every job at the earliest the slots, the pace and the quota allow; among
+    the audiences that may start one then, the oldest backlog goes first."""
+    day = capacity.day_seconds
+    slots = [capacity.now] * max(1, capacity.job_slots)  # when each slot is free
+    pace_gap = 60.0 * REQUESTS_PER_JOB / max(capacity.pace_per_minute, 1e-9)
+    next_pace = capacity.now
+    window = math.floor(capacity.now / day)
+    left = max(0, capacity.jobs_left_today)
+    ready: list[tuple[int, int]] = []  # (rank, index) of audiences free to start a job
+    blocked = [(run.free_at(), run.rank, i) for i, run in enumerate(runs)]
+    heapq.heapify(blocked)
+    budget = MAX_SIMULATED_JOBS
+    while (ready or blocked) and budget > 0:
+        at = max(slots[0], next_pace)
+        while blocked and blocked[0][0] <= at:
+            _, rank, i = heapq.heappop(blocked)
+            heapq.heappush(ready, (rank, i))
+        if not ready:
+            free, rank, i = heapq.heappop(blocked)
+            at = max(at, free)
+            heapq.heappush(ready, (rank, i))
+        # The quota: no start in the window's edge, none past its jobs.
+        while left <= 0 or at >= (window + 1) * day - capacity.edge_seconds or at < window * day:
+            if at >= (window + 1) * day - capacity.edge_seconds or left <= 0:
+                window = max(window + 1, math.floor(at / day))
+                at = max(at, window * day)
+                left = capacity.jobs_per_day
+            else:
+                window = math.floor(at / day)
+        _, i = heapq.heappop(ready)
+        run = runs[i]
+        end = at + run.job_seconds
+        heapq.heapreplace(slots, end)
+        next_pace = at + pace_gap
+        left -= 1
+        budget -= 1
+        run.left -= 1
+        run.last_end = max(run.last_end, end)
+        if len(run.starts) < starts_wanted:
+            run.starts.append(at)
+        if len(run.ends) >= max(1, run.load.max_jobs_in_flight):
+            heapq.heapreplace(run.ends, end)
+        else:
+            heapq.heappush(run.ends, end)
+        own_pace = run.load.requests_per_minute
+        run.next_start = at + (60.0 * REQUESTS_PER_JOB / own_pace if own_pace > 0 else 0.0)
+        if run.left > 0:
+            heapq.heappush(blocked, (run.free_at(), run.rank, i))
