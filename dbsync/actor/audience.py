@@ -53,7 +53,7 @@ from collections.abc import Awaitable
 
 import msgspec
 
-from dbsync.actor.calls import ActorCalls, AudienceStatus, HeldBack
+from dbsync.actor.calls import ActorCalls, HeldBack, ReportedState
 from dbsync.actor.settings import ActorSettings, DeliveryStore
 from dbsync.clock import Clock, Limiter, PaceLimiter, wait_event
 from dbsync.contract.watch import UnknownStateWatch, list_breach
@@ -113,7 +113,7 @@ class AudienceActor:
             settings.job_poll_initial_seconds, settings.job_poll_max_seconds
         )
         initial = AudienceState.PAUSED if settings.paused else AudienceState.ACTIVE
-        self._status = AudienceStatus(settings.audience_id, initial, store, self._log)
+        self._status = ReportedState(settings.audience_id, initial, store, self._log)
         self._calls = ActorCalls(
             settings.audience_id,
             destination=destination,
@@ -185,6 +185,11 @@ class AudienceActor:
     @property
     def last_error(self) -> str:
         return self._status.last_error
+
+    @property
+    def job_seconds(self) -> float:
+        """How long its import jobs take, as learned (the first poll waits this long)."""
+        return self._job_seconds.seconds
 
     @property
     def is_paused(self) -> bool:

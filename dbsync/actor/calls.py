@@ -17,7 +17,7 @@ actor's delivery loop (:mod:`dbsync.actor.audience`):
   goes on at the longest backoff, so it recovers by itself; the first success puts
   it back to ``active`` (or ``paused``).
 
-:class:`AudienceStatus` is the audience's state as the actor reports it (checked
+:class:`ReportedState` is the audience's state as the actor reports it (checked
 against its machine in :mod:`dbsync.states`, logged, stored); the actor's loop and
 these hooks both move it.
 """
@@ -39,7 +39,7 @@ from dbsync.model import AudienceState
 from dbsync.retry import GIVE_UP_AFTER, OnRefused, RetryPolicy, call_with_retries
 from dbsync.states import DestinationState, check_transition
 
-__all__ = ["ActorCalls", "AudienceStatus", "CallsStore", "HeldBack"]
+__all__ = ["ActorCalls", "CallsStore", "HeldBack", "ReportedState"]
 
 T = TypeVar("T")
 
@@ -64,7 +64,7 @@ class HeldBack(Exception):
     """
 
 
-class AudienceStatus:
+class ReportedState:
     """The audience's state as its actor reports it, and the last error it met."""
 
     def __init__(
@@ -107,7 +107,7 @@ class ActorCalls:
         clock: Clock,
         rng: random.Random,
         limiter: Limiter,
-        status: AudienceStatus,
+        status: ReportedState,
         stopping: asyncio.Event,
         priority: Callable[[], float],
         is_paused: Callable[[], bool],
