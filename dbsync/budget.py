@@ -263,11 +263,16 @@ class DestinationBudget:
     def _current_window(self) -> int:
         return int(self._clock.time() // self.limits.day_seconds)
 
+    @property
+    def edge_seconds(self) -> float:
+        """The end of each window in which no quota-counted request starts."""
+        # The time a request may take to reach Demandbase: 5 s, less for short test days.
+        return min(5.0, self.limits.day_seconds * 0.05)
+
     def _in_edge(self) -> bool:
-        # The edge is the time a request may take to reach Demandbase: 5 s, less for
-        # short test days.
-        edge = min(5.0, self.limits.day_seconds * 0.05)
-        return (self._window + 1) * self.limits.day_seconds - self._clock.time() <= edge
+        return (
+            self._window + 1
+        ) * self.limits.day_seconds - self._clock.time() <= self.edge_seconds
 
     def _allowed(self, endpoint: Endpoint) -> int:
         limit = self.limits.daily[endpoint]

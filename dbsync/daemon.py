@@ -84,6 +84,7 @@ def build_plans(config: Config, credentials: dict[str, Credentials]) -> list[Des
                 base_url=destination.base_url,
                 request_timeout_seconds=destination.request_timeout_seconds,
                 credentials=credentials[destination.name],
+                backlog_eta_warn_hours=delivery.backlog_eta_warn_hours,
                 reconcile=ReconcilePlan.from_config(
                     destination, a5_holds=a5_holds(config.daemon.state_dir, destination.name)
                 ),

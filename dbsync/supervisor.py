@@ -63,7 +63,7 @@ from dbsync.reconcile import (
 )
 from dbsync.restarts import RestartBudgetSpent, RestartPolicy, describe, run_with_restarts
 from dbsync.store import AudienceSpec, Store
-from dbsync.summaries import AudienceStatus, SummaryTotals, log_summaries
+from dbsync.summaries import AudienceStatus, EtaWatch, SummaryTotals, log_summaries
 
 __all__ = ["AudienceStatus", "DestinationPlan", "SummaryTotals", "Supervisor"]
 
@@ -88,6 +88,8 @@ class DestinationPlan(msgspec.Struct, frozen=True, kw_only=True):
     limits: BudgetLimits
     audiences: tuple[ActorSettings, ...]
     reconcile: ReconcilePlan = ReconcilePlan()
+    # When an audience's forecast is later than this, ``backlog_eta_exceeded``.
+    backlog_eta_warn_hours: float = 24.0
 
     @property
     def connection(self) -> str:
@@ -133,6 +135,7 @@ class Supervisor:
         self._reconcilers: dict[str, tuple[Reconciler, asyncio.Task[None]]] = {}
         self._asked: set[asyncio.Task[None]] = set()  # read-backs asked by the operator
         self._actors: dict[str, _Running] = {}
+        self._eta_watch = EtaWatch()
         self._group: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
         # Set once every actor of the first configuration has been started.
@@ -302,6 +305,12 @@ class Supervisor:
                 paused=r.actor.is_paused,
                 jobs_in_flight=r.actor.jobs_in_flight,
                 last_error=r.actor.last_error,
+                rows_per_job=r.actor.settings.max_records,
+                max_jobs_in_flight=r.actor.settings.max_jobs_in_flight,
+                requests_per_minute=r.actor.settings.requests_per_minute,
+                max_age_seconds=r.actor.settings.max_age_seconds,
+                job_seconds=r.actor.job_seconds,
+                held=r.actor.is_held,
             )
             for audience_id, r in sorted(self._actors.items())
         ]
@@ -554,4 +563,6 @@ class Supervisor:
             clock=self._clock,
             reconcile_state=self.reconcile_state,
             loss_estimate=loss_estimate,
+            eta_watch=self._eta_watch,
+            warn_hours={name: p.backlog_eta_warn_hours for name, p in self._plans.items()},
         )

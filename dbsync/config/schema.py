@@ -351,6 +351,12 @@ class DeliverySettings(_Table, frozen=True):
     """After a 429 halved the request pace, each quiet period of this many seconds
     gives back a tenth of ``requests_per_minute``."""
 
+    backlog_eta_warn_hours: Annotated[float, msgspec.Meta(gt=0, le=8760)] = 24.0
+    """Hours within which an audience's backlog should be delivered: when the forecast
+    (``backlog_eta`` in ``dbsync ctl status`` and ``audience_summary``) is later, a
+    ``backlog_eta_exceeded`` warning is logged once, and ``backlog_eta_recovered`` once
+    it falls back. Real hours, whatever ``day_seconds``; from a fraction to a year."""
+
 
 class ReconcileSettings(_Table, frozen=True):
     """``[destinations.reconcile]``: reading lists back to prove what Demandbase holds.

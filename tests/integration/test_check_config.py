@@ -131,6 +131,11 @@ def test_config_path_from_the_environment(config_dir: Path) -> None:
             "daemon.summary_interval_seconds: expected `float` >= 1.0; allowed: from 1 to 86400",
         ),
         (
+            GOOD + "[destinations.delivery]\nbacklog_eta_warn_hours = 0\n",
+            "destinations[0].delivery.backlog_eta_warn_hours: expected `float` > 0.0;"
+            " allowed: above 0 to 8760",
+        ),
+        (
             GOOD.replace('name = "tenant"', 'name = "tenant"\nbase_url = "http://db.example"'),
             "destinations[0].base_url: http:// to db.example would send the bearer token in clear",
         ),
@@ -142,6 +147,7 @@ def test_config_path_from_the_environment(config_dir: Path) -> None:
         "toml-syntax",
         "empty-file",
         "summary-flood",
+        "no-warn-hours",
         "plaintext-remote",
     ],
 )

@@ -549,6 +549,18 @@ DEGENERATE = [
         id="infinite-request-timeout",
     ),
     pytest.param(
+        VALID + "[destinations.delivery]\nbacklog_eta_warn_hours = 0\n",
+        "destinations[0].delivery.backlog_eta_warn_hours",
+        "allowed: above 0 to 8760 (finite)",
+        id="no-warn-hours",
+    ),
+    pytest.param(
+        VALID + "[destinations.delivery]\nbacklog_eta_warn_hours = inf\n",
+        "destinations[0].delivery.backlog_eta_warn_hours",
+        "allowed: above 0 to 8760 (finite)",
+        id="infinite-warn-hours",
+    ),
+    pytest.param(
         VALID + "[destinations.delivery]\njob_poll_initial_seconds = 1e-9\n",
         "destinations[0].delivery.job_poll_initial_seconds",
         "allowed: from 0.01 to 604800 (finite)",
