@@ -33,6 +33,7 @@ __all__ = [
     "ListedAccount",
     "LossCause",
     "LossTally",
+    "PeekedBatch",
     "ReadbackVerdict",
     "ReconcileFacts",
     "ReconcileRun",
@@ -119,6 +120,15 @@ class Backlog(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def pending(self) -> int:
         return self.inserts + self.deletes
+
+
+class PeekedBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """A batch the actor would plan next (nothing marked): its action and accounts."""
+
+    action: ListAction
+    accounts: int
+    oldest_changed_at: float  # epoch seconds of its oldest change
+    newest_changed_at: float
 
 
 class LedgerCounts(msgspec.Struct, frozen=True, kw_only=True):

@@ -200,6 +200,10 @@ class Supervisor:
     def destination(self, name: str) -> Destination | None:
         return self._destinations.get(name)
 
+    def plan_of(self, destination: str) -> DestinationPlan | None:
+        """The destination's plan in force (the configuration's, since the last reload)."""
+        return self._plans.get(destination)
+
     def audience_ids(self) -> list[str]:
         return sorted(self._actors)
 

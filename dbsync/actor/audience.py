@@ -187,6 +187,11 @@ class AudienceActor:
         return self._status.last_error
 
     @property
+    def next_action(self) -> ListAction:
+        """The action its next batch tries first (inserts and deletes alternate)."""
+        return self._next_action
+
+    @property
     def job_seconds(self) -> float:
         """How long its import jobs take, as learned (the first poll waits this long)."""
         return self._job_seconds.seconds

@@ -34,6 +34,8 @@ from dbsync.admin.views import (
     LastBatchView,
     LossEstimateView,
     LossRateView,
+    PlannedBatchView,
+    PlannedReadBackView,
     QuotaLine,
     ReconcileView,
     RejectedView,
@@ -74,6 +76,10 @@ __all__ = [
     "LossRateView",
     "Pause",
     "PauseReply",
+    "Plan",
+    "PlanReply",
+    "PlannedBatchView",
+    "PlannedReadBackView",
     "Quota",
     "QuotaLine",
     "QuotaReply",
@@ -215,6 +221,14 @@ class Requeue(Request, frozen=True, tag="requeue"):
     audience: AudienceId
 
 
+class Plan(Request, frozen=True, tag="plan"):
+    """the batches one audience would send next, and its planned read-backs; sends nothing"""
+
+    role: ClassVar[Role] = Role.VIEWER
+    audience: AudienceId
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+
+
 class Quota(Request, frozen=True, tag="quota"):
     """per destination: used and left of each limit"""
 
@@ -272,6 +286,7 @@ AnyRequest = (
     | Requeue
     | Reconcile
     | Adopt
+    | Plan
     | Quota
     | Files
     | Approve
@@ -290,6 +305,7 @@ REQUESTS: tuple[type[Request], ...] = (
     Requeue,
     Reconcile,
     Adopt,
+    Plan,
     Quota,
     Files,
     Approve,
@@ -352,6 +368,22 @@ class RequeueReply(Reply, frozen=True, tag="requeue"):
     accounts: int
 
 
+class PlanReply(Reply, frozen=True, tag="plan"):
+    audience: str
+    destination: str
+    state: str
+    held: bool  # paused or its contract broken: nothing is sent until resume
+    pending_inserts: int
+    pending_deletes: int
+    in_flight: int  # accounts in open batches
+    jobs_in_flight: int
+    backlog_jobs: int | None  # import jobs the backlog needs (None: not running)
+    backlog_eta: float | None  # by when it is delivered, as forecast (dbsync.forecast)
+    batches: list[PlannedBatchView]  # the next ones, in the order the actor plans them
+    more_batches: int  # beyond ``limit``
+    read_back: PlannedReadBackView
+
+
 class QuotaReply(Reply, frozen=True, tag="quota"):
     destinations: list[DestinationView]
 
@@ -406,6 +438,7 @@ AnyReply = (
     | RequeueReply
     | ReconcileReply
     | AdoptReply
+    | PlanReply
     | QuotaReply
     | FilesReply
     | ApproveReply

@@ -24,6 +24,7 @@ from dbsync.admin.protocol import (
     FlushReply,
     LastBatchView,
     PauseReply,
+    PlanReply,
     QuotaReply,
     ReconcileReply,
     ReconcileView,
@@ -60,6 +61,8 @@ def render(reply: AnyReply) -> str:
             return f"{audience}: {accounts} rejected accounts put back in the queue"
         case RejectedReply():
             return _rejected(reply)
+        case PlanReply():
+            return _plan(reply)
         case QuotaReply(destinations=destinations):
             return _destinations(destinations)
         case ReconcileReply(report=report):
@@ -150,6 +153,7 @@ def _audiences(audiences: Sequence[AudienceView]) -> str:
             "REJECTED",
             "PACE/MIN",
             "LAST BATCH",
+            "ETA",
             "LIST",
         ],
         [
@@ -164,11 +168,65 @@ def _audiences(audiences: Sequence[AudienceView]) -> str:
                 a.rejected,
                 a.pace_per_minute,
                 _last_batch(a.last_batch),
+                _eta(a.backlog_eta, a.paused),
                 f"{a.destination}:{a.list_name}",
             ]
             for a in audiences
         ],
     )
+
+
+def _plan(reply: PlanReply) -> str:
+    """The dry run: the audience's backlog, its next batches, its next read-back."""
+    pending = reply.pending_inserts + reply.pending_deletes
+    head = (
+        f"{reply.audience} ({reply.destination}): {reply.state}; pending {pending}"
+        f" ({reply.pending_inserts} to add, {reply.pending_deletes} to remove),"
+        f" {reply.in_flight} accounts in flight in {reply.jobs_in_flight} jobs"
+    )
+    if reply.held:
+        head += "; nothing is sent until resume"
+    elif reply.backlog_eta is not None:
+        head += f"; {reply.backlog_jobs} jobs, delivered by {cells.timestamp(reply.backlog_eta)}"
+    parts = [head + " (nothing was sent)"]
+    if reply.batches:
+        table = cells.table(
+            ["BATCH", "ACTION", "ACCOUNTS", "OLDEST CHANGE", "EARLIEST START"],
+            [
+                [
+                    n,
+                    b.action,
+                    b.accounts,
+                    cells.timestamp(b.oldest_changed_at),
+                    _eta(b.earliest_start_at),
+                ]
+                for n, b in enumerate(reply.batches, start=1)
+            ],
+        )
+        more = f"\n... and {reply.more_batches} more batches" if reply.more_batches else ""
+        parts.append(table + more)
+    else:
+        parts.append("no batch to send")
+    r = reply.read_back
+    if r.next_reconcile_at is None:
+        parts.append("read-back: none planned (no list id yet, nothing acknowledged, or off)")
+    else:
+        line = f"read-back: next at {cells.timestamp(r.next_reconcile_at)}"
+        if r.multi_list and r.export_group:
+            others = [a for a in r.export_group if a != reply.audience]
+            line += f", in one export job with {len(others)} other audiences"
+            if others:
+                line += ": " + ", ".join(cells.safe(a) for a in others[:20])
+                line += " ..." if len(others) > 20 else ""
+        parts.append(line)
+    return "\n\n".join(parts)
+
+
+def _eta(eta: float | None, paused: bool = False) -> str | None:
+    """By when the backlog is delivered, as forecast; "paused" rather than none."""
+    if eta is None:
+        return "paused" if paused else None
+    return cells.timestamp(eta)
 
 
 def _last_batch(batch: LastBatchView | None) -> str | None:
@@ -274,6 +332,8 @@ def _destinations(destinations: Sequence[DestinationView]) -> str:
             "JOBS",
             "THROTTLED",
             "QUOTA DAY ENDS",
+            "BACKLOG JOBS",
+            "BACKLOG ETA",
             "CONTRACT",
             "PROBED",
         ],
@@ -286,6 +346,8 @@ def _destinations(destinations: Sequence[DestinationView]) -> str:
                 f"{d.jobs_in_flight}/{d.job_slots}",
                 d.throttled,
                 cells.timestamp(d.window_ends_at),
+                d.backlog_jobs,
+                _eta(d.backlog_eta),
                 d.contract,
                 cells.timestamp(d.probed_at) if d.probed_at is not None else "never",
             ]

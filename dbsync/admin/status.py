@@ -26,10 +26,12 @@ from dbsync.admin.protocol import (
     StatusReply,
 )
 from dbsync.contract.record import read_records
+from dbsync.forecast import DestinationEta
 from dbsync.model import AudienceRecord, AudienceState, HeldSnapshot
 from dbsync.reconcile import ReconcileReport
+from dbsync.summaries import forecasts
 
-__all__ = ["destinations", "held_view", "report_view", "status"]
+__all__ = ["destinations", "etas", "held_view", "report_view", "status"]
 
 
 async def status(c: Controls, audience: str | None) -> StatusReply:
@@ -40,10 +42,12 @@ async def status(c: Controls, audience: str | None) -> StatusReply:
         records = {audience: await audience_record(c, audience)}
     else:
         records = await c.store.audiences()
+    forecast = await etas(c)
     audiences = [
-        await _audience(c, record, now, batches=audience is not None) for record in records.values()
+        await _audience(c, record, now, forecast, batches=audience is not None)
+        for record in records.values()
     ]
-    shown = await destinations(c)
+    shown = await destinations(c, forecast)
     if audience is not None:
         shown = [d for d in shown if d.destination == records[audience].destination]
     return StatusReply(
@@ -60,10 +64,31 @@ async def status(c: Controls, audience: str | None) -> StatusReply:
     )
 
 
+async def etas(c: Controls, *, starts_wanted: int = 0) -> dict[str, DestinationEta]:
+    """Each destination's backlog forecast, over all its running audiences (the share
+    of one depends on the others)."""
+    statuses = c.supervisor.statuses()
+    figures = await c.store.summaries([s.audience_id for s in statuses])
+    running = {
+        name: destination
+        for name in {s.destination for s in statuses}
+        if (destination := c.supervisor.destination(name)) is not None
+    }
+    backlogs = {audience: backlog for audience, (backlog, _) in figures.items()}
+    return forecasts(statuses, running, backlogs, c.clock.time(), starts_wanted=starts_wanted)
+
+
 async def _audience(
-    c: Controls, record: AudienceRecord, now: float, *, batches: bool
+    c: Controls,
+    record: AudienceRecord,
+    now: float,
+    forecast: dict[str, DestinationEta],
+    *,
+    batches: bool,
 ) -> AudienceView:
     audience = record.audience_id
+    destination_eta = forecast.get(record.destination)
+    eta = destination_eta.of(audience) if destination_eta is not None else None
     backlog = await c.store.backlog(audience)
     check = await c.store.ledger_check(audience, recount=False)
     last_batch = await c.store.last_batch(audience)
@@ -131,11 +156,18 @@ async def _audience(
         last_reconcile=report_view(last_reconcile) if last_reconcile is not None else None,
         next_reconcile_at=next_reconcile_at,
         held_snapshot=held_view(held[-1]) if held else None,
+        backlog_jobs=eta.jobs if eta is not None else None,
+        backlog_eta=eta.eta if eta is not None else None,
     )
 
 
-async def destinations(c: Controls) -> list[DestinationView]:
-    """Each configured destination's budget and auth state; never a credential."""
+async def destinations(
+    c: Controls, forecast: dict[str, DestinationEta] | None = None
+) -> list[DestinationView]:
+    """Each configured destination's budget, auth state and backlog forecast; never a
+    credential."""
+    if forecast is None:
+        forecast = await etas(c)
     views = []
     probes = read_records(c.config().daemon.state_dir)
     for configured in c.config().destinations:
@@ -155,6 +187,7 @@ async def destinations(c: Controls) -> list[DestinationView]:
             contract = f"broken at run time ({', '.join(broken)})"
         budget = destination.budget
         snapshot = budget.snapshot()
+        eta = forecast.get(configured.name)
         limits = {str(endpoint): limit for endpoint, limit in budget.limits.daily.items()}
         views.append(
             DestinationView(
@@ -180,6 +213,10 @@ async def destinations(c: Controls) -> list[DestinationView]:
                     for endpoint, used in snapshot.used.items()
                 ],
                 loss_estimate=await _loss_estimate(c, configured.name),
+                backlog_jobs=eta.jobs
+                if (eta := forecast.get(configured.name)) is not None
+                else None,
+                backlog_eta=eta.eta if eta is not None else None,
             )
         )
     return views

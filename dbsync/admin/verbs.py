@@ -25,6 +25,7 @@ from typing import assert_never
 
 from dbsync.actor import AudienceActor
 from dbsync.admin.controls import AdminFault, Controls, audience_record
+from dbsync.admin.plan import plan
 from dbsync.admin.protocol import (
     Adopt,
     AdoptReply,
@@ -43,6 +44,7 @@ from dbsync.admin.protocol import (
     FlushReply,
     Pause,
     PauseReply,
+    Plan,
     Quota,
     QuotaReply,
     Reconcile,
@@ -114,6 +116,8 @@ async def _perform(c: Controls, request: AnyRequest) -> Reply:
             return await _reconcile(c, audience)
         case Adopt(audience=audience):
             return await _adopt(c, audience)
+        case Plan(audience=audience, limit=limit):
+            return await plan(c, audience, limit)
         case Quota():
             return QuotaReply(destinations=await destinations(c))
         case Files(limit=limit):

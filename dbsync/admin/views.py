@@ -22,6 +22,8 @@ __all__ = [
     "LastBatchView",
     "LossEstimateView",
     "LossRateView",
+    "PlannedBatchView",
+    "PlannedReadBackView",
     "QuotaLine",
     "ReconcileView",
     "RejectedView",
@@ -149,6 +151,10 @@ class AudienceView(msgspec.Struct, frozen=True, kw_only=True):
     last_reconcile: ReconcileView | None = None
     next_reconcile_at: float | None = None  # None: not scheduled (no list id yet, or off)
     held_snapshot: HeldView | None = None  # held by the removal guard
+    # The forecast (dbsync.forecast): import jobs its backlog needs, and by when
+    # (epoch seconds) they are delivered; None: not running, nothing pending, or paused.
+    backlog_jobs: int | None = None
+    backlog_eta: float | None = None
 
 
 class QuotaLine(msgspec.Struct, frozen=True, kw_only=True):
@@ -176,6 +182,9 @@ class DestinationView(msgspec.Struct, frozen=True, kw_only=True):
     # naming the audiences a job that fed another list stopped.
     contract: str = "not probed"
     probed_at: float | None = None  # when `dbsync probe` ran, epoch seconds
+    # Its audiences' backlogs: the jobs they need, by when the last is delivered.
+    backlog_jobs: int | None = None
+    backlog_eta: float | None = None
 
 
 class RejectedView(msgspec.Struct, frozen=True, kw_only=True):
@@ -217,3 +226,23 @@ class WaitingRunView(msgspec.Struct, frozen=True, kw_only=True):
     files: list[str]
     reason: str  # a manifest's part missing or of the wrong size, or still being written
     since: float
+
+
+class PlannedBatchView(msgspec.Struct, frozen=True, kw_only=True):
+    """A batch ``dbsync ctl plan`` shows: what the actor would send, nothing sent."""
+
+    action: str  # insert (add to the list) or delete (remove from it)
+    accounts: int
+    oldest_changed_at: float  # epoch seconds of its oldest change
+    # When the budget lets its job start, as forecast; None: held, or not forecast.
+    earliest_start_at: float | None
+
+
+class PlannedReadBackView(msgspec.Struct, frozen=True, kw_only=True):
+    """The audience's next read-back as its destination's reconciler plans it."""
+
+    next_reconcile_at: float | None  # None: not scheduled (no list id yet, or off)
+    multi_list: bool  # the destination reads many lists in one export job
+    # With multi_list: the audiences due by then, read in that same export job, in turn
+    # order (this one included); empty otherwise.
+    export_group: list[str]

@@ -107,7 +107,7 @@ class DaemonSettings(_Table, frozen=True):
 
     admin_viewer_group: str | None = None
     """Group whose members may use the admin socket's read verbs (``status``,
-    ``quota``, ``rejected``). Unset: only the daemon's own user and root."""
+    ``quota``, ``rejected``, ``plan``). Unset: only the daemon's own user and root."""
 
     admin_operator_group: str | None = None
     """Group whose members may also use the verbs that change something (``pause``,

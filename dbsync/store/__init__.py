@@ -55,6 +55,7 @@ from dbsync.model import (
     ListAction,
     ListedAccount,
     LossTally,
+    PeekedBatch,
     ReadbackVerdict,
     ReconcileFacts,
     ReconcileRun,
@@ -274,6 +275,11 @@ class Store:
         self, audience_ids: Sequence[str]
     ) -> dict[str, tuple[Backlog, LedgerCheck]]:
         return await queue.summaries(self._engine, audience_ids)
+
+    async def peek_batches(
+        self, audience_id: str, action: ListAction, max_rows: int, batches: int
+    ) -> list[PeekedBatch]:
+        return await queue.peek_batches(self._engine, audience_id, action, max_rows, batches)
 
     async def checkpoint(self, audience_id: str) -> int:
         return await queue.checkpoint(self._engine, audience_id)

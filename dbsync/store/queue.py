@@ -8,8 +8,10 @@ hundreds of thousands of pending rows through an index at each question does not
 scale. The checkpoint is the highest ``seq`` below which every folded change is
 delivered (:func:`advance_checkpoint`).
 
-Here too are the operator's verbs on the queue: ``requeue`` (accounts set aside go
-back), ``resync`` (every member is sent again) and ``mark_undelivered``.
+:func:`peek_batches` reads what the actor would plan next without marking anything
+(``dbsync ctl plan``). Here too are the operator's verbs on the queue: ``requeue``
+(accounts set aside go back), ``resync`` (every member is sent again) and
+``mark_undelivered``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from typing import Any
 
 import msgspec
 
-from dbsync.model import Account, Backlog, LedgerCheck, LossCause, RejectedAccount
+from dbsync.model import (
+    Account,
+    Backlog,
+    LedgerCheck,
+    ListAction,
+    LossCause,
+    PeekedBatch,
+    RejectedAccount,
+)
 from dbsync.store import ledger
 from dbsync.store.engine import Engine
 from dbsync.store.schema import OPEN_STATES_SQL
@@ -32,6 +42,7 @@ __all__ = [
     "desired_members",
     "mark_undelivered",
     "move",
+    "peek_batches",
     "rejected",
     "requeue",
     "resync",
@@ -95,6 +106,27 @@ async def backlog(engine: Engine, audience_id: str) -> Backlog:
     the same for ten pending accounts as for a million; one statement, one snapshot."""
     rows = await engine.read(f"SELECT {_BACKLOG_COLUMNS.format(a='?1')}", (audience_id,))
     return _backlog(rows[0])
+
+
+async def peek_batches(
+    engine: Engine, audience_id: str, action: ListAction, max_rows: int, batches: int
+) -> list[PeekedBatch]:
+    """The next ``batches`` batches of ``action`` that ``plan_batch`` would take, in
+    order, read only: the same rows (pending, not in flight, not set aside, oldest
+    change first), cut every ``max_rows``; their accounts counted, nothing marked."""
+    rows = await engine.read(
+        "SELECT COUNT(*), MIN(changed_at), MAX(changed_at) FROM ("
+        " SELECT (ROW_NUMBER() OVER (ORDER BY changed_at) - 1) / ?3 AS k, changed_at"
+        " FROM membership INDEXED BY membership_queue"
+        " WHERE audience_id = ?1 AND desired <> delivered AND desired = ?2"
+        " AND in_flight IS NULL AND rejected = 0 ORDER BY changed_at LIMIT ?4"
+        ") GROUP BY k ORDER BY k",
+        (audience_id, action is ListAction.INSERT, max_rows, max_rows * batches),
+    )
+    return [
+        PeekedBatch(action=action, accounts=n, oldest_changed_at=oldest, newest_changed_at=newest)
+        for n, oldest, newest in rows
+    ]
 
 
 async def summaries(

@@ -196,6 +196,7 @@ def test_every_verb_of_interfaces_is_a_subcommand() -> None:
         "requeue",
         "reconcile",
         "adopt",
+        "plan",
         "quota",
         "files",
         "approve",
@@ -213,6 +214,7 @@ def test_every_verb_of_interfaces_is_a_subcommand() -> None:
         "approve",
         "discard",
         "adopt",
+        "plan",
     ):
         with pytest.raises(msgspec.ValidationError, match="audience"):
             decode_request(msgspec.json.encode({"verb": verb}))
@@ -221,7 +223,7 @@ def test_every_verb_of_interfaces_is_a_subcommand() -> None:
         assert isinstance(request, Status | Rejected)
         assert request.audience is None
     read = {v for v, r in verbs.items() if r.role.name == "VIEWER"}
-    assert read == {"status", "rejected", "quota", "files"}
+    assert read == {"status", "rejected", "quota", "files", "plan"}
 
 
 def test_requests_are_one_line_and_strict() -> None:
