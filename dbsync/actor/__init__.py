@@ -1,5 +1,16 @@
 """One actor per activated audience: it turns the audience's dirty set into import jobs.
 
+The queue is the difference, not a log: the store keeps, per account, the desired
+state and the state Demandbase acknowledged, and the actor sends only accounts whose
+two states differ (ARCHITECTURE invariant 3). Many changes to one account therefore
+cost one row.
+
+An actor's life::
+
+    resume open batches ──> idle ──backlog due and budget grants──> delivering ──┐
+                             ^  └──pause──> paused ──resume──┘                   │
+                             └───────────────────────────────────────────────────┘
+
 The actor is three modules, one noun each:
 
 * :mod:`~dbsync.actor.audience`: the actor itself: mailbox, flush policy, batches,

@@ -1,15 +1,5 @@
-"""The actor of one audience: it turns the audience's dirty set into import jobs.
-
-The queue is the difference, not a log: the store keeps, per account, the desired
-state and the state Demandbase acknowledged, and the actor sends only accounts whose
-two states differ (ARCHITECTURE invariant 3). Many changes to one account therefore
-cost one row.
-
-An actor's life::
-
-    resume open batches ──> idle ──backlog due and budget grants──> delivering ──┐
-                             ^  └──pause──> paused ──resume──┘                   │
-                             └───────────────────────────────────────────────────┘
+"""The actor of one audience: it turns the audience's dirty set into import jobs
+(the package's docstring draws its life).
 
 A backlog is *due* when it holds ``max_records`` accounts, when its oldest change is
 ``max_age_seconds`` old, or when the operator asks for a flush. Each delivery holds a
@@ -133,8 +123,6 @@ class AudienceActor:
         # Until two jobs have named the same list (or jobs name none), one job at a time:
         # a tenant whose every job creates a list then leaves one stray list, not two.
         self._list_settled = False
-        # Why the contract broke (a job fed another list); "" while it holds.
-        self.contract_breach = ""
         self._triage = Triage(store, self._send, self._log)
         # Monotonic time before which nothing new is sent (after a 409, 413 or 415).
         self._held_until = 0.0
@@ -161,10 +149,13 @@ class AudienceActor:
         """Also the operator's word that a broken contract was looked at (``ctl resume``)."""
         self._paused = False
         self._held_until = 0.0
-        if self.contract_breach:
-            self._log.warning("contract_breach_cleared", extra={"reason": self.contract_breach})
-            self.contract_breach = ""
+        self._status.clear_breach()
         self._wakeup.set()
+
+    @property
+    def contract_breach(self) -> str:
+        """Why the contract broke (a job fed another list); "" while it holds."""
+        return self._status.contract_breach
 
     @property
     def is_held(self) -> bool:
@@ -225,7 +216,7 @@ class AudienceActor:
             self._list_id = record.list_id
             if record.state is AudienceState.CONTRACT_BROKEN and not self.contract_breach:
                 # A breach outlives a restart: only an operator's resume clears it.
-                self.contract_breach = record.state_reason or "the contract broke"
+                self._status.contract_breach = record.state_reason or "the contract broke"
         self._list_settled = self._list_id is not None
         # The store may hold what an earlier run left (failed, stopped): say what is true.
         if self.contract_breach:
@@ -529,7 +520,10 @@ class AudienceActor:
         if breach is not None:
             # Not delivered to the audience's list: its accounts go back to the queue.
             await self._store.fail_batch(batch.batch_id, breach)
-            await self._break_contract(breach, job_id=job_id, list_id=job.account_list_id)
+            await self._status.break_contract(
+                breach, job_id=job_id, list_id=job.account_list_id, expected_list_id=self._list_id
+            )
+            self._wakeup.set()
             return
         # Learned before the next await, so that a job completing meanwhile is held to it;
         # settled once a second job names the same list (or jobs name none: A2 differs).
@@ -554,18 +548,3 @@ class AudienceActor:
                 "list_id": job.account_list_id,
             },
         )
-
-    async def _break_contract(self, reason: str, *, job_id: int, list_id: int | None) -> None:
-        if not self.contract_breach:
-            self.contract_breach = reason
-            self._log.error(
-                "contract_broken",
-                extra={
-                    "job_id": job_id,
-                    "list_id": list_id,
-                    "expected_list_id": self._list_id,
-                    "reason": reason,
-                },
-            )
-        await self._status.set(AudienceState.CONTRACT_BROKEN, reason)
-        self._wakeup.set()

@@ -18,8 +18,8 @@ actor's delivery loop (:mod:`dbsync.actor.audience`):
   it back to ``active`` (or ``paused``).
 
 :class:`ReportedState` is the audience's state as the actor reports it (checked
-against its machine in :mod:`dbsync.states`, logged, stored); the actor's loop and
-these hooks both move it.
+against its machine in :mod:`dbsync.states`, logged, stored), the last error and why
+its contract broke; the actor's loop and these hooks both move it.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ class ReportedState:
         self._log = log
         self.state = state
         self.last_error = ""
+        # Why the contract broke (a job fed another list); "" while it holds.
+        self.contract_breach = ""
 
     async def set(self, state: AudienceState, reason: str = "", *, persist: bool = False) -> None:
         """Move to ``state`` (checked against its machine) and store it.
@@ -93,6 +95,29 @@ class ReportedState:
             extra={"from": previous, "to": state, "reason": reason},
         )
         await self._store.set_audience_state(self._audience_id, state, reason)
+
+    async def break_contract(
+        self, reason: str, *, job_id: int, list_id: int | None, expected_list_id: int | None
+    ) -> None:
+        """A job fed another list: ``contract_broken`` until the operator's resume."""
+        if not self.contract_breach:
+            self.contract_breach = reason
+            self._log.error(
+                "contract_broken",
+                extra={
+                    "job_id": job_id,
+                    "list_id": list_id,
+                    "expected_list_id": expected_list_id,
+                    "reason": reason,
+                },
+            )
+        await self.set(AudienceState.CONTRACT_BROKEN, reason)
+
+    def clear_breach(self) -> None:
+        """The operator's word (``ctl resume``) that a broken contract was looked at."""
+        if self.contract_breach:
+            self._log.warning("contract_breach_cleared", extra={"reason": self.contract_breach})
+            self.contract_breach = ""
 
 
 class ActorCalls:
