@@ -181,7 +181,7 @@ class EtaWatch:
     ) -> None:
         if held:
             return  # paused or stopped by a broken contract: its status says so already
-        # No time for a backlog that is not held: beyond what the forecast simulates.
+        # No time for a backlog that is not held: no quota at all will carry it.
         over = (eta is None and jobs > 0) or (eta is not None and eta - now > warn_hours * 3600)
         fields = {
             "audience": audience,

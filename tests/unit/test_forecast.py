@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+import dbsync.forecast as forecast_module
 from dbsync.forecast import REQUESTS_PER_JOB, Capacity, Load, forecast, jobs_needed
 
 DAY = 86_400.0
@@ -197,3 +198,23 @@ def test_younger_audiences_fill_the_slots_an_older_one_cannot_use() -> None:
     assert [a.audience_id for a in sorted(together.audiences, key=lambda a: a.eta or 0)] == [
         f"a{i}" for i in range(5)
     ]
+
+
+def test_jobs_beyond_the_simulated_depth_are_counted_in_whole_windows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 3,000 jobs of 30 audiences at 40 a day: simulated whole, then with only the first
+    # 100 simulated and the rest counted 40 a window. The same windows, +-1.
+    loads = [
+        load(f"a{i:02d}", inserts=100 * 10_000, oldest_changed_at=NOON - 1000 + i)
+        for i in range(30)
+    ]
+    cap = capacity(jobs_left_today=40, jobs_per_day=40)
+    whole = forecast(cap, loads)
+    monkeypatch.setattr(forecast_module, "MAX_SIMULATED_JOBS", 100)
+    shallow = forecast(cap, loads)
+    assert whole.window == shallow.window == 100 + math.ceil(3000 / 40) - 1
+    for deep, counted in zip(whole.audiences, shallow.audiences, strict=True):
+        assert deep.window is not None
+        assert counted.window is not None
+        assert abs(deep.window - counted.window) <= 1, (deep, counted)
