@@ -4,7 +4,7 @@ A smoke test, not a timed one: it never asserts a speed, nor that a target was m
 benchmark reports a missed target in its line and still exits 0). It asserts that each
 script exits 0 and that the last line on its stdout decodes as one JSON object naming the
 benchmark, with the figures the README records and values that make sense for the
-quick sizes (counts equal to what was sent, rates and times positive). The twelve
+quick sizes (counts equal to what was sent, rates and times positive). The thirteen
 scripts run at once, each in its own process, so that the whole takes as long as the
 slowest (the budget's two emulated days).
 """
@@ -34,8 +34,9 @@ BENCHMARKS = [
     "ingest_memory",
     "files",
     "multi_readback",
+    "forecast",
 ]
-# Twelve benchmarks at once on two shared cores: the bound only catches a hang.
+# Thirteen benchmarks at once on two shared cores: the bound only catches a hang.
 TIMEOUT_SECONDS = 300
 pytestmark = pytest.mark.timeout(TIMEOUT_SECONDS + 60)
 
@@ -188,3 +189,13 @@ def test_multi_readback(outputs: dict[str, tuple[int, str, str]]) -> None:
     assert 1 <= line["lists_per_export_max"] <= 20
     assert line["export_bytes"] > 0
     assert {"verified_target_met", "exports_target_met", "volume_target_met"} <= line.keys()
+
+
+def test_forecast(outputs: dict[str, tuple[int, str, str]]) -> None:
+    line = figures(outputs, "forecast")
+    assert (line["audiences"], line["jobs"]) == (1_000, 20_000)
+    # 20,000 jobs at 1,176 a day from noon: the shipped and the whole simulation agree.
+    assert line["destination_days"] == line["full_simulation_days"] == 17
+    assert line["audience_window_difference_max"] <= 1
+    assert line["forecast_ms"] > 0
+    assert line["full_simulation_ms"] > 0
