@@ -25,6 +25,7 @@ the system clock), as in ``test_engine_quotas.py``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import shutil
 import tempfile
@@ -45,6 +46,12 @@ ROWS_PER_JOB = 5
 OLDER = AudienceConfig("older", max_records=ROWS_PER_JOB, max_age_seconds=0.05)
 YOUNGER = AudienceConfig("younger", max_records=ROWS_PER_JOB, max_age_seconds=0.05)
 ACCOUNTS = {OLDER.id: 35, YOUNGER.id: 20}  # 7 and 4 jobs
+# Each backlog needs two days more (8 s): far past the warning's bound.
+WARN_HOURS = 2 / 3600
+
+
+def events(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == event]
 
 
 @pytest.fixture
@@ -55,15 +62,20 @@ def short_dir() -> Iterator[Path]:
 
 
 @pytest.mark.timeout(120)
-async def test_delivery_ends_in_the_window_the_forecast_named(short_dir: Path) -> None:
+async def test_delivery_ends_in_the_window_the_forecast_named(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """1. Emulator and daemon: 4 import jobs (uploads, 40 status reads) a 4 s day.
     2. At the start of a day, 35 accounts to the older audience, then 20 to the
        younger one; once folded, ``status`` over the admin socket.
-    3. Wait until both backlogs are delivered.
+       A summary round (``backlog_eta_warn_hours`` is 2 s here).
+    3. Wait until both backlogs are delivered; a summary round again.
     Result: the forecast named the start window + 2 for the destination and the
     younger audience, no later for the older; each audience's last batch was
     acknowledged in its named window, +-1; 11 jobs in all, no window saw more than 4
-    and Demandbase answered no 429."""
+    and Demandbase answered no 429. The first summary round carried each audience's
+    forecast (the same windows) and warned once per audience (``backlog_eta_exceeded``);
+    the second said both recovered."""
     quotas = {
         "import_jobs_per_day": JOBS_PER_DAY,
         "import_uploads_per_day": JOBS_PER_DAY,
@@ -77,6 +89,7 @@ async def test_delivery_ends_in_the_window_the_forecast_named(short_dir: Path) -
         tenant=fast_tenant(day_seconds=DAY_SECONDS, **quotas),
         limits={**quotas, "day_seconds": DAY_SECONDS, "quota_safety_margin": 0.0},
         daemon={"admin_socket": str(sock)},
+        delivery={"backlog_eta_warn_hours": WARN_HOURS},
     ) as engine:
         older, younger = (
             await engine.tenant_accounts(ACCOUNTS[OLDER.id]),
@@ -107,7 +120,20 @@ async def test_delivery_ends_in_the_window_the_forecast_named(short_dir: Path) -
         assert windows[OLDER.id] <= windows[YOUNGER.id] == 2, windows
         assert math.floor(destination.backlog_eta / DAY_SECONDS) - start == 2
 
+        caplog.set_level(logging.INFO, logger="dbsync.summaries")
+        await engine.supervisor.log_summaries()
+        summaries = {r.audience: r for r in events(caplog, "audience_summary")}  # type: ignore[attr-defined]
+        for audience, window in windows.items():
+            eta = summaries[audience].backlog_eta  # type: ignore[attr-defined]
+            assert math.floor(eta / DAY_SECONDS) - start == window, (audience, eta)
+        warned = [r.audience for r in events(caplog, "backlog_eta_exceeded")]  # type: ignore[attr-defined]
+        assert sorted(warned) == [OLDER.id, YOUNGER.id]
+
         await wait_until(lambda: engine.idle(), 8 * DAY_SECONDS, what="both backlogs delivered")
+        await engine.supervisor.log_summaries()
+        recovered = [r.audience for r in events(caplog, "backlog_eta_recovered")]  # type: ignore[attr-defined]
+        assert sorted(recovered) == [OLDER.id, YOUNGER.id]
+        assert len(events(caplog, "backlog_eta_exceeded")) == 2
         for audience in (OLDER.id, YOUNGER.id):
             last = await engine.store.last_batch(audience)
             assert last is not None
