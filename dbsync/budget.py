@@ -264,6 +264,11 @@ class DestinationBudget:
         return int(self._clock.time() // self.limits.day_seconds)
 
     @property
+    def pace_recovery_step(self) -> float:
+        """Requests a minute a quiet ``pace_recovery_seconds`` gives back after a 429."""
+        return self.limits.requests_per_minute * _RECOVERY_SHARE
+
+    @property
     def edge_seconds(self) -> float:
         """The end of each window in which no quota-counted request starts."""
         # The time a request may take to reach Demandbase: 5 s, less for short test days.

@@ -22,8 +22,8 @@ The model, and what it leaves out:
   and at ``pace / 60 / REQUESTS_PER_JOB``, where ``slots`` is the destination's job
   slots as far as the audiences still waiting may hold them (each at most
   ``max_jobs_in_flight``) and ``pace`` the destination's request pace as far as their
-  own ``requests_per_minute`` allow. The pace is the one in force now: after 429s
-  halved it, the forecast is pessimistic for the minutes the pace takes to recover.
+  own ``requests_per_minute`` allow. After 429s halved the pace, it climbs back as
+  the budget's does (a step every ``pace_recovery_seconds``), assuming no new 429.
 * **The other audiences' share.** The budget grants job slots and quota to the
   audience whose oldest pending change is oldest (:mod:`dbsync.budget`), so the forecast
   serves the backlogs in that order, each until it is empty, then the next: an
@@ -86,6 +86,11 @@ class Capacity(msgspec.Struct, frozen=True, kw_only=True):
     jobs_left_today: int  # jobs the current window still allows (creations, uploads, reads)
     jobs_per_day: int  # jobs a whole window allows
     pace_per_minute: float  # the destination's request pace now (lower after 429s)
+    # After 429s the pace climbs back by ``pace_recovery_step`` every
+    # ``pace_recovery_seconds`` up to ``pace_limit_per_minute`` (None: it stays).
+    pace_limit_per_minute: float | None = None
+    pace_recovery_step: float = 0.0
+    pace_recovery_seconds: float = 60.0
     job_slots: int  # concurrent import jobs
     edge_seconds: float  # no quota-counted request starts this close to a window's end
 
@@ -190,6 +195,15 @@ def forecast(
     )
 
 
+def _pace_at(capacity: Capacity, at: float) -> float:
+    """The destination's pace at ``at``, climbing back after 429s as the budget's does."""
+    limit = capacity.pace_limit_per_minute
+    if limit is None or capacity.pace_per_minute >= limit:
+        return capacity.pace_per_minute
+    periods = math.floor(max(0.0, at - capacity.now) / max(capacity.pace_recovery_seconds, 1e-9))
+    return min(limit, capacity.pace_per_minute + capacity.pace_recovery_step * periods)
+
+
 class _Run:
     """One audience's jobs as the simulation schedules them."""
 
@@ -219,7 +233,6 @@ def _simulate(capacity: Capacity, runs: list[_Run], starts_wanted: int) -> None:
     the audiences that may start one then, the oldest backlog goes first."""
     day = capacity.day_seconds
     slots = [capacity.now] * max(1, capacity.job_slots)  # when each slot is free
-    pace_gap = 60.0 * REQUESTS_PER_JOB / max(capacity.pace_per_minute, 1e-9)
     next_pace = capacity.now
     window = math.floor(capacity.now / day)
     left = max(0, capacity.jobs_left_today)
@@ -249,7 +262,7 @@ def _simulate(capacity: Capacity, runs: list[_Run], starts_wanted: int) -> None:
         run = runs[i]
         end = at + run.job_seconds
         heapq.heapreplace(slots, end)
-        next_pace = at + pace_gap
+        next_pace = at + 60.0 * REQUESTS_PER_JOB / max(_pace_at(capacity, at), 1e-9)
         left -= 1
         budget -= 1
         run.left -= 1
@@ -283,7 +296,7 @@ def _extrapolate(capacity: Capacity, runs: list[_Run], window: int, left: int, a
     queue = sorted(runs, key=lambda r: r.rank)
     remaining = {id(run): float(run.left) for run in queue}
     mean_seconds = sum(run.job_seconds for run in queue) / max(1, len(queue))
-    pace_rate = max(capacity.pace_per_minute, 1e-9) / 60.0 / REQUESTS_PER_JOB
+    pace_rate = max(_pace_at(capacity, at), 1e-9) / 60.0 / REQUESTS_PER_JOB
     per_window = min(float(capacity.jobs_per_day), usable * min(pace_rate, slots / mean_seconds))
     # The segment of time the current window's jobs are spread over.
     seg_start, seg_end = at, (window + 1) * day - capacity.edge_seconds

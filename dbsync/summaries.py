@@ -120,6 +120,9 @@ def capacity(budget: DestinationBudget, now: float) -> Capacity:
         jobs_left_today=jobs(lambda e: allowed(e) - used.get(e, 0)),
         jobs_per_day=jobs(allowed),
         pace_per_minute=snapshot.pace_per_minute,
+        pace_limit_per_minute=budget.limits.requests_per_minute,
+        pace_recovery_step=budget.pace_recovery_step,
+        pace_recovery_seconds=budget.limits.pace_recovery_seconds,
         job_slots=snapshot.job_slots,
         edge_seconds=budget.edge_seconds,
     )

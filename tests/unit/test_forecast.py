@@ -15,7 +15,7 @@ NOON = 100 * DAY + DAY / 2
 
 
 def capacity(**overrides: float) -> Capacity:
-    fields: dict[str, float] = {
+    fields: dict[str, float | None] = {
         "now": NOON,
         "day_seconds": DAY,
         "jobs_left_today": 1176,
@@ -105,6 +105,29 @@ def test_halved_pace_doubles_a_pace_bound_backlog() -> None:
     per_second = 240.0 / 60.0 / REQUESTS_PER_JOB
     assert fast.eta - NOON == pytest.approx((jobs - 1) / per_second + 1.0)
     assert slow.eta - NOON == pytest.approx(2 * (jobs - 1) / per_second + 1.0)
+
+
+def test_a_halved_pace_climbs_back_as_the_budget_recovers_it() -> None:
+    # Pace-bound as above, halved from 240 to 120, 24 a minute back every minute: the
+    # time lies between the halved pace kept and the full pace, nearer the full one.
+    loads = [load(inserts=400 * 10_000, job_seconds=1.0, max_jobs_in_flight=10)]
+    full = forecast(capacity(pace_per_minute=240.0), loads)
+    kept = forecast(capacity(pace_per_minute=120.0), loads)
+    recovering = forecast(
+        capacity(
+            pace_per_minute=120.0,
+            pace_limit_per_minute=240.0,
+            pace_recovery_step=24.0,
+            pace_recovery_seconds=60.0,
+        ),
+        loads,
+    )
+    assert full.eta is not None
+    assert kept.eta is not None
+    assert recovering.eta is not None
+    assert full.eta < recovering.eta < kept.eta
+    # Back to 240 after 5 minutes: 5 minutes at the climbing pace lose under 2.5 of them.
+    assert recovering.eta - full.eta < 150.0
 
 
 def test_job_slots_bound_a_slot_bound_backlog() -> None:
