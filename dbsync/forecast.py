@@ -25,22 +25,23 @@ The model, and what it leaves out:
   own ``requests_per_minute`` allow. After 429s halved the pace, it climbs back as
   the budget's does (a step every ``pace_recovery_seconds``), assuming no new 429.
 * **The other audiences' share.** The budget grants job slots and quota to the
-  audience whose oldest pending change is oldest (:mod:`dbsync.budget`), so the forecast
-  serves the backlogs in that order, each until it is empty, then the next: an
-  audience's time is its own jobs after every older backlog's. Real grants interleave
-  a little (an audience's oldest change moves on as its batches are planned), which
-  delivers the older audiences a little later and the younger a little earlier; the
-  destination's time is the same either way.
+  audience whose oldest pending change is oldest (:mod:`dbsync.budget`). The forecast
+  starts each job at the earliest the slots, the pace and the quota allow, and gives
+  it to the oldest backlog that may start one then: an audience already running its
+  ``max_jobs_in_flight`` leaves the next slot to a younger one, as its actor does by
+  not asking. Real grants interleave a little more (an audience's oldest change moves
+  on as its batches are planned); the destination's time is the same either way.
 * **Not due yet.** A backlog smaller than ``rows_per_job`` waits until its oldest
   change is ``max_age_seconds`` old.
-* **Left out.** Jobs already in flight are counted done ``job_seconds`` from now (we
-  do not know when they started); failed jobs sent again, split batches, rows refused,
-  set-aside accounts tried again (which use only quota nobody waits for) and changes
-  arriving later are not forecast. A held audience (paused, or its contract broken)
-  has no time: nothing of it is sent until ``ctl resume``.
-* **Depth.** Jobs are simulated one by one up to :data:`MAX_SIMULATED_JOBS`; those
-  beyond are counted in whole windows of ``jobs_per_day``, oldest backlog first, so
-  that a backlog of months costs no more than one of weeks.
+* **Left out.** Jobs already in flight hold their slots and are counted done
+  ``job_seconds`` from now (we do not know when they started); failed jobs sent
+  again, split batches, rows refused, set-aside accounts tried again (which use only
+  quota nobody waits for) and changes arriving later are not forecast. A held
+  audience (paused, or its contract broken) has no time: nothing of it is sent until
+  ``ctl resume``.
+* **Depth.** Jobs are simulated one by one up to :data:`MAX_SIMULATED_JOBS`; past
+  them the rest flow window by window, shared as the simulation shares them, so that
+  a backlog of months costs little more than one of weeks (``bench/forecast.py``).
 
 The bound the tests hold it to (``tests/integration/test_forecast_days.py``): with a
 backlog of several days under a small daily job quota, the window the forecast names
@@ -102,6 +103,7 @@ class Load(msgspec.Struct, frozen=True, kw_only=True):
     inserts: int  # pending accounts to add, not in flight
     deletes: int  # pending accounts to remove, not in flight
     in_flight: int = 0  # accounts in open batches
+    jobs_in_flight: int = 0  # its import jobs running now (they hold job slots)
     oldest_changed_at: float | None = None  # epoch seconds of its oldest pending change
     rows_per_job: int = 10_000  # max_records
     max_jobs_in_flight: int = 2
@@ -212,7 +214,9 @@ class _Run:
         self.load = load
         self.jobs = self.left = jobs_needed(load)
         self.job_seconds = max(_SHORTEST_JOB_SECONDS, load.job_seconds)
-        self.ends: list[float] = []  # its jobs running, by end (at most max_jobs_in_flight)
+        # Its jobs running, by end (at most max_jobs_in_flight); those running now are
+        # done a job's duration from now (their start is unknown).
+        self.ends: list[float] = [now + self.job_seconds] * load.jobs_in_flight
         self.starts: list[float] = []
         # Jobs in flight now are done a job's duration from now (their start is unknown).
         self.last_end = now + self.job_seconds if load.in_flight > 0 else now
@@ -232,7 +236,12 @@ def _simulate(capacity: Capacity, runs: list[_Run], starts_wanted: int) -> None:
     """Start every job at the earliest the slots, the pace and the quota allow; among
     the audiences that may start one then, the oldest backlog goes first."""
     day = capacity.day_seconds
-    slots = [capacity.now] * max(1, capacity.job_slots)  # when each slot is free
+    # When each slot is free: those the jobs running now hold, after them.
+    busy = sorted(end for run in runs for end in run.ends)
+    slots = [capacity.now] * max(1, capacity.job_slots)
+    for i, end in enumerate(busy[: len(slots)]):
+        slots[i] = end
+    heapq.heapify(slots)
     next_pace = capacity.now
     window = math.floor(capacity.now / day)
     left = max(0, capacity.jobs_left_today)

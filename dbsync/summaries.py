@@ -149,6 +149,7 @@ def forecasts(
                 inserts=backlog.inserts,
                 deletes=backlog.deletes,
                 in_flight=backlog.in_flight,
+                jobs_in_flight=status.jobs_in_flight,
                 oldest_changed_at=backlog.oldest_changed_at,
                 rows_per_job=status.rows_per_job,
                 max_jobs_in_flight=status.max_jobs_in_flight,

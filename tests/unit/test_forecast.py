@@ -188,6 +188,18 @@ def test_jobs_in_flight_finish_a_job_duration_from_now() -> None:
     assert result.eta == pytest.approx(NOON + 60.0)
 
 
+def test_jobs_in_flight_hold_their_slots() -> None:
+    # Two slots for the audience, both held by jobs running now: the next one starts
+    # when the first of them is done, a job's duration from now.
+    result = forecast(
+        capacity(),
+        [load(inserts=1, in_flight=600, jobs_in_flight=2, oldest_changed_at=NOON - 100)],
+        starts_wanted=1,
+    )
+    assert result.audiences[0].starts == (NOON + 60.0,)
+    assert result.eta == pytest.approx(NOON + 120.0)
+
+
 def test_no_quota_at_all_has_no_time() -> None:
     result = forecast(capacity(jobs_left_today=0, jobs_per_day=0), [load(inserts=1)])
     assert result.audiences[0].eta is None
