@@ -149,7 +149,12 @@ def forecasts(
                 inserts=backlog.inserts,
                 deletes=backlog.deletes,
                 in_flight=backlog.in_flight,
-                jobs_in_flight=status.jobs_in_flight,
+                # Its open batches hold slots (a delivery still waiting for one does
+                # not): each carries at most rows_per_job accounts.
+                jobs_in_flight=min(
+                    status.max_jobs_in_flight,
+                    math.ceil(backlog.in_flight / max(1, status.rows_per_job)),
+                ),
                 oldest_changed_at=backlog.oldest_changed_at,
                 rows_per_job=status.rows_per_job,
                 max_jobs_in_flight=status.max_jobs_in_flight,

@@ -182,7 +182,7 @@ def _plan(reply: PlanReply) -> str:
     head = (
         f"{reply.audience} ({reply.destination}): {reply.state}; pending {pending}"
         f" ({reply.pending_inserts} to add, {reply.pending_deletes} to remove),"
-        f" {reply.in_flight} accounts in flight in {reply.jobs_in_flight} jobs"
+        f" {reply.in_flight} accounts in flight"
     )
     if reply.held:
         head += "; nothing is sent until resume"
