@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 # Audiences whose summary figures are read in one statement: a few milliseconds of the
 # reader's thread each, so that other reads are not held up behind 10,000.
 _SUMMARY_CHUNK = 500
-# ``[destinations.delivery] backlog_eta_warn_hours``'s default.
-_DEFAULT_WARN_HOURS = 24.0
 
 
 class AudienceStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -228,7 +226,8 @@ async def log_summaries(
     warn_hours: Mapping[str, float] | None = None,
 ) -> SummaryTotals:
     """One ``audience_summary`` line per audience, one ``destination_summary`` each;
-    returns their totals (what systemd's ``STATUS=`` shows)."""
+    returns their totals (what systemd's ``STATUS=`` shows). ``eta_watch`` judges each
+    audience's forecast against its destination's ``warn_hours``."""
     pending = 0
     figures: dict[str, tuple[Backlog, LedgerCheck]] = {}
     for start in range(0, len(statuses), _SUMMARY_CHUNK):
@@ -241,7 +240,8 @@ async def log_summaries(
         backlog, check = figures[status.audience_id]
         destination_eta = etas.get(status.destination)
         eta = destination_eta.of(status.audience_id) if destination_eta is not None else None
-        if eta_watch is not None and eta is not None:
+        bound = (warn_hours or {}).get(status.destination)
+        if eta_watch is not None and eta is not None and bound is not None:
             eta_watch.observe(
                 status.audience_id,
                 status.destination,
@@ -249,7 +249,7 @@ async def log_summaries(
                 jobs=eta.jobs,
                 held=eta.held,
                 now=now,
-                warn_hours=(warn_hours or {}).get(status.destination, _DEFAULT_WARN_HOURS),
+                warn_hours=bound,
             )
         pending += backlog.pending
         if not check.balanced:
