@@ -44,6 +44,7 @@ __all__ = [
     "capacity",
     "forecasts",
     "log_summaries",
+    "read_figures",
 ]
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,17 @@ def _hours(eta: float | None, now: float) -> float | None:
     return round(max(0.0, eta - now) / 3600, 3) if eta is not None else None
 
 
+async def read_figures(
+    store: SummaryStore, audience_ids: Sequence[str]
+) -> dict[str, tuple[Backlog, LedgerCheck]]:
+    """Each audience's backlog and ledger, :data:`_SUMMARY_CHUNK` audiences a read."""
+    figures: dict[str, tuple[Backlog, LedgerCheck]] = {}
+    for start in range(0, len(audience_ids), _SUMMARY_CHUNK):
+        # Without the pending recount: that one is a reconciliation's price.
+        figures.update(await store.summaries(audience_ids[start : start + _SUMMARY_CHUNK]))
+    return figures
+
+
 async def log_summaries(
     statuses: Sequence[AudienceStatus],
     destinations: Mapping[str, Destination],
@@ -229,11 +241,7 @@ async def log_summaries(
     returns their totals (what systemd's ``STATUS=`` shows). ``eta_watch`` judges each
     audience's forecast against its destination's ``warn_hours``."""
     pending = 0
-    figures: dict[str, tuple[Backlog, LedgerCheck]] = {}
-    for start in range(0, len(statuses), _SUMMARY_CHUNK):
-        chunk = statuses[start : start + _SUMMARY_CHUNK]
-        # Without the pending recount: that one is a reconciliation's price.
-        figures.update(await store.summaries([s.audience_id for s in chunk]))
+    figures = await read_figures(store, [s.audience_id for s in statuses])
     now = clock.time()
     etas = forecasts(statuses, destinations, {a: f[0] for a, f in figures.items()}, now)
     for status in statuses:

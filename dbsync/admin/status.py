@@ -29,7 +29,7 @@ from dbsync.contract.record import read_records
 from dbsync.forecast import DestinationEta
 from dbsync.model import AudienceRecord, AudienceState, HeldSnapshot
 from dbsync.reconcile import ReconcileReport
-from dbsync.summaries import forecasts
+from dbsync.summaries import forecasts, read_figures
 
 __all__ = ["destinations", "etas", "held_view", "report_view", "status"]
 
@@ -68,7 +68,7 @@ async def etas(c: Controls, *, starts_wanted: int = 0) -> dict[str, DestinationE
     """Each destination's backlog forecast, over all its running audiences (the share
     of one depends on the others)."""
     statuses = c.supervisor.statuses()
-    figures = await c.store.summaries([s.audience_id for s in statuses])
+    figures = await read_figures(c.store, [s.audience_id for s in statuses])
     running = {
         name: destination
         for name in {s.destination for s in statuses}
