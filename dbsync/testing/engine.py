@@ -298,6 +298,7 @@ async def running_reconcile_engine(
     tenant: EmulatorSettings | None = None,
     limits: Mapping[str, float] | None = None,
     delivery: Mapping[str, float] | None = None,
+    daemon: Mapping[str, object] | None = None,
 ) -> AsyncIterator[Engine]:
     """An emulator and a daemon whose reconciler runs with ``reconcile``; export quotas
     far from any limit on both sides unless ``tenant`` or ``limits`` say otherwise."""
@@ -309,6 +310,7 @@ async def running_reconcile_engine(
             reconcile=reconcile,
             limits=limits,
             delivery=delivery,
+            daemon=daemon,
         )
         async with running_daemon(config) as running:
             yield Engine(emulator, running, audiences)

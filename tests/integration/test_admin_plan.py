@@ -18,8 +18,17 @@ from typing import Any
 
 import pytest
 
+from dbsync.demandbase.emulator import Faults
 from dbsync.exitcodes import ExitCode
-from dbsync.testing import AudienceConfig, running_engine, wait_until
+from dbsync.testing import (
+    FAST_RECONCILE,
+    AudienceConfig,
+    fast_export_tenant,
+    last_report,
+    running_engine,
+    running_reconcile_engine,
+    wait_until,
+)
 
 # Due only when flushed (an hour's max age): every pending account fits one batch.
 LAZY = AudienceConfig("lazy", "Renewals", max_records=1_000, max_age_seconds=3600.0)
@@ -139,3 +148,67 @@ async def test_plan_of_an_unknown_audience_is_a_fault(short_dir: Path) -> None:
         code, out, _ = await ctl(sock, "--json", "plan", "nope")
         assert code == ExitCode.FAULT
         assert json.loads(out)["code"] == "unknown_audience"
+
+
+async def test_plan_names_the_audiences_one_multi_list_export_reads(short_dir: Path) -> None:
+    """1. Three audiences of 10 members, multi-list exports on (the emulator's
+       ``multi-list-column`` dialect), read back a second after delivery, then every
+       minute: their first read-backs share one export job.
+    2. Once each is verified, ``plan multi-0 --json``.
+    Result: the next read-back is planned (a minute after the last), multi-list, and
+    its export group is the audiences due by then: a minute after their last
+    read-back began (all three when their first read-backs shared one job, as they
+    mostly do; one acknowledged a little later may have had its own); no batch."""
+    audiences = [
+        AudienceConfig(f"multi-{i}", max_records=100, max_age_seconds=0.05) for i in range(3)
+    ]
+    sock = short_dir / "admin.sock"
+    async with running_reconcile_engine(
+        short_dir,
+        audiences,
+        tenant=fast_export_tenant(
+            visibility_lag_seconds=0.1, faults=Faults(dialects=frozenset({"multi-list-column"}))
+        ),
+        reconcile={
+            **FAST_RECONCILE,
+            "multi_list_exports": "yes",
+            "interval_seconds": 60.0,
+            "visibility_lag_seconds": 1.0,
+        },
+        daemon={"admin_socket": str(sock)},
+    ) as engine:
+        pool = await engine.tenant_accounts(30)
+        await engine.cdp.changes(
+            (audience.id, account, True)
+            for i, audience in enumerate(audiences)
+            for account in pool[i * 10 : (i + 1) * 10]
+        )
+
+        def verified() -> bool:
+            reports = [last_report(engine, a.id) for a in audiences]
+            return all(r is not None and r.verified == 10 for r in reports)
+
+        await wait_until(verified, 30.0, what="every audience verified")
+        exports = engine.emulator.emulator.tenant.export_jobs
+        assert sum(len(job.list_ids) for job in exports) == 3
+
+        code, out, err = await ctl(sock, "plan", "multi-0", "--json")
+        assert code == ExitCode.OK, err
+        plan = json.loads(out)
+        assert plan["batches"] == []
+        read_back = plan["read_back"]
+        assert read_back["multi_list"] is True
+        started = {
+            a.id: report.started_at for a in audiences if (report := last_report(engine, a.id))
+        }
+        next_at = read_back["next_reconcile_at"]
+        assert next_at >= started["multi-0"] + 60.0
+        due = sorted(a for a, at in started.items() if at + 60.0 <= next_at)
+        assert "multi-0" in due
+        assert sorted(read_back["export_group"]) == due
+        if len(exports) == 1:
+            assert due == [a.id for a in audiences]
+        code, out, err = await ctl(sock, "plan", "multi-0")
+        assert code == ExitCode.OK, err
+        others = [a for a in read_back["export_group"] if a != "multi-0"]
+        assert f"in one export job with {len(others)} other audiences" in out, out
