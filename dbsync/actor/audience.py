@@ -211,7 +211,7 @@ class AudienceActor:
 
     async def run(self) -> None:
         """Deliver until stopped, then wait for the jobs in flight to finish."""
-        record = (await self._store.audiences()).get(self.settings.audience_id)
+        record = await self._store.audience(self.settings.audience_id)
         if record is not None:
             self._list_id = record.list_id
             if record.state is AudienceState.CONTRACT_BROKEN and not self.contract_breach:

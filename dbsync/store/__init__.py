@@ -153,6 +153,9 @@ class Store:
     async def audiences(self) -> dict[str, AudienceRecord]:
         return await audiences.audiences(self._engine)
 
+    async def audience(self, audience_id: str) -> AudienceRecord | None:
+        return await audiences.audience(self._engine, audience_id)
+
     async def set_audience_state(
         self, audience_id: str, state: AudienceState, reason: str = ""
     ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
 
 from dbsync.model import AudienceRecord, AudienceSpec, AudienceState, SyncResult
 from dbsync.store.engine import Engine
@@ -86,26 +87,39 @@ async def sync_audiences(engine: Engine, specs: Sequence[AudienceSpec]) -> SyncR
     return await engine.transaction(work)
 
 
-async def audiences(engine: Engine) -> dict[str, AudienceRecord]:
-    rows = await engine.read(
-        "SELECT audience_id, destination, name, list_name, list_id, state, state_reason,"
-        " checkpoint_seq, updated_at, operator_paused FROM audiences ORDER BY audience_id"
+_RECORD_COLUMNS = (
+    "audience_id, destination, name, list_name, list_id, state, state_reason,"
+    " checkpoint_seq, updated_at, operator_paused"
+)
+
+
+def _record(row: Sequence[Any]) -> AudienceRecord:
+    return AudienceRecord(
+        audience_id=row[0],
+        destination=row[1],
+        name=row[2],
+        list_name=row[3],
+        list_id=row[4],
+        state=AudienceState(row[5]),
+        state_reason=row[6],
+        checkpoint_seq=row[7],
+        updated_at=row[8],
+        operator_paused=bool(row[9]),
     )
-    return {
-        row[0]: AudienceRecord(
-            audience_id=row[0],
-            destination=row[1],
-            name=row[2],
-            list_name=row[3],
-            list_id=row[4],
-            state=AudienceState(row[5]),
-            state_reason=row[6],
-            checkpoint_seq=row[7],
-            updated_at=row[8],
-            operator_paused=bool(row[9]),
-        )
-        for row in rows
-    }
+
+
+async def audiences(engine: Engine) -> dict[str, AudienceRecord]:
+    rows = await engine.read(f"SELECT {_RECORD_COLUMNS} FROM audiences ORDER BY audience_id")
+    return {row[0]: _record(row) for row in rows}
+
+
+async def audience(engine: Engine, audience_id: str) -> AudienceRecord | None:
+    """One audience's record: what an actor reads when it starts (not the whole table,
+    which 10,000 starting actors would each read)."""
+    rows = await engine.read(
+        f"SELECT {_RECORD_COLUMNS} FROM audiences WHERE audience_id = ?", (audience_id,)
+    )
+    return _record(rows[0]) if rows else None
 
 
 async def set_audience_state(

@@ -165,8 +165,8 @@ class MemoryDeliveryStore:
         self.batches[batch.batch_id] = batch
         return batch
 
-    async def audiences(self) -> dict[str, AudienceRecord]:
-        return {}
+    async def audience(self, audience_id: str) -> AudienceRecord | None:
+        return None
 
     async def split_batch(self, batch_id: int) -> tuple[Batch, Batch]:
         old = self.batches[batch_id]
