@@ -50,6 +50,7 @@ at the start is the window the last job completes in, give or take one.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Sequence
@@ -123,17 +124,20 @@ class AudienceEta(msgspec.Struct, frozen=True, kw_only=True):
     held: bool = False
 
 
-class DestinationEta(msgspec.Struct, frozen=True, kw_only=True):
+class DestinationEta(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     jobs: int
     eta: float | None  # the latest audience's; None: nothing to deliver
     window: int | None
     audiences: tuple[AudienceEta, ...]
 
     def of(self, audience_id: str) -> AudienceEta | None:
-        for audience in self.audiences:
-            if audience.audience_id == audience_id:
-                return audience
-        return None
+        return self._by_id.get(audience_id)
+
+    @functools.cached_property
+    def _by_id(self) -> dict[str, AudienceEta]:
+        # Built once: a summary round and ``ctl status`` ask for every audience, and a
+        # search each time made them quadratic (10,000 audiences: ~1.5 CPU s a round).
+        return {audience.audience_id: audience for audience in self.audiences}
 
 
 def jobs_needed(load: Load) -> int:
