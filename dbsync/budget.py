@@ -14,7 +14,8 @@ itself (ARCHITECTURE invariant 5, quotas are spent, never overdrawn):
   we cannot see.
 * **Concurrent import jobs.** An actor holds a job slot from job creation until the
   job is completed or failed.
-* **Per-minute pace**, an aiolimiter bucket whose rate follows AIMD: a 429 halves it,
+* **Per-minute pace**, a leaky bucket on the injected clock
+  (:class:`~dbsync.clock.PaceLimiter`) whose rate follows AIMD: a 429 halves it,
   every quiet period (a minute by default) gives back a tenth of the configured rate,
   and the learned rate is persisted so that a restart does not burst into 429s
   again. A Retry-After, if Demandbase ever sends one, holds every request of the
@@ -37,9 +38,8 @@ from contextlib import asynccontextmanager
 from typing import Protocol
 
 import msgspec
-from aiolimiter import AsyncLimiter
 
-from dbsync.clock import Clock
+from dbsync.clock import Clock, PaceLimiter
 from dbsync.demandbase.wire import Endpoint
 
 __all__ = ["BudgetLimits", "BudgetSnapshot", "DestinationBudget", "QuotaStore"]
@@ -132,7 +132,7 @@ class DestinationBudget:
         self._used: dict[str, int] = {}
         self._jobs_in_flight = 0
         self._pace = limits.requests_per_minute
-        self._limiter = AsyncLimiter(self._pace, 60)
+        self._limiter = PaceLimiter(max(self._pace, 1.0), 60, clock)
         self._hold_until = 0.0
         self._last_throttle = -math.inf
         self._last_recovery = clock.monotonic()
@@ -246,6 +246,7 @@ class DestinationBudget:
             )
 
     def snapshot(self) -> BudgetSnapshot:
+        self._maybe_roll()  # a new day shows as one, with or without run() beside it
         used = self._used
         return BudgetSnapshot(
             window=self._window,
@@ -328,6 +329,5 @@ class DestinationBudget:
 
     def _set_pace(self, requests_per_minute: float) -> None:
         self._pace = requests_per_minute
-        # aiolimiter's rate is fixed at construction; a new bucket starts empty, which
-        # after a decrease is exactly the pause we want.
-        self._limiter = AsyncLimiter(max(requests_per_minute, 1.0), 60)
+        # A bucket's rate is fixed at construction: a new one, on the same clock.
+        self._limiter = PaceLimiter(max(requests_per_minute, 1.0), 60, self._clock)

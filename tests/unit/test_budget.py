@@ -228,3 +228,27 @@ async def test_retry_after_holds_every_request(clock: FakeClock) -> None:
     assert not held.done()
     await clock.advance(30.0)
     await asyncio.wait_for(held, 30)
+
+
+async def test_the_pace_runs_on_the_injected_clock(clock: FakeClock) -> None:
+    budget = await opened(
+        DestinationBudget("d", limits(requests_per_minute=2.0), MemoryQuotaStore(), clock)
+    )
+    for _ in range(2):  # a quiet bucket lets its rate through at once
+        await budget.spend(Endpoint.IMPORT_JOB_STATUS)
+    third = asyncio.create_task(budget.spend(Endpoint.IMPORT_JOB_STATUS))
+    await clock.wait_for_sleepers(1)
+    assert not third.done()
+    await clock.advance(29.0)
+    assert not third.done()
+    await clock.advance(1.0)
+    await asyncio.wait_for(third, 30)
+
+
+async def test_a_snapshot_shows_a_new_window_without_run(clock: FakeClock) -> None:
+    budget = await opened(DestinationBudget("d", limits(), MemoryQuotaStore(), clock))
+    await budget.spend(Endpoint.IMPORT_CREATE_JOB)
+    assert budget.snapshot().used["import.create_job"] == 1
+    await clock.advance(DAY)
+    snapshot = budget.snapshot()
+    assert (snapshot.window, snapshot.used["import.create_job"]) == (1_001, 0)
