@@ -22,8 +22,15 @@ itself (ARCHITECTURE invariant 5, quotas are spent, never overdrawn):
   destination until it passes.
 
 Fairness: when several actors wait for a job slot or for tomorrow's quota, the one
-whose backlog is oldest goes first (``priority`` is the epoch time of its oldest
-pending change; smaller is older).
+that has waited longest goes first. An actor asks with ``priority``, the epoch time of
+its oldest pending change (smaller is older; a time in the future counts as now), and
+names its ``audience``: an audience's job slot is its turn, and its next request counts
+from that turn, not from its backlog. So an audience waiting since before another's
+turn is served before that other one's next job, whatever their backlogs' sizes: with
+N audiences waiting, each gets one job before any gets a second, and no audience
+waits more than N - 1 other grants (docs/architecture.md, "Fair turns", states the
+bound in time). A priority is taken when the request is made and kept while it waits:
+changes arriving meanwhile do not move it back.
 """
 
 from __future__ import annotations
@@ -89,25 +96,51 @@ class QuotaStore(Protocol):
     async def save_pace(self, destination: str, requests_per_minute: float) -> None: ...
 
 
+class _Waiter:
+    """One request in a :class:`_Queue`: served by ``(priority, order)``, smallest first."""
+
+    __slots__ = ("audience", "order", "priority")
+
+    def __init__(self, priority: float, order: int, audience: str | None) -> None:
+        self.priority = priority
+        self.order = order
+        self.audience = audience
+
+    def __lt__(self, other: _Waiter) -> bool:
+        return (self.priority, self.order) < (other.priority, other.order)
+
+
 class _Queue:
     """Waiters served in priority order: only the head may pass, and only when ``ready``."""
 
     def __init__(self, changed: asyncio.Condition) -> None:
         self._changed = changed
-        self._heap: list[tuple[float, int]] = []
+        self._heap: list[_Waiter] = []
         self._order = itertools.count()
 
-    async def wait_turn(self, priority: float, ready: Callable[[], bool]) -> None:
-        entry = (priority, next(self._order))
-        heapq.heappush(self._heap, entry)
+    async def wait_turn(
+        self, priority: float, ready: Callable[[], bool], audience: str | None = None
+    ) -> None:
+        waiter = _Waiter(priority, next(self._order), audience)
+        heapq.heappush(self._heap, waiter)
         try:
             async with self._changed:
-                await self._changed.wait_for(lambda: self._heap[0] == entry and ready())
+                await self._changed.wait_for(lambda: self._heap[0] is waiter and ready())
         finally:
-            self._heap.remove(entry)
+            self._heap.remove(waiter)
             heapq.heapify(self._heap)
             async with self._changed:
                 self._changed.notify_all()
+
+    def defer(self, audience: str, until: float) -> None:
+        """``audience`` just had its turn: its other waiters now count from ``until``."""
+        moved = False
+        for waiter in self._heap:
+            if waiter.audience == audience and waiter.priority < until:
+                waiter.priority = until
+                moved = True
+        if moved:
+            heapq.heapify(self._heap)
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -133,6 +166,9 @@ class DestinationBudget:
         self._jobs_in_flight = 0
         self._pace = limits.requests_per_minute
         self._limiter = PaceLimiter(max(self._pace, 1.0), 60, clock)
+        # Per audience, the epoch time of its last job slot: its next request counts
+        # from there (the fairness rule in the module's docstring).
+        self._turns: dict[str, float] = {}
         self._hold_until = 0.0
         self._last_throttle = -math.inf
         self._last_recovery = clock.monotonic()
@@ -185,10 +221,12 @@ class DestinationBudget:
             await self._charge(endpoint)
 
     @asynccontextmanager
-    async def job(self, *, priority: float) -> AsyncIterator[None]:
+    async def job(self, *, priority: float, audience: str | None = None) -> AsyncIterator[None]:
         """Hold a concurrent-job slot, granted only with room for a creation and an upload.
 
         The slot is held until the block exits, i.e. until the job is completed or failed.
+        ``audience``'s request counts from the later of ``priority`` and its last slot;
+        ``math.inf`` asks only for what no other request waits for, and is no turn.
         """
 
         def ready() -> bool:
@@ -198,7 +236,12 @@ class DestinationBudget:
                 and self._room(Endpoint.IMPORT_UPLOAD) > 0
             )
 
-        await self._job_queue.wait_turn(priority, ready)
+        turn = self._turn_priority(priority, audience)
+        await self._job_queue.wait_turn(turn, ready, audience)
+        if audience is not None and turn != math.inf:
+            granted = self._clock.time()
+            self._turns[audience] = granted
+            self._job_queue.defer(audience, granted)
         async with self._slot():
             yield
 
@@ -260,6 +303,16 @@ class DestinationBudget:
         )
 
     # --- internals -------------------------------------------------------------------
+
+    def _turn_priority(self, priority: float, audience: str | None) -> float:
+        """The priority a request waits with: its backlog's age, never in the future,
+        and never older than its audience's last turn."""
+        if priority == math.inf:
+            return priority
+        priority = min(priority, self._clock.time())
+        if audience is None:
+            return priority
+        return max(priority, self._turns.get(audience, -math.inf))
 
     def _current_window(self) -> int:
         return int(self._clock.time() // self.limits.day_seconds)

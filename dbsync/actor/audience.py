@@ -316,8 +316,9 @@ class AudienceActor:
     # --- one delivery ----------------------------------------------------------------
 
     def _priority(self) -> float:
-        """The destination serves the audience whose backlog is oldest first; set-aside
-        accounts tried again come after every other batch."""
+        """The destination serves the audience waiting longest first (from its oldest
+        pending change, or its last turn: :mod:`dbsync.budget`); set-aside accounts
+        tried again come after every other batch."""
         if self._retry_task is not None and asyncio.current_task() is self._retry_task:
             return math.inf
         return self._backlog.oldest_changed_at or self._clock.time()
@@ -352,7 +353,9 @@ class AudienceActor:
 
     async def _deliver_next(self) -> None:
         await self._destination.wait_running(self._clock)
-        async with self._destination.budget.job(priority=self._priority()):
+        async with self._destination.budget.job(
+            priority=self._priority(), audience=self.settings.audience_id
+        ):
             task = asyncio.current_task()
             assert task is not None
             self._carrying.add(task)
@@ -394,7 +397,9 @@ class AudienceActor:
             async with self._destination.budget.resumed_job():
                 await self._finish(batch)
             return
-        async with self._destination.budget.job(priority=batch.created_at):
+        async with self._destination.budget.job(
+            priority=batch.created_at, audience=self.settings.audience_id
+        ):
             task = asyncio.current_task()
             assert task is not None
             self._carrying.add(task)

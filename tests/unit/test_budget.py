@@ -230,6 +230,138 @@ async def test_retry_after_holds_every_request(clock: FakeClock) -> None:
     await asyncio.wait_for(held, 30)
 
 
+# --- fair turns: every audience waiting gets a job before any gets a second ----------
+
+
+class Turns:
+    """Audiences asking the budget for job slots again and again, in virtual time.
+
+    Each holds its slot for ``hold`` seconds, spending a creation and an upload, and
+    asks again at once while it has batches left; ``granted`` is the order of grants.
+    ``since(name)`` is the priority it asks with: its oldest pending change.
+    """
+
+    def __init__(self, budget: DestinationBudget, clock: FakeClock, hold: float = 10.0) -> None:
+        self.budget = budget
+        self.clock = clock
+        self.hold = hold
+        self.granted: list[str] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self, name: str, batches: int, since: float | None = None) -> None:
+        async def audience() -> None:
+            for _ in range(batches):
+                priority = self.clock.time() if since is None else since
+                async with self.budget.job(priority=priority, audience=name):
+                    self.granted.append(name)
+                    await self.budget.spend(Endpoint.IMPORT_CREATE_JOB, priority=priority)
+                    await self.budget.spend(Endpoint.IMPORT_UPLOAD, priority=priority)
+                    await self.clock.sleep(self.hold)
+
+        self.tasks.append(asyncio.create_task(audience(), name=f"audience:{name}"))
+
+    async def run_until_done(self, step: float = 1.0, limit: float = 100 * DAY) -> None:
+        keeper = asyncio.create_task(self.budget.run())
+        try:
+            while not all(task.done() for task in self.tasks):
+                assert self.clock.monotonic() < limit, f"still waiting: {self.granted}"
+                await self.clock.advance(step)
+            await asyncio.gather(*self.tasks)
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+
+def rounds(granted: list[str]) -> list[list[str]]:
+    """The grants cut into rounds: a round ends just before an audience's second grant."""
+    cut: list[list[str]] = [[]]
+    for name in granted:
+        if name in cut[-1]:
+            cut.append([])
+        cut[-1].append(name)
+    return cut
+
+
+async def test_each_audience_waiting_gets_a_job_before_any_gets_a_second(
+    clock: FakeClock,
+) -> None:
+    # 12 audiences, 5 job creations a window, 2 slots. Three hold large backlogs whose
+    # oldest change is far older than the others' (four batches each): oldest-first
+    # alone would give them all twelve of their jobs before the small ones had one.
+    store = MemoryQuotaStore()
+    budget = await opened(DestinationBudget("d", limits(), store, clock))
+    turns = Turns(budget, clock)
+    for i in range(3):
+        turns.start(f"large{i}", batches=4, since=clock.time() - 3_600.0)
+    for i in range(9):
+        turns.start(f"small{i}", batches=1, since=clock.time() - 60.0 + i)
+    await turns.run_until_done()
+
+    first_round = turns.granted[:12]
+    everyone = [f"large{i}" for i in range(3)] + [f"small{i}" for i in range(9)]
+    assert sorted(first_round) == sorted(everyone)
+    # Within a round the oldest waiting goes first; later rounds hold the large ones only.
+    assert first_round[:3] == ["large0", "large1", "large2"]
+    assert first_round[3:] == [f"small{i}" for i in range(9)]
+    assert rounds(turns.granted)[1:] == [["large0", "large1", "large2"]] * 3
+    # Never more than the window's quota: 5 a window, 21 jobs over five windows.
+    per_window = [n for (_, e, _), n in store.used.items() if e == "import.create_job"]
+    assert max(per_window) == 5
+    assert sum(per_window) == 21
+
+
+async def test_an_audience_whose_backlog_is_always_fresh_is_not_starved(
+    clock: FakeClock,
+) -> None:
+    # Its oldest pending change is always the newest of all (new changes keep coming
+    # and each batch takes the oldest): by age alone every other backlog, older and
+    # larger, would go first until all of them were sent.
+    budget = await opened(DestinationBudget("d", limits(), MemoryQuotaStore(), clock))
+    turns = Turns(budget, clock)
+    for i in range(4):
+        turns.start(f"large{i}", batches=6, since=clock.time() - 3_600.0)
+    turns.start("fresh", batches=6)  # asks with "now" every time
+    await turns.run_until_done()
+
+    assert turns.granted.index("fresh") < 5
+    # Round after round, each audience once: the fresh one's k-th job comes before any
+    # other's (k + 1)-th.
+    for cut in rounds(turns.granted):
+        assert sorted(cut) == sorted(["fresh", "large0", "large1", "large2", "large3"])
+
+
+async def test_a_second_request_waiting_with_the_first_counts_from_the_first_grant(
+    clock: FakeClock,
+) -> None:
+    # One audience queues two deliveries at once (it may have two jobs in flight): the
+    # second does not keep the old priority both shared, it waits behind the others.
+    budget = await opened(
+        DestinationBudget("d", limits(concurrent_import_jobs=1), MemoryQuotaStore(), clock)
+    )
+    turns = Turns(budget, clock)
+    turns.start("blocker", batches=1)
+    await asyncio.sleep(0)
+    turns.start("twice", batches=1, since=clock.time() - 100.0)
+    turns.start("twice", batches=1, since=clock.time() - 100.0)
+    turns.start("other", batches=1, since=clock.time() - 50.0)
+    await turns.run_until_done()
+    assert turns.granted == ["blocker", "twice", "other", "twice"]
+
+
+async def test_a_backlog_stamped_in_the_future_waits_as_if_it_were_now(clock: FakeClock) -> None:
+    budget = await opened(
+        DestinationBudget("d", limits(concurrent_import_jobs=1), MemoryQuotaStore(), clock)
+    )
+    turns = Turns(budget, clock)
+    turns.start("blocker", batches=1)
+    await asyncio.sleep(0)
+    turns.start("ahead", batches=1, since=clock.time() + 10 * DAY)  # a CDP clock ahead
+    await clock.advance(1.0)
+    turns.start("later", batches=1)  # asked after it, with a true "now"
+    await turns.run_until_done()
+    assert turns.granted == ["blocker", "ahead", "later"]
+
+
 async def test_the_pace_runs_on_the_injected_clock(clock: FakeClock) -> None:
     budget = await opened(
         DestinationBudget("d", limits(requests_per_minute=2.0), MemoryQuotaStore(), clock)
