@@ -288,6 +288,11 @@ class DestinationBudget:
                 extra={"destination": self.destination, "requests_per_minute": self._pace},
             )
 
+    @property
+    def jobs_waiting(self) -> int:
+        """Requests waiting for a job slot (or for the room a job needs)."""
+        return len(self._job_queue)
+
     def snapshot(self) -> BudgetSnapshot:
         self._maybe_roll()  # a new day shows as one, with or without run() beside it
         used = self._used
