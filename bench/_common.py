@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -95,13 +95,19 @@ def cpu_seconds(pid: int | str = "self") -> float:
 
 class DaemonProcess:
     """``python -m dbsync run --config CONFIG`` in its own process, so its RSS and CPU are
-    its own. Its JSON log lines are read on a thread (a full pipe would stall it)."""
+    its own. Its JSON log lines are read on a thread (a full pipe would stall it).
 
-    def __init__(self, config: Path) -> None:
+    ``events`` gathers its warnings and errors; ``kept`` the lines of the events named
+    in ``keep`` (e.g. ``batch_acked``), whatever their level, in the order logged.
+    """
+
+    def __init__(self, config: Path, *, keep: Collection[str] = ()) -> None:
         self.config = config
         self.process: subprocess.Popen[str] | None = None
         self.ready: dict[str, Any] | None = None
         self.events: list[dict[str, Any]] = []
+        self.kept: list[dict[str, Any]] = []
+        self._keep = frozenset(keep)
         self._ready = threading.Event()
         self.started_at = 0.0
         self.ready_seconds = 0.0
@@ -133,6 +139,8 @@ class DaemonProcess:
                 self._ready.set()
             elif event.get("level") in ("warning", "error", "critical"):
                 self.events.append(event)
+            if event.get("event") in self._keep:
+                self.kept.append(event)
         self._ready.set()
 
     @property

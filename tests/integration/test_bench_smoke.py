@@ -4,7 +4,7 @@ A smoke test, not a timed one: it never asserts a speed, nor that a target was m
 benchmark reports a missed target in its line and still exits 0). It asserts that each
 script exits 0 and that the last line on its stdout decodes as one JSON object naming the
 benchmark, with the figures the README records and values that make sense for the
-quick sizes (counts equal to what was sent, rates and times positive). The thirteen
+quick sizes (counts equal to what was sent, rates and times positive). The fourteen
 scripts run at once, each in its own process, so that the whole takes as long as the
 slowest (the budget's two emulated days).
 """
@@ -35,8 +35,9 @@ BENCHMARKS = [
     "files",
     "multi_readback",
     "forecast",
+    "fairness",
 ]
-# Thirteen benchmarks at once on two shared cores: the bound only catches a hang.
+# Fourteen benchmarks at once on two shared cores: the bound only catches a hang.
 TIMEOUT_SECONDS = 300
 pytestmark = pytest.mark.timeout(TIMEOUT_SECONDS + 60)
 
@@ -199,3 +200,15 @@ def test_forecast(outputs: dict[str, tuple[int, str, str]]) -> None:
     assert line["audience_window_difference_max"] <= 1
     assert line["forecast_ms"] > 0
     assert line["full_simulation_ms"] > 0
+
+
+def test_fairness(outputs: dict[str, tuple[int, str, str]]) -> None:
+    line = figures(outputs, "fairness")
+    assert (line["audiences"], line["large"], line["refreshed"]) == (100, 5, 10)
+    # Every audience had its turn: a first job acknowledged.
+    assert (line["audiences_served"], line["audiences_missing"]) == (100, 0)
+    assert 0 < line["wait_median_seconds"] <= line["wait_p99_seconds"] <= line["wait_max_seconds"]
+    assert line["bound_seconds"] > 0
+    assert line["jobs_acked"] >= 100
+    assert line["exit_code"] == 0
+    assert isinstance(line["bound_target_met"], bool)
