@@ -21,16 +21,18 @@ itself (ARCHITECTURE invariant 5, quotas are spent, never overdrawn):
   again. A Retry-After, if Demandbase ever sends one, holds every request of the
   destination until it passes.
 
-Fairness: when several actors wait for a job slot or for tomorrow's quota, the one
-that has waited longest goes first. An actor asks with ``priority``, the epoch time of
-its oldest pending change (smaller is older; a time in the future counts as now), and
-names its ``audience``: an audience's job slot is its turn, and its next request counts
-from that turn, not from its backlog. So an audience waiting since before another's
-turn is served before that other one's next job, whatever their backlogs' sizes: with
-N audiences waiting, each gets one job before any gets a second, and no audience
-waits more than N - 1 other grants (docs/architecture.md, "Fair turns", states the
-bound in time). A priority is taken when the request is made and kept while it waits:
-changes arriving meanwhile do not move it back.
+Fairness: when several actors wait for a job slot (or for the day's room for a job),
+the one that has waited longest goes first. An actor asks with ``priority``, the
+epoch time of its oldest pending change (smaller is older; a time in the future
+counts as now), and names its ``audience``: an audience's job slot is its turn, and
+its next request counts from that turn, not from its backlog. So an audience waiting
+since before another's turn is served before that other one's next job, whatever
+their backlogs' sizes: with N audiences waiting, each gets one job before any gets a
+second, and no audience waits for more than N - 1 other grants (docs/architecture.md,
+"Fair turns", states the bound in time). A priority is taken when the request is
+made and kept while it waits: changes arriving meanwhile do not move it back. The
+calls of a job already granted (its upload, its status reads) wait, when a daily
+quota is spent, oldest backlog first.
 """
 
 from __future__ import annotations
