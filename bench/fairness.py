@@ -250,6 +250,11 @@ def main() -> int:
         if dt.datetime.fromisoformat(event["ts"]).timestamp() < last_first
     )
     early_seconds = sum(1 for n in seconds_before.values() if n >= 2)
+    # Jobs acknowledged per quota day (a day's quota allows 1,176 after the margin).
+    per_day = Counter(
+        int(dt.datetime.fromisoformat(event["ts"]).timestamp() // args.day_seconds)
+        for event in result["events"]
+    )
     acks = sorted(acked.values())
     span = acks[-1] - acks[0] if len(acks) > 1 else 0.0
     jobs_before_last = sum(seconds_before.values())
@@ -286,6 +291,7 @@ def main() -> int:
             **expected,
             "jobs_acked": sum(jobs.values()),
             "jobs_per_second": round(rate, 3),
+            "jobs_acked_per_day": [per_day[day] for day in sorted(per_day)],
             "round_seconds": round(round_seconds, 3),
             "wait_to_round_ratio": round(worst / round_seconds, 3) if round_seconds else None,
             "wait_to_bound_ratio": round(worst / expected["bound_seconds"], 3),
