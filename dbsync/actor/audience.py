@@ -36,6 +36,7 @@ through the injected clock only, so that a test drives it with a FakeClock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -97,6 +98,9 @@ class AudienceActor:
         # Deliveries past their job slot: they carry (or are planning) a batch and are
         # let finish on stop; the others only wait in the queue and are cancelled.
         self._carrying: set[asyncio.Task[None]] = set()
+        # Deliveries that hold no batch yet (new ones, retries): a pause cancels those
+        # still waiting for a slot; a batch left open by a previous run is not dropped.
+        self._unplanned: set[asyncio.Task[None]] = set()
         self._backlog = Backlog(inserts=0, deletes=0, oldest_changed_at=None)
         self._next_action = ListAction.INSERT
         self._job_seconds = LearnedDuration(
@@ -143,6 +147,10 @@ class AudienceActor:
 
     def pause(self) -> None:
         self._paused = True
+        # Deliveries still waiting for a job slot leave the queue: granted, they would
+        # send a batch of a paused audience (and spend its turn).
+        for task in self._unplanned - self._carrying:
+            task.cancel()
         self._wakeup.set()
 
     def resume(self) -> None:
@@ -255,7 +263,7 @@ class AudienceActor:
                         self.settings.audience_id, self.settings.retry_delays
                     )
                     if delay <= 0:
-                        self._spawn(deliveries, self._retry_next(), "retry")
+                        self._spawn(deliveries, self._retry_next(), "retry", unplanned=True)
                         await asyncio.sleep(0)
                         continue
                 most = self.settings.max_jobs_in_flight if self._list_settled else 1
@@ -268,7 +276,7 @@ class AudienceActor:
                     await self._wait(ADOPTION_RECHECK_SECONDS)
                     continue
                 self._flush_requested = False
-                self._spawn(deliveries, self._deliver_next(), "new")
+                self._spawn(deliveries, self._deliver_next(), "new", unplanned=True)
                 # Let the new delivery plan its batch before the backlog is read again.
                 await asyncio.sleep(0)
         self._log.info("actor_stopped", extra={"jobs_completed": self.jobs_completed})
@@ -280,21 +288,29 @@ class AudienceActor:
         label: object,
         *,
         carrying: bool = False,
+        unplanned: bool = False,
     ) -> None:
         async def tracked() -> None:
-            try:
+            with contextlib.suppress(HeldBack):
                 await work
-            except HeldBack:
-                pass
-            finally:
-                self._deliveries.discard(task)
-                self._carrying.discard(task)
-                self._wakeup.set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            # A callback, not a finally: a task cancelled before its first step (a pause
+            # right after the spawn) never runs its body.
+            if asyncio.iscoroutine(work):
+                work.close()  # never started: no "never awaited" warning
+            self._deliveries.discard(task)
+            self._carrying.discard(task)
+            self._unplanned.discard(task)
+            self._wakeup.set()
 
         task = group.create_task(tracked(), name=f"delivery:{self.settings.audience_id}:{label}")
+        task.add_done_callback(done)
         self._deliveries.add(task)
         if carrying:
             self._carrying.add(task)
+        if unplanned:
+            self._unplanned.add(task)
 
     async def _due_in(self) -> float:
         """Seconds until the backlog is due (0: now; inf: nothing pending)."""
@@ -359,7 +375,7 @@ class AudienceActor:
             task = asyncio.current_task()
             assert task is not None
             self._carrying.add(task)
-            if self._stopping.is_set() or self.contract_breach:
+            if self._stopping.is_set() or self.contract_breach or self._paused:
                 return
             batch = await self._plan()
             if batch is None:

@@ -28,7 +28,7 @@ from dbsync.demandbase.client import DemandbaseClient
 from dbsync.demandbase.emulator import EmulatorSettings
 from dbsync.demandbase.wire import Endpoint
 from dbsync.destination import Destination
-from dbsync.model import Account, AudienceSpec, Change
+from dbsync.model import Account, AudienceSpec, Change, ListAction
 from dbsync.store import Store
 from dbsync.testing import TOKEN, EmulatorApi, running_emulator
 
@@ -196,3 +196,66 @@ async def test_every_audience_gets_a_job_before_any_gets_a_second(run: Run) -> N
     per_window = run.jobs_per_window()
     assert max(per_window.values()) <= JOBS_PER_WINDOW
     assert len(per_window) >= 3
+
+
+async def test_a_paused_audience_sends_nothing_and_resumed_gets_its_turn(run: Run) -> None:
+    # Three audiences, each with one batch; the middle one is paused while it waits
+    # for a slot. Granted one, it must not send; resumed, it gets its turn at once,
+    # before the other two's next batches.
+    accounts = run.accounts
+    for i, audience in enumerate(SMALL[:3]):
+        await run.give(audience, accounts[i * BATCH : (i + 1) * BATCH], age=60.0 - i)
+    start(run)
+    for _ in range(200):
+        if run.budget.jobs_waiting == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert run.budget.jobs_waiting == 3
+    paused = run.actors[SMALL[1]]
+    paused.pause()
+    for _ in range(40):  # 20 s: the new window, the other two's jobs done
+        await run.step()
+    assert run.jobs() == [SMALL[0], SMALL[2]]
+    # Into the next window's edge, where all three wait: more for the two others, and
+    # the paused one resumed. It never had a turn: it goes first.
+    while DAY - run.clock.time() % DAY > 3.0:
+        await run.step()
+    await run.give(SMALL[0], accounts[50:55], age=30.0)
+    await run.give(SMALL[2], accounts[55:60], age=30.0)
+    paused.resume()
+    for _ in range(200):
+        if run.budget.jobs_waiting == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert run.budget.jobs_waiting == 3
+    while len(run.jobs()) < 5:
+        await run.step()
+    assert run.jobs() == [SMALL[0], SMALL[2], SMALL[1], SMALL[0], SMALL[2]]
+
+
+async def test_a_pause_keeps_a_batch_left_open_by_a_previous_run(run: Run) -> None:
+    # A batch planned by a run that stopped before sending it: the next run resumes
+    # it. Paused while that waits for a slot, the audience keeps the batch, and
+    # resumed, sends it (its accounts are in flight: nothing else would send them).
+    audience = SMALL[0]
+    await run.give(audience, run.accounts[:BATCH], age=60.0)
+    left_open = await run.store.plan_batch(audience, ListAction.INSERT, BATCH)
+    assert left_open is not None
+    start(run)
+    for _ in range(200):
+        if run.budget.jobs_waiting == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert run.budget.jobs_waiting == 1
+    actor = run.actors[audience]
+    actor.pause()
+    for _ in range(20):
+        await run.step()
+    actor.resume()
+    while not run.jobs():
+        await run.step()
+    for _ in range(20):
+        await run.step()
+    assert run.jobs() == [audience]
+    assert (await run.store.backlog(audience)).pending == 0
+    assert [b.batch_id for b in await run.store.open_batches(audience)] == []
