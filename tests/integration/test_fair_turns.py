@@ -7,7 +7,8 @@ Everything is real but the clock: the actors call the emulator over HTTP, the st
 SQLite, the budget counts the quota; a FakeClock moves the windows and the jobs. The
 assertions are on the order of the jobs Demandbase created and on counts, never on
 durations: every audience gets its first job before any gets a second, the one kept
-fresh is never left behind, and no window creates more jobs than its quota.
+fresh is never left behind, and no window creates more jobs than its quota. A paused
+audience neither sends nor spends a turn while it waits, and keeps a batch left open.
 """
 
 from __future__ import annotations
