@@ -24,13 +24,14 @@ The model, and what it leaves out:
   ``max_jobs_in_flight``) and ``pace`` the destination's request pace as far as their
   own ``requests_per_minute`` allow. After 429s halved the pace, it climbs back as
   the budget's does (a step every ``pace_recovery_seconds``), assuming no new 429.
-* **The other audiences' share.** The budget grants job slots and quota to the
-  audience whose oldest pending change is oldest (:mod:`dbsync.budget`). The forecast
-  starts each job at the earliest the slots, the pace and the quota allow, and gives
-  it to the oldest backlog that may start one then: an audience already running its
-  ``max_jobs_in_flight`` leaves the next slot to a younger one, as its actor does by
-  not asking. Real grants interleave a little more (an audience's oldest change moves
-  on as its batches are planned); the destination's time is the same either way.
+* **The other audiences' share.** The forecast starts each job at the earliest the
+  slots, the pace and the quota allow, and gives it to the oldest backlog that may
+  start one then: an audience already running its ``max_jobs_in_flight`` leaves the
+  next slot to a younger one, as its actor does by not asking. The budget takes turns
+  instead (:mod:`dbsync.budget`): an audience that just had a job waits behind every
+  audience already waiting, so under contention a large backlog's last job comes
+  later, and a small one's sooner, than forecast here. The destination's time is the
+  same either way; each audience's is not (yet) modelled on turns.
 * **Not due yet.** A backlog smaller than ``rows_per_job`` waits until its oldest
   change is ``max_age_seconds`` old.
 * **Left out.** Jobs already in flight hold their slots and are counted done
