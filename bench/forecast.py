@@ -3,9 +3,9 @@
 Every summary round, every ``dbsync ctl status`` and every ``plan`` computes each
 destination's forecast (:mod:`dbsync.forecast`) on the event loop. Here: ``--audiences``
 audiences of ``--jobs`` import jobs each under Demandbase's real quotas (1,176 jobs a
-day allowed, 10 job slots, 60 s jobs, 1,000 requests a minute), served oldest first:
+day allowed, 10 job slots, 60 s jobs, 1,000 requests a minute), served by turns:
 with the defaults 200,000 jobs, 170 days of backlog. The forecast as shipped
-(simulated job by job up to ``MAX_SIMULATED_JOBS``, then carried window by window) is
+(simulated job by job up to ``MAX_SIMULATED_JOBS``, then the rest counted round by round) is
 timed against the baseline of the same run: the whole backlog simulated job by job.
 Figures: the milliseconds of each (the best of three), the ratio, and how far apart
 their answers are (the destination's window, and the largest difference of an

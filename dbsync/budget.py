@@ -309,6 +309,11 @@ class DestinationBudget:
             throttled=self.throttled,
         )
 
+    def last_turn(self, audience: str) -> float | None:
+        """When ``audience`` last had a job slot (epoch seconds), if it had one: where
+        its next request counts from (the forecast takes turns as this budget does)."""
+        return self._turns.get(audience)
+
     # --- internals -------------------------------------------------------------------
 
     def _turn_priority(self, priority: float, audience: str | None) -> float:

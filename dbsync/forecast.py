@@ -25,13 +25,13 @@ The model, and what it leaves out:
   own ``requests_per_minute`` allow. After 429s halved the pace, it climbs back as
   the budget's does (a step every ``pace_recovery_seconds``), assuming no new 429.
 * **The other audiences' share.** The forecast starts each job at the earliest the
-  slots, the pace and the quota allow, and gives it to the oldest backlog that may
-  start one then: an audience already running its ``max_jobs_in_flight`` leaves the
-  next slot to a younger one, as its actor does by not asking. The budget takes turns
-  instead (:mod:`dbsync.budget`): an audience that just had a job waits behind every
-  audience already waiting, so under contention a large backlog's last job comes
-  later, and a small one's sooner, than forecast here. The destination's time is the
-  same either way; each audience's is not (yet) modelled on turns.
+  slots, the pace and the quota allow, and gives it by turns, as the budget does
+  (:mod:`dbsync.budget`): to the audience waiting longest, counted from its oldest
+  pending change or, once it had a job, from that job's start. So with N audiences
+  waiting each gets one job before any gets a second, and a large backlog's last job
+  comes after every smaller one's. An audience already running its
+  ``max_jobs_in_flight`` leaves the next slot to another, as its actor does by not
+  asking.
 * **Not due yet.** A backlog smaller than ``rows_per_job`` waits until its oldest
   change is ``max_age_seconds`` old.
 * **Left out.** Jobs already in flight hold their slots and are counted done
@@ -51,8 +51,10 @@ at the start is the window the last job completes in, give or take one.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import heapq
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -107,6 +109,7 @@ class Load(msgspec.Struct, frozen=True, kw_only=True):
     in_flight: int = 0  # accounts in open batches
     jobs_in_flight: int = 0  # its import jobs running now (they hold job slots)
     oldest_changed_at: float | None = None  # epoch seconds of its oldest pending change
+    last_turn: float | None = None  # epoch seconds its last job slot was granted
     rows_per_job: int = 10_000  # max_records
     max_jobs_in_flight: int = 2
     requests_per_minute: float = math.inf  # the audience's own pace
@@ -149,7 +152,7 @@ def jobs_needed(load: Load) -> int:
 def forecast(
     capacity: Capacity, loads: Sequence[Load], *, starts_wanted: int = 0
 ) -> DestinationEta:
-    """The time each backlog of ``loads`` is delivered, served oldest backlog first.
+    """The time each backlog of ``loads`` is delivered, served by turns.
 
     ``starts_wanted``: how many of each audience's first job start times to return
     (``dbsync ctl plan`` shows them).
@@ -226,6 +229,12 @@ class _Run:
         # Jobs in flight now are done a job's duration from now (their start is unknown).
         self.last_end = now + self.job_seconds if load.in_flight > 0 else now
         self.next_start = now  # its own pace
+        # Its place in the budget's turns: its oldest change (one in the future counts
+        # as now), then the start of its last job.
+        oldest = load.oldest_changed_at
+        self.turn = min(oldest, now) if oldest is not None else now
+        if load.last_turn is not None:
+            self.turn = max(self.turn, min(load.last_turn, now))
         pending = load.inserts + load.deletes
         if pending < load.rows_per_job and load.oldest_changed_at is not None:
             self.next_start = max(now, load.oldest_changed_at + load.max_age_seconds)
@@ -239,7 +248,7 @@ class _Run:
 
 def _simulate(capacity: Capacity, runs: list[_Run], starts_wanted: int) -> None:
     """Start every job at the earliest the slots, the pace and the quota allow; among
-    the audiences that may start one then, the oldest backlog goes first."""
+    the audiences that may start one then, the one waiting longest goes first."""
     day = capacity.day_seconds
     # When each slot is free: those the jobs running now hold, after them.
     busy = sorted(end for run in runs for end in run.ends)
@@ -250,7 +259,8 @@ def _simulate(capacity: Capacity, runs: list[_Run], starts_wanted: int) -> None:
     next_pace = capacity.now
     window = math.floor(capacity.now / day)
     left = max(0, capacity.jobs_left_today)
-    ready: list[tuple[int, int]] = []  # (rank, index) of audiences free to start a job
+    # (turn, rank, index) of the audiences free to start a job: the earliest turn first.
+    ready: list[tuple[float, int, int]] = []
     blocked = [(run.free_at(), run.rank, i) for i, run in enumerate(runs)]
     heapq.heapify(blocked)
     budget = MAX_SIMULATED_JOBS
@@ -259,11 +269,11 @@ def _simulate(capacity: Capacity, runs: list[_Run], starts_wanted: int) -> None:
         at = max(slots[0], next_pace)
         while blocked and blocked[0][0] <= at:
             _, rank, i = heapq.heappop(blocked)
-            heapq.heappush(ready, (rank, i))
+            heapq.heappush(ready, (runs[i].turn, rank, i))
         if not ready:
             free, rank, i = heapq.heappop(blocked)
             at = max(at, free)
-            heapq.heappush(ready, (rank, i))
+            heapq.heappush(ready, (runs[i].turn, rank, i))
         # The quota: no start in the window's edge, none past its jobs.
         while left <= 0 or at >= (window + 1) * day - capacity.edge_seconds or at < window * day:
             if at >= (window + 1) * day - capacity.edge_seconds or left <= 0:
@@ -272,8 +282,9 @@ def _simulate(capacity: Capacity, runs: list[_Run], starts_wanted: int) -> None:
                 left = capacity.jobs_per_day
             else:
                 window = math.floor(at / day)
-        _, i = heapq.heappop(ready)
+        _, _, i = heapq.heappop(ready)
         run = runs[i]
+        run.turn = max(run.turn, at)
         end = at + run.job_seconds
         heapq.heapreplace(slots, end)
         next_pace = at + 60.0 * REQUESTS_PER_JOB / max(_pace_at(capacity, at), 1e-9)
@@ -295,50 +306,45 @@ def _simulate(capacity: Capacity, runs: list[_Run], starts_wanted: int) -> None:
 
 
 def _extrapolate(capacity: Capacity, runs: list[_Run], window: int, left: int, at: float) -> None:
-    """The jobs past :data:`MAX_SIMULATED_JOBS`, as a flow rather than one by one.
+    """The jobs past :data:`MAX_SIMULATED_JOBS`, counted rather than placed one by one.
 
-    Each window carries its quota of jobs (at most what the slots and the pace allow
-    in it), shared by the oldest backlogs that fill the job slots, each in proportion
-    to the jobs it may run at once over its job duration, as the simulation shares
-    them; an audience done, the next oldest takes its place.
+    Turns go round: each audience still waiting has one job a round, in the order of
+    its turn, until its backlog is done. So an audience with ``r`` jobs left has its
+    last one as job number ``sum(min(r_j, r - 1)) + (those before it in the round with
+    r_j >= r) + 1`` of the rest, and the rest flow at a window's share of jobs (its
+    quota, at most what the slots and the pace allow in it), spread evenly over it.
     """
     if not runs:
         return
     day = capacity.day_seconds
     usable = max(0.0, day - capacity.edge_seconds)
-    slots = max(1, capacity.job_slots)
-    queue = sorted(runs, key=lambda r: r.rank)
-    remaining = {id(run): float(run.left) for run in queue}
-    mean_seconds = sum(run.job_seconds for run in queue) / max(1, len(queue))
+    mean_seconds = sum(run.job_seconds for run in runs) / len(runs)
     pace_rate = max(_pace_at(capacity, at), 1e-9) / 60.0 / REQUESTS_PER_JOB
-    per_window = min(float(capacity.jobs_per_day), usable * min(pace_rate, slots / mean_seconds))
-    # The segment of time the current window's jobs are spread over.
-    seg_start, seg_end = at, (window + 1) * day - capacity.edge_seconds
-    room = float(min(left, per_window))
-    done = 0.0  # jobs of this segment already placed
-    while queue:
-        active, held = [], 0
-        for run in queue:
-            active.append(run)
-            held += max(1, run.load.max_jobs_in_flight)
-            if held >= slots:
-                break
-        weights = [max(1, r.load.max_jobs_in_flight) / r.job_seconds for r in active]
-        total = sum(weights)
-        # Jobs of this segment placed when the first active audience is done.
-        first = min(remaining[id(r)] * total / w for r, w in zip(active, weights, strict=True))
-        if room - done <= 1e-9 or seg_start >= seg_end:
-            window += 1
-            seg_start, seg_end = window * day, (window + 1) * day - capacity.edge_seconds
-            room, done = per_window, 0.0
-            continue
-        step = min(first, room - done)
-        for r, w in zip(active, weights, strict=True):
-            remaining[id(r)] -= step * w / total
-        done += step
-        for r in active:
-            if remaining[id(r)] <= 1e-6:
-                start = seg_start + (seg_end - seg_start) * (done - 1) / max(room, 1.0)
-                r.last_end = max(r.last_end, max(start, seg_start) + r.job_seconds)
-                r.left = 0
-                queue.remove(r)
+    rate = min(pace_rate, max(1, capacity.job_slots) / mean_seconds)
+    per_window = max(1e-9, min(float(capacity.jobs_per_day), usable * rate))
+    segment_end = (window + 1) * day - capacity.edge_seconds
+    room = float(max(0, min(left, math.floor(max(0.0, segment_end - at) * rate))))
+
+    def start_of(job: int) -> float:
+        """When the ``job``-th job of the rest (1-based) starts."""
+        if job <= room:
+            return at + (segment_end - at) * (job - 1) / max(room, 1.0)
+        later = (job - room - 1) / per_window
+        whole = math.floor(later)
+        return (window + 1 + whole) * day + usable * (later - whole)
+
+    order = sorted(runs, key=lambda run: (run.turn, run.rank))
+    sizes = sorted(run.left for run in order)
+    below = list(itertools.accumulate(sizes, initial=0))  # below[k]: sum of sizes[:k]
+    seen: list[int] = []  # the sizes of the audiences before, in the round's order
+    for run in order:
+        r = run.left
+        fewer = bisect.bisect_left(sizes, r)  # audiences with fewer than r jobs left
+        # Every audience's jobs in the r - 1 whole rounds before (capped at r - 1).
+        rounds = below[fewer] + (len(sizes) - fewer) * (r - 1)
+        # In its last round: those before it in turn order with a job left then.
+        ahead = len(seen) - bisect.bisect_left(seen, r)
+        last_job = rounds + ahead + 1
+        run.last_end = max(run.last_end, start_of(last_job) + run.job_seconds)
+        run.left = 0
+        bisect.insort(seen, r)

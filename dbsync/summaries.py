@@ -155,6 +155,7 @@ def forecasts(
                     math.ceil(backlog.in_flight / max(1, status.rows_per_job)),
                 ),
                 oldest_changed_at=backlog.oldest_changed_at,
+                last_turn=destinations[status.destination].budget.last_turn(status.audience_id),
                 rows_per_job=status.rows_per_job,
                 max_jobs_in_flight=status.max_jobs_in_flight,
                 requests_per_minute=status.requests_per_minute,

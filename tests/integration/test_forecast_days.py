@@ -11,8 +11,9 @@ acknowledged.
 The bound, in windows (counts, never durations): each audience's backlog is
 delivered in the window its forecast named at the start, give or take one. The
 destination's window is exact arithmetic here (11 jobs at 4 a day from the start of
-a day: the start window + 2), and the older backlog is named no later than the
-younger. Which audience's jobs take the last slots of a day depends on which actor
+a day: the start window + 2), and the younger, smaller backlog is named no later
+than the older: the budget takes turns, so their jobs alternate and the larger one
+ends last. Which audience's jobs take the last slots of a day depends on which actor
 asks first while the other holds its ``max_jobs_in_flight``, as the forecast models
 it; the slack of one window is for what it cannot know: the order in which the
 actors' requests reach the budget, and a job started just before a window's edge
@@ -116,8 +117,8 @@ async def test_delivery_ends_in_the_window_the_forecast_named(
         }
         assert read_within_the_start_window(start)
         # 11 jobs at 4 a day from the start of a day: the last in the third window,
-        # whatever the share; the older backlog no later than the younger.
-        assert windows[OLDER.id] <= windows[YOUNGER.id] == 2, windows
+        # whatever the share; by turns, the younger (smaller) backlog ends first.
+        assert windows[YOUNGER.id] <= windows[OLDER.id] == 2, windows
         assert math.floor(destination.backlog_eta / DAY_SECONDS) - start == 2
 
         caplog.set_level(logging.INFO, logger="dbsync.summaries")

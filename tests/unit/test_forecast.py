@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import pytest
 
 import dbsync.forecast as forecast_module
@@ -140,15 +141,17 @@ def test_job_slots_bound_a_slot_bound_backlog() -> None:
     assert a.eta == pytest.approx(NOON + 4 * 60.0 + gap + 60.0)
 
 
-def test_many_audiences_share_the_budget_oldest_backlog_first() -> None:
-    # 30 audiences of 2 jobs each under 20 jobs a day, all of today's left: the oldest
-    # ten go today, the next ten tomorrow, the youngest ten the day after.
+def test_many_audiences_share_the_budget_by_turns() -> None:
+    # 30 audiences of 2 jobs each under 20 jobs a day, all of today's left. Turns: the
+    # first round (one job each, oldest first) takes today's 20 and tomorrow's first
+    # 10; the second round starts with the oldest: a00-a09 end tomorrow, the other 20
+    # the day after, not the oldest ten today as "oldest backlog first" would have it.
     loads = [
         load(f"a{i:02d}", inserts=20_000, oldest_changed_at=NOON - 1000 + i) for i in range(30)
     ]
     result = forecast(capacity(jobs_left_today=20, jobs_per_day=20), loads)
     windows = [a.window for a in result.audiences]
-    assert windows == [100] * 10 + [101] * 10 + [102] * 10
+    assert windows == [101] * 10 + [102] * 20
     assert result.jobs == 60
     assert result.window == 102
     # The order is the backlog's age, not the order given.
@@ -253,3 +256,18 @@ def test_jobs_beyond_the_simulated_depth_are_counted_in_whole_windows(
         assert deep.window is not None
         assert counted.window is not None
         assert abs(deep.window - counted.window) <= 1, (deep, counted)
+
+
+def test_an_audience_that_just_had_its_turn_waits_behind_one_that_did_not() -> None:
+    # One job slot, one job a day left today: "old" has the older backlog, but the
+    # budget granted it a slot a moment ago; "new" has waited since before that.
+    loads = [
+        load("old", inserts=10_000, oldest_changed_at=NOON - 500, last_turn=NOON - 10),
+        load("new", inserts=10_000, oldest_changed_at=NOON - 100),
+    ]
+    result = forecast(capacity(jobs_left_today=1, jobs_per_day=1), loads)
+    assert (result.of("new").window, result.of("old").window) == (100, 101)  # type: ignore[union-attr]
+    # Without the turn, the older backlog goes first.
+    plain = [msgspec.structs.replace(loads[0], last_turn=None), loads[1]]
+    result = forecast(capacity(jobs_left_today=1, jobs_per_day=1), plain)
+    assert (result.of("old").window, result.of("new").window) == (100, 101)  # type: ignore[union-attr]
