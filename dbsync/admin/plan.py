@@ -5,7 +5,7 @@ the rows ``plan_batch`` would take (:func:`dbsync.store.queue.peek_batches`), cu
 the actor's ``max_records`` and alternating inserts and deletes from the action the
 actor tries next, as its own planning does. Each batch's earliest start is the
 forecast's (:mod:`dbsync.forecast`): when the destination's job slots, pace and daily
-quota let its job start, after the older backlogs of the other audiences. The
+quota let its job start, taking turns with the other audiences as the budget does. The
 read-back is the reconciler's plan: when the next is due and, with multi-list
 exports, which audiences that export job reads together (those due by then, in turn
 order; the day's export volume may split them).
