@@ -1,9 +1,12 @@
 """Read-back: what each Demandbase list really holds, compared with desired state, repaired.
 
-A package by noun: :mod:`~dbsync.reconcile.reconciler` runs the export loop within
-the destination's quotas, :mod:`~dbsync.reconcile.schedule` decides whose turn it
-is, :mod:`~dbsync.reconcile.losses` the loss rates and
-:mod:`~dbsync.reconcile.report` the report and its events. What callers import is
+A package by noun: :mod:`~dbsync.reconcile.reconciler` runs the loop within the
+destination's quotas, :mod:`~dbsync.reconcile.schedule` decides whose turn it is,
+:mod:`~dbsync.reconcile.readback` runs one export job from its creation to a report
+per list, :mod:`~dbsync.reconcile.multi` plans many lists per job and counts the
+export volume, :mod:`~dbsync.reconcile.adoption` adopts existing lists,
+:mod:`~dbsync.reconcile.losses` the loss rates and :mod:`~dbsync.reconcile.report`
+the report and its events. What callers import is
 re-exported here. The judgment itself, a pure rule the store applies inside each
 chunk's transaction, is :mod:`dbsync.judgment`, a layer below the store.
 """

@@ -1,26 +1,11 @@
-"""Read-back: what each Demandbase list really holds, compared with desired state, repaired.
+"""The reconciler: whose list is read back when, within a destination's export quotas.
 
 A completed import job is the only acknowledgment Demandbase gives, and it carries no
 per-row result: rows it throttled or could not match are silently missing from the
 list. So one :class:`Reconciler` per destination reads each audience's list back
-through the Data Export API (create an account-list export, poll it, download the
-results file) and hands the members to :meth:`~dbsync.store.Store.apply_readback`,
-which judges the audience's accounts by the rule of :mod:`dbsync.judgment`:
-
-* only settled accounts (nothing pending, in flight or set aside) acknowledged longer
-  than ``visibility_lag_seconds`` before the export started are judged: Demandbase
-  applies loaded data late, so a recent change missing from the list is not a loss;
-* a member missing, or an acknowledged removal still listed, is *lost* (by cause) and
-  marked dirty again, so that its actor sends it again; after ``repair_limit`` repairs
-  it is set aside instead, as ``unmatched`` (Demandbase has no account matching it) or
-  ``not_removable``, with its identifiers, rather than sent forever;
-* a listed account that dbsync never acknowledged there is *extra*: marked for removal.
-
-Then the ledger's sums are checked (:class:`~dbsync.model.LedgerCheck`) and the report
-is kept in the store, logged (``reconcile_completed``, ``loss_detected``,
-``accounts_set_aside``, ``ledger_imbalance``) and shown by ``dbsync ctl``.
-
-Scheduling, within Demandbase's export limits (60 jobs a day, one at a time):
+(:mod:`~dbsync.reconcile.readback`: one export job's life, the judgment, the report).
+This module decides when, within Demandbase's export limits (60 jobs a day, one at a
+time):
 
 * each export job and each status read is charged to the destination's
   :class:`~dbsync.budget.DestinationBudget` first, which persists the day's spending;
@@ -31,16 +16,13 @@ Scheduling, within Demandbase's export limits (60 jobs a day, one at a time):
   read back, once its first acknowledged job is older than the visibility lag; among
   the due ones the one read back longest ago goes first, so with more audiences than
   exports a day they take turns and each is read back within
-  :func:`days_to_reconcile_all` days;
+  :func:`days_to_reconcile_all` days (:mod:`~dbsync.reconcile.schedule`);
+* with multi-list exports [A5], one job reads many audiences' lists
+  (:mod:`~dbsync.reconcile.multi`), so that each is read within ``verify_within_hours``;
+* an audience adopting its list goes before every scheduled turn
+  (:mod:`~dbsync.reconcile.adoption`);
 * a read-back's export job is recorded as soon as Demandbase accepted it: a restart
   resumes polling it instead of paying for another.
-
-Adopting a list (:mod:`dbsync.store.adoption`): an audience asked to adopt its list
-(configured ``list_id``, nothing delivered yet; or ``dbsync ctl adopt``) goes before
-every scheduled turn once it has desired members; its read-back first takes the
-pending members the list holds as delivered (``list_adopted``), then judges as usual.
-If the list cannot be read, the adoption is given up (``list_adoption_failed``) and the
-audience sends its whole desired state rather than wait.
 
 The reconciler never holds up delivery: it spends only the export quotas, stops
 (cancelled) when the drain begins, and an export or permission error fails the
@@ -53,53 +35,25 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import NoReturn, Protocol, TypeVar, runtime_checkable
+from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 
 from dbsync.clock import Clock, wait_event
 from dbsync.config import Destination as DestinationConfig
 from dbsync.config import ReconcileSettings
-from dbsync.contract.watch import UnknownStateWatch
-from dbsync.demandbase import wire
-from dbsync.demandbase.wire import EXPORT_JOB_NAME_MAX_CHARS, Endpoint
+from dbsync.demandbase.wire import Endpoint
 from dbsync.destination import STOPPED_PROBE_SECONDS, Destination
-from dbsync.errors import (
-    DbsyncError,
-    DemandbaseError,
-    PayloadError,
-    PermissionDeniedError,
-    ThrottledError,
-)
-from dbsync.model import (
-    Backlog,
-    LedgerCheck,
-    ListedAccount,
-    LossTally,
-    ReadbackVerdict,
-    ReconcileFacts,
-    ReconcileRun,
-)
-from dbsync.reconcile.losses import LossEstimate, estimate_losses
-from dbsync.reconcile.report import (
-    ReconcileReport,
-    decode_report,
-    encode_report,
-    log_report,
-    make_report,
-)
+from dbsync.errors import DbsyncError
+from dbsync.model import ReconcileFacts, ReconcileRun
+from dbsync.reconcile import multi
+from dbsync.reconcile.adoption import Adoptions, AdoptionStore
+from dbsync.reconcile.losses import LossEstimate
+from dbsync.reconcile.multi import ExportVolume
+from dbsync.reconcile.readback import ExportClient, ReadBackFailed, ReadBacks, ReadbackStore
+from dbsync.reconcile.report import ReconcileReport, decode_report
 from dbsync.reconcile.schedule import due_at, predict_next, turn_order
-from dbsync.retry import (
-    GIVE_UP_AFTER,
-    LearnedDuration,
-    OnRefused,
-    RetryPolicy,
-    backoff_seconds,
-    call_with_retries,
-    poll_until,
-)
-from dbsync.states import ExportJobState, export_job_state
+from dbsync.retry import backoff_seconds
 
 __all__ = [
     "ExportClient",
@@ -111,23 +65,11 @@ __all__ = [
 
 # Every module of the package logs as ``dbsync.reconcile``: the name is in each event.
 log = logging.getLogger("dbsync.reconcile")
-T = TypeVar("T")
 
 # With nothing due, look again this often at most (a list id may have been learned).
 _RECHECK_SECONDS = 60.0
 _MIN_WAIT_SECONDS = 0.05
-# A call gives up after GIVE_UP_AFTER failures: the read-back fails and waits for its
-# next turn. A 401 or a 403 fails this read-back only: stopping the destination is its
-# actors' business, and a missing export permission must not stop delivery.
-_POLICY = RetryPolicy(give_up_after=GIVE_UP_AFTER, on_refused=OnRefused.RAISE)
-_EXPORT_DONE = (ExportJobState.FINISHED, ExportJobState.FAILED)
 _UNLIMITED = 1_000_000_000
-# Lists one export job may name (``accountListIds``) [DOC].
-MAX_LISTS_PER_EXPORT = 10_000
-# Bytes a results row takes, until a download says: four columns of a few dozen bytes.
-_BYTES_PER_ROW_GUESS = 100.0
-# Rows of a list no read-back has counted yet, for the volume estimate.
-_ROWS_GUESS = 10_000
 
 
 class ReconcileDeferred(DbsyncError):
@@ -165,82 +107,6 @@ class ReconcilePlan(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-@runtime_checkable
-class ExportClient(Protocol):
-    """The part of :class:`~dbsync.demandbase.client.DemandbaseClient` a reconciler uses."""
-
-    async def create_account_list_export(
-        self, job_name: str, account_list_id: int
-    ) -> wire.ExportJobDetails: ...
-
-    async def get_export_job(self, job_id: str) -> wire.ExportJobStatus: ...
-
-    async def read_export_accounts(self, results_url: str) -> list[ListedAccount]: ...
-
-
-@runtime_checkable
-class MultiListExportClient(Protocol):
-    """Exports of many lists in one job [A5]: a client without them reads one at a time."""
-
-    async def create_account_lists_export(
-        self, job_name: str, account_list_ids: list[int]
-    ) -> wire.ExportJobDetails: ...
-
-    async def read_export_accounts_by_list(
-        self, results_url: str
-    ) -> tuple[dict[int, list[ListedAccount]], int]: ...
-
-
-class ReadbackStore(Protocol):
-    """The part of :class:`~dbsync.store.Store` a reconciler uses."""
-
-    async def reconcile_facts(self, audience_ids: Iterable[str]) -> list[ReconcileFacts]: ...
-
-    async def last_reconcile_reports(self, audience_ids: Iterable[str]) -> dict[str, bytes]: ...
-
-    async def open_reconcile_runs(self, audience_ids: Iterable[str]) -> list[ReconcileRun]: ...
-
-    async def start_reconcile_run(
-        self, audience_id: str, list_id: int, export_job_id: str, started_at: float
-    ) -> ReconcileRun: ...
-
-    async def apply_readback(
-        self,
-        run_id: int,
-        listed: Sequence[ListedAccount],
-        *,
-        judged_before: float,
-        repair_limit: int,
-    ) -> ReadbackVerdict | None: ...
-
-    async def ledger_check(self, audience_id: str, *, recount: bool = True) -> LedgerCheck: ...
-
-    async def finish_reconcile_run(self, run_id: int, report: bytes) -> None: ...
-
-    async def fail_reconcile_run(self, run_id: int, reason: str) -> None: ...
-
-    async def loss_tallies(self, destination: str, since: float = 0.0) -> list[LossTally]: ...
-
-
-class AdoptionStore(Protocol):
-    """The part of :class:`~dbsync.store.Store` that adopting lists uses
-    (:mod:`dbsync.store.adoption`); a reconciler without one adopts nothing."""
-
-    async def backlog(self, audience_id: str) -> Backlog: ...
-
-    async def adoptions_pending(self, audience_ids: Iterable[str]) -> list[str]: ...
-
-    async def adopt_listed(
-        self, audience_id: str, listed: Sequence[ListedAccount]
-    ) -> int | None: ...
-
-    async def abandon_adoption(self, audience_id: str) -> bool: ...
-
-
-class _ReadBackFailed(Exception):
-    """A read-back ended without a verdict (logged as ``reconcile_failed``)."""
-
-
 class Reconciler:
     """Reads one destination's lists back, in turns, within its export quotas."""
 
@@ -265,27 +131,26 @@ class Reconciler:
         self._clock = clock
         self._audience_ids = audience_ids
         self._wake = wake
-        self._adoptions = adoptions
-        # Many lists per export job while A5 holds; a results file without the list
-        # column turns it off until the next start.
-        self._multi = plan.multi_list and isinstance(client, MultiListExportClient)
+        self._adoptions = Adoptions(adoptions, destination=destination.name, wake=wake)
         self._last_multi_at = -math.inf  # when the last multi-list export started
-        self._volume = (-1, 0)  # (quota window, export bytes downloaded in it)
-        self._bytes_per_row = _BYTES_PER_ROW_GUESS
-        self._rng = rng or random.Random()
         self._free_slots = plan.concurrent_export_jobs
         self._wakeup = asyncio.Event()
-        self._running: dict[str, float] = {}  # audience -> when its export started
-        self._last: dict[str, ReconcileReport] = {}
         self._loaded: set[str] = set()
         self._next: dict[str, float] = {}
-        self._export_duration = LearnedDuration(
-            self._settings.export_poll_initial_seconds, self._settings.export_poll_max_seconds
+        self._rng = rng or random.Random()
+        self._reads = ReadBacks(
+            destination,
+            client,
+            plan.settings,
+            store=store,
+            clock=clock,
+            rng=self._rng,
+            adoptions=self._adoptions,
+            volume=ExportVolume(plan.export_bytes_per_day),
+            multi=plan.multi_list,
+            wake=wake,
+            changed=self._wakeup.set,
         )
-        # Members each audience's last adoption took as delivered (dbsync ctl adopt).
-        self.adopted: dict[str, int] = {}
-        # Refreshed after each read-back, for the destination's summary line.
-        self.last_estimate: LossEstimate | None = None
         # Set by stop(); the supervisor's restart backoff ends on it too.
         self.stopping = asyncio.Event()
         self._task: asyncio.Task[object] | None = None
@@ -294,11 +159,21 @@ class Reconciler:
     def name(self) -> str:
         return self._destination.name
 
+    @property
+    def last_estimate(self) -> LossEstimate | None:
+        """The loss estimate after the last read-back, for the destination's summary line."""
+        return self._reads.last_estimate
+
+    @property
+    def adopted(self) -> dict[str, int]:
+        """Members each audience's last adoption took as delivered (dbsync ctl adopt)."""
+        return self._adoptions.adopted
+
     # --- what the supervisor and the admin socket call -------------------------------------
 
     def state(self, audience_id: str) -> tuple[ReconcileReport | None, float | None]:
         """The audience's last report and when its next read-back is due (None: not planned)."""
-        return self._last.get(audience_id), self._next.get(audience_id)
+        return self._reads.last.get(audience_id), self._next.get(audience_id)
 
     async def reconcile_now(self, audience_id: str) -> ReconcileReport:
         """Read the audience's list back now, within the quota, and return the report.
@@ -332,16 +207,18 @@ class Reconciler:
                 retry_at=window_ends_at,
             )
         if not self._take_slot():
-            others = ", ".join(sorted(self._running)) or "another audience"
-            started = min(self._running.values(), default=now)
+            others = ", ".join(sorted(self._reads.running)) or "another audience"
+            started = min(self._reads.running.values(), default=now)
             raise ReconcileDeferred(
                 f"an export is running ({others}); Demandbase runs"
                 f" {self.plan.concurrent_export_jobs} at a time",
-                retry_at=max(now, started + self._export_duration.seconds) + _MIN_WAIT_SECONDS,
+                retry_at=max(now, started + self._reads.export_duration.seconds)
+                + _MIN_WAIT_SECONDS,
             )
         try:
-            return await self._read_back(audience_id, facts.list_id)
-        except _ReadBackFailed as exc:
+            [report] = await self._reads.read_back([facts])
+            return report
+        except ReadBackFailed as exc:
             retry_at = self._clock.time() + backoff_seconds(self._rng, 0)
             raise ReconcileDeferred(f"the read-back failed: {exc}", retry_at=retry_at) from exc
         finally:
@@ -349,7 +226,7 @@ class Reconciler:
 
     async def loss_estimate(self, since: float = 0.0) -> LossEstimate:
         """Lost accounts per thousand sent, overall and while throttled (ledger by batch)."""
-        return estimate_losses(self.name, since, await self._store.loss_tallies(self.name, since))
+        return await self._reads.loss_estimate(since)
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -383,13 +260,13 @@ class Reconciler:
                             "export_job_id": run.export_job_id,
                         },
                     )
-                    self._running[run.audience_id] = run.started_at
-                await self._finish_group(runs)
-            except _ReadBackFailed:
+                    self._reads.running[run.audience_id] = run.started_at
+                await self._reads.finish_group(runs)
+            except ReadBackFailed:
                 pass
             finally:
                 for run in runs:
-                    self._running.pop(run.audience_id, None)
+                    self._reads.running.pop(run.audience_id, None)
                 self._release_slot()
         while True:
             await self._wait(await self._step())
@@ -401,19 +278,15 @@ class Reconciler:
         facts = await self._store.reconcile_facts(ids)
         now = self._clock.time()
         room, window_ends_at = self._room()
-        adopting = (
-            []
-            if self._adoptions is None
-            else await self._adoptions.adoptions_pending(f.audience_id for f in facts)
-        )
-        adopt = await self._adoption_turn(facts, adopting)
+        adopting = await self._adoptions.pending(f.audience_id for f in facts)
+        adopt = await self._adoptions.turn(facts, adopting)
         if adopt is not None and room > 0 and self._destination.is_running:
             if not self._take_slot():
                 return None  # woken when the slot is released
             try:
-                await self._read_back(adopt.audience_id, adopt.list_id or 0)
-            except _ReadBackFailed:
-                await self._adoption_failed(adopt.audience_id)
+                await self._reads.read_back([adopt])
+            except ReadBackFailed:
+                await self._adoptions.failed(adopt.audience_id)
             finally:
                 self._release_slot()
             return 0.0
@@ -429,9 +302,9 @@ class Reconciler:
             per_day=self._per_day(),
             window_ends_at=window_ends_at,
             day_seconds=self._destination.budget.limits.day_seconds,
-            export_seconds=self._export_duration.seconds,
+            export_seconds=self._reads.export_duration.seconds,
         )
-        if self._multi:
+        if self._reads.multi:
             return await self._step_many(facts, now, room, window_ends_at)
         order = turn_order(facts, self._settings, now)
         if not order:
@@ -445,11 +318,9 @@ class Reconciler:
             return 0.0
         if not self._take_slot():
             return None  # woken when the slot is released
-        turn = order[0]
-        assert turn.list_id is not None
         try:
-            await self._read_back(turn.audience_id, turn.list_id)
-        except _ReadBackFailed:
+            await self._reads.read_back(order[:1])
+        except ReadBackFailed:
             pass
         finally:
             self._release_slot()
@@ -462,13 +333,8 @@ class Reconciler:
         evenly) reads every audience due, so each waits at most ``gap`` past its due time
         and is read back within ``verify_within_hours`` (its interval is shortened to
         fit), within the jobs, status reads and export volume left."""
-        day_seconds = self._destination.budget.limits.day_seconds
-        gap = day_seconds / max(1, self._per_day())
-        window = self._settings.verify_within_hours * 3_600.0
-        settings = msgspec.structs.replace(
-            self._settings,
-            interval_seconds=max(gap, min(self._settings.interval_seconds, window - 2 * gap)),
-        )
+        every = multi.gap(self._destination.budget.limits.day_seconds, self._per_day())
+        settings = multi.settings_within(self._settings, every)
         order = turn_order(facts, settings, now)
         if not order:
             dues = [at for f in facts if (at := due_at(f, settings)) is not None]
@@ -478,16 +344,9 @@ class Reconciler:
         if not self._destination.is_running:
             await self._destination.wait_running(self._clock)
             return 0.0
-        if now < self._last_multi_at + gap:
-            return self._last_multi_at + gap - now
-        left = self._volume_left()
-        group: list[ReconcileFacts] = []
-        for turn in order[:MAX_LISTS_PER_EXPORT]:
-            cost = self._estimated_bytes(turn.audience_id)
-            if group and cost > left:
-                break
-            group.append(turn)
-            left -= cost
+        if now < self._last_multi_at + every:
+            return self._last_multi_at + every - now
+        group, left = multi.choose_group(order, self._estimated_bytes, self._volume_left())
         if left < 0:
             # Not even one list fits in today's volume: wait for tomorrow's.
             return max(window_ends_at - now, _MIN_WAIT_SECONDS)
@@ -495,12 +354,8 @@ class Reconciler:
             return None
         self._last_multi_at = now
         try:
-            if len(group) == 1:
-                assert group[0].list_id is not None
-                await self._read_back(group[0].audience_id, group[0].list_id)
-            else:
-                await self._read_back_many(group)
-        except _ReadBackFailed:
+            await self._reads.read_back(group)
+        except ReadBackFailed:
             pass
         finally:
             self._release_slot()
@@ -509,41 +364,11 @@ class Reconciler:
     def _volume_left(self) -> int:
         """Export bytes today's volume still allows, by our count (less the safety margin)."""
         window = self._destination.budget.snapshot().window
-        if self._volume[0] != window:
-            self._volume = (window, 0)
-        margin = self._destination.budget.limits.quota_safety_margin
-        return int(self.plan.export_bytes_per_day * (1.0 - margin)) - self._volume[1]
-
-    def _charge_volume(self, size: int) -> None:
-        self._volume_left()  # rolls the window
-        self._volume = (self._volume[0], self._volume[1] + size)
+        return self._reads.volume.left(window, self._destination.budget.limits.quota_safety_margin)
 
     def _estimated_bytes(self, audience_id: str) -> int:
-        last = self._last.get(audience_id)
-        rows = last.listed if last is not None else _ROWS_GUESS
-        return int(max(1, rows) * self._bytes_per_row)
-
-    async def _adoption_turn(
-        self, facts: Sequence[ReconcileFacts], adopting: Sequence[str]
-    ) -> ReconcileFacts | None:
-        """The audience whose list to adopt first (``adopting``: asked, oldest first): with
-        a list id and members desired already (compared with its desired state)."""
-        by_id = {f.audience_id: f for f in facts}
-        for audience_id in adopting:
-            turn = by_id[audience_id]
-            assert self._adoptions is not None
-            if turn.list_id is not None and (await self._adoptions.backlog(audience_id)).pending:
-                return turn
-        return None
-
-    async def _adoption_failed(self, audience_id: str) -> None:
-        """The list could not be read: its audience sends everything rather than wait."""
-        if self._adoptions is not None and await self._adoptions.abandon_adoption(audience_id):
-            log.warning(
-                "list_adoption_failed",
-                extra={"audience": audience_id, "destination": self.name},
-            )
-            self._wake([audience_id])
+        last = self._reads.last.get(audience_id)
+        return self._reads.volume.estimate(last.listed if last is not None else None)
 
     async def _wait(self, seconds: float | None) -> None:
         if seconds is not None and seconds <= 0:
@@ -587,281 +412,7 @@ class Reconciler:
             return
         for audience_id, body in (await self._store.last_reconcile_reports(missing)).items():
             try:
-                self._last[audience_id] = decode_report(body)
+                self._reads.last[audience_id] = decode_report(body)
             except msgspec.DecodeError:
                 log.warning("reconcile_report_unreadable", extra={"audience": audience_id})
         self._loaded |= missing
-
-    # --- one read-back ---------------------------------------------------------------------
-
-    async def _read_back(self, audience_id: str, list_id: int) -> ReconcileReport:
-        started = self._clock.time()
-        self._running[audience_id] = started
-        try:
-            job_name = f"dbsync {audience_id}"[:EXPORT_JOB_NAME_MAX_CHARS]
-            try:
-                job = await self._call(
-                    Endpoint.EXPORT_CREATE_JOB,
-                    lambda: self._client.create_account_list_export(job_name, list_id),
-                )
-            except DemandbaseError as exc:
-                self._failed(audience_id, "", f"the export job was not created: {exc}", exc)
-                raise _ReadBackFailed(str(exc)) from exc
-            run = await self._store.start_reconcile_run(audience_id, list_id, job.job_id, started)
-            log.info(
-                "reconcile_started",
-                extra={
-                    "audience": audience_id,
-                    "destination": self.name,
-                    "list_id": list_id,
-                    "export_job_id": job.job_id,
-                },
-            )
-            return await self._finish(run)
-        finally:
-            self._running.pop(audience_id, None)
-            self._wakeup.set()  # predictions change: the loop looks again
-
-    async def _read_back_many(self, group: Sequence[ReconcileFacts]) -> list[ReconcileReport]:
-        """One export job reading every list of ``group`` [A5]; a report per audience."""
-        assert isinstance(self._client, MultiListExportClient)
-        client = self._client
-        started = self._clock.time()
-        for turn in group:
-            self._running[turn.audience_id] = started
-        lists = {turn.audience_id: turn.list_id or 0 for turn in group}
-        try:
-            job_name = f"dbsync {len(group)} lists"[:EXPORT_JOB_NAME_MAX_CHARS]
-            try:
-                job = await self._call(
-                    Endpoint.EXPORT_CREATE_JOB,
-                    lambda: client.create_account_lists_export(job_name, list(lists.values())),
-                )
-            except DemandbaseError as exc:
-                for audience_id in lists:
-                    self._failed(audience_id, "", f"the export job was not created: {exc}", exc)
-                raise _ReadBackFailed(str(exc)) from exc
-            runs = []
-            for audience_id, list_id in lists.items():
-                runs.append(
-                    await self._store.start_reconcile_run(audience_id, list_id, job.job_id, started)
-                )
-                log.info(
-                    "reconcile_started",
-                    extra={
-                        "audience": audience_id,
-                        "destination": self.name,
-                        "list_id": list_id,
-                        "export_job_id": job.job_id,
-                        "lists_in_job": len(lists),
-                    },
-                )
-            return await self._finish_group(runs)
-        finally:
-            for audience_id in lists:
-                self._running.pop(audience_id, None)
-            self._wakeup.set()
-
-    async def _finish(self, run: ReconcileRun) -> ReconcileReport:
-        [report] = await self._finish_group([run])
-        return report
-
-    async def _finish_group(self, runs: Sequence[ReconcileRun]) -> list[ReconcileReport]:
-        """Poll the export sparingly until finished, download it, judge each list, report.
-
-        ``runs`` share one export job: one list, or several [A5]."""
-        lead = runs[0]
-        unknown = UnknownStateWatch()
-
-        def done(status: wire.ExportJobStatus) -> bool:
-            # A state in another case is the same state; one nobody knows is polled
-            # until the deadline, then the read-back fails (and waits for its next turn).
-            state = export_job_state(status.job_status)
-            if state in _EXPORT_DONE:
-                return True
-            return unknown.expired(status.job_status, state is not None, self._clock.time())
-
-        try:
-            # Status reads have a daily quota too (300 for 60 exports): each wait is longer.
-            status = await poll_until(
-                lambda: self._call(
-                    Endpoint.EXPORT_JOB_STATUS,
-                    lambda: self._client.get_export_job(lead.export_job_id),
-                ),
-                done,
-                clock=self._clock,
-                initial_seconds=self._export_duration.seconds,
-                maximum_seconds=self._settings.export_poll_max_seconds,
-            )
-        except DemandbaseError as exc:
-            await self._fail_all(runs, f"the export job could not be read: {exc}", exc)
-        state = export_job_state(status.job_status)
-        if state is None:
-            log.warning(
-                "export_state_unknown",
-                extra={
-                    "audience": lead.audience_id,
-                    "export_job_id": lead.export_job_id,
-                    "state": status.job_status,
-                },
-            )
-            await self._fail_all(runs, f"the export stayed in unknown state {status.job_status!r}")
-        if state is ExportJobState.FAILED:
-            await self._fail_all(runs, f"Demandbase failed the export: {status.message or ''}")
-        results_url = status.results_url or ""
-        if not results_url:
-            await self._fail_all(runs, "the finished export names no results file")
-        self._export_duration.learn(self._clock.time() - lead.started_at)
-        by_run = await self._download(runs, results_url)
-        reports = []
-        for run in runs:
-            reports.append(await self._judge(run, by_run[run.run_id]))
-        self.last_estimate = await self.loss_estimate()
-        return reports
-
-    async def _download(
-        self, runs: Sequence[ReconcileRun], results_url: str
-    ) -> dict[int, list[ListedAccount]]:
-        """The members of each run's list, from the export's results file."""
-        if len(runs) == 1:
-            try:
-                listed = await self._call(
-                    Endpoint.EXPORT_DOWNLOAD,
-                    lambda: self._client.read_export_accounts(results_url),
-                )
-            except DemandbaseError as exc:
-                await self._fail_all(runs, f"the results file could not be read: {exc}", exc)
-            self._charge_volume(int(len(listed) * self._bytes_per_row))
-            return {runs[0].run_id: listed}
-        assert isinstance(self._client, MultiListExportClient)
-        client = self._client
-        try:
-            by_list, size = await self._call(
-                Endpoint.EXPORT_DOWNLOAD, lambda: client.read_export_accounts_by_list(results_url)
-            )
-        except DemandbaseError as exc:
-            if isinstance(exc, PayloadError) and self._multi:
-                # A5 does not hold here: one list per export job from now on.
-                self._multi = False
-                log.warning(
-                    "multi_list_export_unsupported",
-                    extra={"destination": self.name, "reason": str(exc)},
-                )
-            await self._fail_all(runs, f"the results file could not be read: {exc}", exc)
-        self._charge_volume(size)
-        rows = sum(len(members) for members in by_list.values())
-        if rows:
-            self._bytes_per_row = size / rows
-        return {run.run_id: by_list.get(run.list_id, []) for run in runs}
-
-    async def _judge(self, run: ReconcileRun, listed: list[ListedAccount]) -> ReconcileReport:
-        """Adopt (if asked), judge the audience against its list, check the ledger, report."""
-        adopted = (
-            None
-            if self._adoptions is None
-            else await self._adoptions.adopt_listed(run.audience_id, listed)
-        )
-        if adopted is not None:
-            self.adopted[run.audience_id] = adopted
-            log.info(
-                "list_adopted",
-                extra={
-                    "audience": run.audience_id,
-                    "destination": self.name,
-                    "list_id": run.list_id,
-                    "listed": len(listed),
-                    "adopted": adopted,
-                },
-            )
-        judged_before = run.started_at - self._settings.visibility_lag_seconds
-        verdict = await self._store.apply_readback(
-            run.run_id,
-            listed,
-            judged_before=judged_before,
-            repair_limit=self._settings.repair_limit,
-        )
-        if verdict is None:
-            await self._fail(run, "the read-back was judged already")
-        # Repaired accounts are pending again: their actor sends them.
-        self._wake([run.audience_id])
-        check = await self._store.ledger_check(run.audience_id)
-        report = make_report(
-            verdict,
-            check,
-            audience_id=run.audience_id,
-            destination=self.name,
-            list_id=run.list_id,
-            export_job_id=run.export_job_id,
-            started_at=run.started_at,
-            finished_at=self._clock.time(),
-            judged_before=judged_before,
-        )
-        await self._store.finish_reconcile_run(run.run_id, encode_report(report))
-        self._last[run.audience_id] = report
-        log_report(report, check, repair_limit=self._settings.repair_limit)
-        return report
-
-    async def _fail_all(
-        self, runs: Sequence[ReconcileRun], reason: str, error: Exception | None = None
-    ) -> NoReturn:
-        for run in runs:
-            await self._store.fail_reconcile_run(run.run_id, reason)
-            self._failed(run.audience_id, run.export_job_id, reason, error)
-        raise _ReadBackFailed(reason)
-
-    async def _fail(
-        self, run: ReconcileRun, reason: str, error: Exception | None = None
-    ) -> NoReturn:
-        await self._store.fail_reconcile_run(run.run_id, reason)
-        self._failed(run.audience_id, run.export_job_id, reason, error)
-        raise _ReadBackFailed(reason)
-
-    def _failed(
-        self, audience_id: str, export_job_id: str, reason: str, error: Exception | None
-    ) -> None:
-        fields: dict[str, object] = {
-            "audience": audience_id,
-            "destination": self.name,
-            "export_job_id": export_job_id,
-            "reason": reason,
-        }
-        if isinstance(error, PermissionDeniedError):
-            fields["missing_permission"] = error.permission
-        log.warning("reconcile_failed", extra=fields)
-
-    # --- one call, with the retry policy (dbsync.retry) and the reconciler's hooks -----
-
-    async def _call(self, endpoint: Endpoint, request: Callable[[], Awaitable[T]]) -> T:
-        """Spend budget and make the request, retrying 429s and transient failures."""
-        return await call_with_retries(
-            endpoint, request, policy=_POLICY, hooks=self, clock=self._clock, rng=self._rng
-        )
-
-    async def before_attempt(self, endpoint: Endpoint) -> None:
-        while not self._destination.is_running:
-            await self._destination.wait_running(self._clock)
-        await self._destination.budget.spend(endpoint)
-
-    async def refused(self, endpoint: Endpoint, error: DemandbaseError) -> None:
-        raise AssertionError("a reconciler's policy raises 401/403 to its caller")
-
-    async def throttled(self, endpoint: Endpoint, error: ThrottledError) -> None:
-        await self._destination.budget.on_throttled(error.retry_after)
-
-    async def retrying(
-        self, endpoint: Endpoint, error: DemandbaseError, attempt: int, delay: float
-    ) -> None:
-        log.warning(
-            "reconcile_retry",
-            extra={
-                "destination": self.name,
-                "endpoint": endpoint,
-                "status": error.status,
-                "error_code": error.error_code,
-                "attempt": attempt,
-                "retry_in_seconds": round(delay, 3),
-            },
-        )
-
-    async def succeeded(self, endpoint: Endpoint) -> None:
-        pass
