@@ -234,7 +234,7 @@ class DemandbaseClient:
             ListedAccount(external_id=external_id, name=name, domain=domain)
             for _, name, domain, external_id in rows
         ]
-        self._log_without_external_id(accounts, len(rows))
+        self._log_without_external_id(sum(1 for a in accounts if not a.external_id), len(rows))
         return accounts
 
     async def read_export_accounts_by_list(
@@ -249,20 +249,25 @@ class DemandbaseClient:
         data = await self.download_export_results(results_url)
         try:
             rows = read_results(data, (*wire.EXPORT_RESULT_COLUMNS, wire.EXPORT_LIST_ID_COLUMN))
-            by_list: dict[int, list[ListedAccount]] = {}
+            # Rows of one list arrive together or interleaved: group by the cell as read.
+            by_cell: dict[str, list[ListedAccount]] = {}
             for _, name, domain, external_id, list_id in rows:
-                by_list.setdefault(int(list_id), []).append(
-                    ListedAccount(external_id=external_id, name=name, domain=domain)
-                )
+                members = by_cell.get(list_id)
+                if members is None:
+                    members = by_cell[list_id] = []
+                members.append(ListedAccount(external_id=external_id, name=name, domain=domain))
+            by_list: dict[int, list[ListedAccount]] = {}
+            for cell, members in by_cell.items():
+                by_list.setdefault(int(cell), []).extend(members)
         except ValueError as exc:
             raise PayloadError(
                 f"multi-list results file unreadable: {exc}", endpoint=Endpoint.EXPORT_DOWNLOAD
             ) from exc
-        self._log_without_external_id([a for v in by_list.values() for a in v], len(rows))
+        without = sum(1 for v in by_list.values() for a in v if not a.external_id)
+        self._log_without_external_id(without, len(rows))
         return by_list, len(data)
 
-    def _log_without_external_id(self, accounts: list[ListedAccount], rows: int) -> None:
-        without = sum(1 for a in accounts if not a.external_id)
+    def _log_without_external_id(self, without: int, rows: int) -> None:
         if without:
             _log.info(
                 "demandbase_export_rows_without_external_id",

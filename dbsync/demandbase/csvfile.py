@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import csv
 import io
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 
 from dbsync.demandbase.wire import EXPORT_RESULT_COLUMNS, IMPORT_COLUMNS
 from dbsync.model import Account
 
-__all__ = ["encode_accounts", "encode_rows", "read_header", "read_results", "read_rows"]
+__all__ = [
+    "encode_accounts",
+    "encode_cells",
+    "encode_rows",
+    "read_header",
+    "read_results",
+    "read_rows",
+]
 
 # Bytes decoded at a time by :func:`read_rows`.
 _BLOCK_BYTES = 1 << 20
@@ -28,6 +36,20 @@ def encode_rows(header: Sequence[str], rows: Iterable[Sequence[str]]) -> bytes:
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue().encode("utf-8")
+
+
+def encode_cells(rows: Iterable[Sequence[str]]) -> list[str]:
+    """Each row as :func:`encode_rows` writes it, without its line end: joined with
+    CRLFs after a header, they make the same file."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="")
+    lines = []
+    for row in rows:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(row)
+        lines.append(buffer.getvalue())
+    return lines
 
 
 def encode_accounts(accounts: Iterable[Account]) -> bytes:
@@ -72,18 +94,31 @@ def read_results(
 
     Columns are matched by name, case-insensitively; their order and any other
     columns do not matter, and a BOM and CRLF line ends are read. A file without a
-    header has no rows. Raises ``ValueError`` if it is not CSV or lacks a column.
+    header has no rows; cells missing at the end of a short row read as empty strings.
+    Raises ``ValueError`` if it is not CSV or lacks a column. One pass, by position:
+    a results file may hold millions of rows.
     """
-    rows = read_rows(data)
-    header = read_header(data)
-    if not header:
-        return []
-    by_name = {name.casefold(): name for name in header}
-    missing = [c for c in columns if c.casefold() not in by_name]
-    if missing:
-        raise ValueError(f"the header lacks the columns {missing} (it has {header})")
-    keys = [by_name[c.casefold()] for c in columns]
-    return [tuple(row[key] for key in keys) for row in rows]
+    reader = csv.reader(_lines(data), strict=True)
+    try:
+        header = [cell.strip() for cell in next(reader, None) or ()]
+        if not header:
+            return []
+        # A name given twice: its last column, as a row keyed by name would hold.
+        at = {name.casefold(): i for i, name in enumerate(header)}
+        missing = [c for c in columns if c.casefold() not in at]
+        if missing:
+            raise ValueError(f"the header lacks the columns {missing} (it has {header})")
+        positions = [at[c.casefold()] for c in columns]
+        width = max(positions) + 1
+        padding = [""] * width
+        pick = operator.itemgetter(*positions)
+        return [
+            pick(row) if len(row) >= width else pick(row + padding[len(row) :])
+            for row in reader
+            if row
+        ]
+    except csv.Error as exc:
+        raise ValueError(f"malformed CSV at line {reader.line_num}: {exc}") from exc
 
 
 def _lines(data: bytes | bytearray) -> Iterator[str]:

@@ -183,3 +183,46 @@ async def test_ingest_refuses_exactly_the_rows_the_emulator_refuses(
         ingest_accepts = False
 
     assert ingest_accepts == emulator_accepts
+
+
+@pytest.mark.parametrize(
+    ("dialects", "multi"),
+    [((), False), ((), True), (("multi-list-column",), True), (("results-columns",), True)],
+)
+async def test_an_export_writes_one_row_per_member_ordered_by_account_then_list(
+    dialects: tuple[str, ...], multi: bool
+) -> None:
+    # The results file, written from first principles with encode_rows: the emulator's
+    # fast writer (each account's cells encoded once) must give the same bytes.
+    clock = FakeClock()
+    state = tenant(clock, faults={"dialects": list(dialects)}, visibility_lag_seconds=0.0)
+    for name, indexes in (("L1", (4, 0, 7)), ("L2", (7, 1)), ("L3", (2,))):
+        job = state.create_import_job(name, "Account", "CSV")
+        state.start_import(job, rows(state, *indexes), "insert")
+    await clock.advance(10.0)
+    ids = tuple(state.lists[name].id for name in ("L1", "L2"))
+    export = state.create_export_job("read", ids, multi=multi)
+    await clock.advance(20.0)
+    assert state.export_job(export.job_id) is export
+    accounts = state.accounts
+    by_list = "multi-list-column" in dialects
+    members = sorted(
+        {(i, ids[n] if by_list else 0) for n, ix in enumerate(((4, 0, 7), (7, 1))) for i in ix}
+    )
+    cells = [
+        (str(i + 1), accounts.name(i), accounts.domain(i), accounts.external_id(i))
+        + ((str(list_id),) if by_list else ())
+        for i, list_id in members
+    ]
+    header = ("Account ID", "Account Name", "Account Domain", "External Account ID")
+    header += ("Account List ID",) if by_list else ()
+    if "results-columns" in dialects:
+        order = [3, 2, 1, 0]
+        header = tuple(
+            [header[k].upper() if k % 2 else header[k].lower() for k in order] + ["Industry"]
+        )
+        cells = [tuple([row[k] for k in order] + ["Software"]) for row in cells]
+        assert export.result == b"\xef\xbb\xbf" + encode_rows(header, cells)
+    else:
+        assert export.result == encode_rows(header, cells)
+    assert export.rows == len(cells) == (5 if by_list else 4)

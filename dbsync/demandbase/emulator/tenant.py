@@ -58,7 +58,7 @@ from typing import Final
 import msgspec
 
 from dbsync.clock import Clock
-from dbsync.demandbase.csvfile import encode_rows, read_rows
+from dbsync.demandbase.csvfile import encode_cells, encode_rows, read_rows
 from dbsync.demandbase.emulator.accounts import AccountDatabase
 from dbsync.demandbase.emulator.faults import FaultState
 from dbsync.demandbase.emulator.settings import EmulatorSettings
@@ -97,6 +97,7 @@ _EXTERNAL_ID_COLUMN: Final = "External Account ID"
 
 FIRST_IMPORT_JOB_ID: Final = 70_001
 _FIRST_LIST_ID: Final = 1
+_LOW_32: Final = (1 << 32) - 1  # a list id, in an export row's sort key
 
 # [ASSUMED] the export's entityType for an account-list job, and the text of a failed one.
 _EXPORT_ENTITY_TYPE: Final = "account"
@@ -315,6 +316,7 @@ class Tenant:
         self._export_jobs: dict[str, ExportJob] = {}
         self._next_import_id = itertools.count(FIRST_IMPORT_JOB_ID)
         self._next_list_id = itertools.count(_FIRST_LIST_ID)
+        self._lines: list[str] | None = None  # results cells by account (_result_lines)
         self._export_ids = random.Random(f"{settings.seed}:export-ids")
         self._timeline: list[tuple[float, int, _Event, int | str]] = []
         self._arrivals = itertools.count()
@@ -545,37 +547,72 @@ class Tenant:
         )
 
     def _write_results(self, job: ExportJob, at: float) -> None:
-        """The members of the job's lists as they were ``visibility_lag_seconds`` ago [A4]."""
+        """The members of the job's lists as they were ``visibility_lag_seconds`` ago [A4].
+
+        One row per member, ordered by account (then list); with ``multi-list-column``,
+        one per list that holds the account, naming it. Each account's cells are
+        CSV-encoded once per tenant, so an export of millions of rows is only joined.
+        """
         seen = at - self._settings.visibility_lag_seconds
-        accounts = self.accounts
+        index_of = self.accounts.index_of
         by_list = job.multi and self._faults.speaks("multi-list-column")
-        # (list id, account index): one row per member, per list with multi-list-column.
-        rows: set[tuple[int, int]] = set()
+        header = (*EXPORT_RESULT_COLUMNS, *((EXPORT_LIST_ID_COLUMN,) if by_list else ()))
+        # Rows as integers, (account index << 32) | list id (0 without the list column):
+        # sorted, they are ordered by account, then list; the set drops duplicates.
+        keys: set[int] = set()
         for list_id in job.list_ids:
+            tag = list_id if by_list else 0
             for member in self._lists_by_id[list_id].members_at(seen):
-                index = accounts.index_of(member)
+                index = index_of(member)
                 if index is not None:
-                    rows.add((list_id if by_list else 0, index))
-        ordered = sorted(rows, key=lambda r: (r[1], r[0]))
+                    keys.add((index << 32) | tag)
+        ordered = sorted(keys)
+        job.rows = len(ordered)
+        if self._faults.speaks("results-columns"):
+            job.result = self._reordered_results(header, ordered, by_list)
+            return
+        lines = self._result_lines()
+        if by_list:
+            body = "".join([f"{lines[k >> 32]},{k & _LOW_32}\r\n" for k in ordered])
+        else:
+            body = "".join([f"{lines[k >> 32]}\r\n" for k in ordered])
+        job.result = encode_rows(header, ()) + body.encode("utf-8")
+
+    def _reordered_results(
+        self, header: tuple[str, ...], ordered: list[int], by_list: bool
+    ) -> bytes:
+        """Dialect ``results-columns``: another case, another order, a column dbsync does
+        not read, and a BOM."""
+        accounts = self.accounts
         cells = [
             (
-                str(accounts.demandbase_id(i)),
-                accounts.name(i),
-                accounts.domain(i),
-                accounts.external_id(i),
-                *((str(list_id),) if by_list else ()),
+                str(accounts.demandbase_id(k >> 32)),
+                accounts.name(k >> 32),
+                accounts.domain(k >> 32),
+                accounts.external_id(k >> 32),
+                *((str(k & _LOW_32),) if by_list else ()),
             )
-            for list_id, i in ordered
+            for k in ordered
         ]
-        header = (*EXPORT_RESULT_COLUMNS, *((EXPORT_LIST_ID_COLUMN,) if by_list else ()))
-        if self._faults.speaks("results-columns"):
-            # Another case, another order, a column dbsync does not read, and a BOM.
-            order = [3, 2, 1, 0, *range(4, len(header))]
-            header = tuple(
-                [header[k].upper() if k % 2 else header[k].lower() for k in order] + ["Industry"]
+        order = [3, 2, 1, 0, *range(4, len(header))]
+        header = tuple(
+            [header[k].upper() if k % 2 else header[k].lower() for k in order] + ["Industry"]
+        )
+        rows = [tuple([row[k] for k in order] + ["Software"]) for row in cells]
+        return b"\xef\xbb\xbf" + encode_rows(header, rows)
+
+    def _result_lines(self) -> list[str]:
+        """Each account's results cells (Account ID, name, domain, External Account ID),
+        CSV-encoded without a line end, by account index; encoded once per tenant."""
+        if self._lines is None:
+            accounts = self.accounts
+            self._lines = encode_cells(
+                (
+                    str(accounts.demandbase_id(i)),
+                    accounts.name(i),
+                    accounts.domain(i),
+                    accounts.external_id(i),
+                )
+                for i in range(len(accounts))
             )
-            cells = [tuple([row[k] for k in order] + ["Software"]) for row in cells]
-            job.result = b"\xef\xbb\xbf" + encode_rows(header, cells)
-        else:
-            job.result = encode_rows(header, cells)
-        job.rows = len(cells)
+        return self._lines
