@@ -44,6 +44,7 @@ __all__ = [
     "MemberRow",
     "OurAccount",
     "judge_chunk",
+    "listed_by_id",
     "match_key",
     "match_listed",
     "set_aside_reason",
@@ -87,6 +88,14 @@ def match_listed(
         else:
             nameless += 1  # added in Demandbase, most likely: left for a person to judge
     return present, strangers, nameless
+
+
+def listed_by_id(known: set[str], listed: Sequence[ListedAccount]) -> set[str] | None:
+    """What :func:`match_listed` finds when every listed external id is one of ``known``
+    (ours): those ids, no stranger; None when some is not, and matching needs our names
+    and domains. Reading only our external ids first is the cheap, common case."""
+    present = {account.external_id for account in listed}
+    return present if present <= known else None
 
 
 def set_aside_reason(reason: RejectReason, repairs: int) -> str:

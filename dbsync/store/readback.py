@@ -26,6 +26,7 @@ from dbsync.judgment import (
     Listing,
     OurAccount,
     judge_chunk,
+    listed_by_id,
     match_listed,
     set_aside_reason,
 )
@@ -224,15 +225,25 @@ async def apply_readback(
     # Matching the list to the audience reads a snapshot, off the writer; only
     # settled accounts acknowledged long ago are judged, and no new change makes
     # one of those.
-    # Rows are plain tuples (no row factory): (external id, name, domain).
-    ours = cast(
-        list[OurAccount],
-        await engine.read(
-            "SELECT external_id, name, domain FROM membership WHERE audience_id = ?",
-            (audience[0][0],),
-        ),
+    # Rows are plain tuples (no row factory). Names and domains are read only when
+    # some listed account's external id is not one of ours.
+    keys = await engine.read(
+        "SELECT external_id FROM membership WHERE audience_id = ?", (audience[0][0],)
     )
-    present, strangers, nameless = await asyncio.to_thread(match_listed, ours, listed)
+    matched = await asyncio.to_thread(listed_by_id, {row[0] for row in keys}, listed)
+    strangers: dict[str, ListedAccount] = {}
+    nameless = 0
+    if matched is not None:
+        present = matched
+    else:
+        ours = cast(
+            list[OurAccount],
+            await engine.read(
+                "SELECT external_id, name, domain FROM membership WHERE audience_id = ?",
+                (audience[0][0],),
+            ),
+        )
+        present, strangers, nameless = await asyncio.to_thread(match_listed, ours, listed)
     listing = Listing(
         listed=len(listed),
         present=present,
@@ -286,8 +297,11 @@ def _apply_chunk(
         return [(audience_id, key) for key in keys]
 
     where = " WHERE audience_id = ? AND external_id = ?"
-    db.executemany(
-        "UPDATE membership SET ack_batch = NULL, repairs = 0" + where, each(decision.cleared)
+    # Most of a read-back's writes, one statement: the keys go in as one JSON array.
+    db.execute(
+        "UPDATE membership SET ack_batch = NULL, repairs = 0 WHERE audience_id = ?"
+        " AND external_id IN (SELECT value FROM json_each(?))",
+        (audience_id, msgspec.json.encode(decision.cleared)),
     )
     # Accounts set aside as unmatched and tried again (:mod:`dbsync.store.retries`) that
     # the list now holds leave the set.
