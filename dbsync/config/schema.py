@@ -316,11 +316,12 @@ class Limits(_Table, frozen=True):
     assumed, to keep a backlog from flooding the tenant."""
 
     concurrent_export_jobs: Count = 1
+    """Export jobs running at once; Demandbase allows one (429-102 beyond)."""
 
     export_bytes_per_day: Count = 10_000_000_000
-    """Bytes of export results a day (10 GB; 429-101 beyond), tracked on our side from
-    the files downloaded and estimated from the lists' sizes before an export starts."""
-    """Export jobs running at once; Demandbase allows one (429-102 beyond)."""
+    """Bytes of export results a day (10 GB; 429-101 beyond), tracked on our side and
+    kept in the store: estimated from the lists' sizes before an export starts,
+    corrected by the size of the file downloaded."""
 
     day_seconds: Seconds = 86400.0
     """Length of the quota "day", in seconds. Windows are aligned to the Unix epoch, so

@@ -14,7 +14,8 @@ window by our count (estimated from list sizes before a job, charged after).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -22,6 +23,7 @@ import msgspec
 from dbsync.config import ReconcileSettings
 from dbsync.demandbase import wire
 from dbsync.model import ListedAccount, ReconcileFacts
+from dbsync.reconcile.schedule import due_at, priority
 
 __all__ = [
     "MAX_LISTS_PER_EXPORT",
@@ -29,6 +31,8 @@ __all__ = [
     "MultiListExportClient",
     "choose_group",
     "gap",
+    "predict_next",
+    "row_cap",
     "settings_within",
 ]
 
@@ -36,8 +40,10 @@ __all__ = [
 MAX_LISTS_PER_EXPORT = 10_000
 # Bytes a results row takes, until a download says: four columns of a few dozen bytes.
 BYTES_PER_ROW_GUESS = 100.0
-# Rows of a list no read-back has counted yet, for the volume estimate.
+# Rows of a list no read-back has counted yet, for the estimates.
 ROWS_GUESS = 10_000
+# Rows below which a job is not split: a fraction of a second of judging.
+MIN_ROWS_PER_EXPORT = 100_000
 
 
 @runtime_checkable
@@ -66,19 +72,88 @@ def settings_within(settings: ReconcileSettings, gap_seconds: float) -> Reconcil
     return msgspec.structs.replace(settings, interval_seconds=interval)
 
 
+def row_cap(total_rows: int, jobs_per_window: int) -> int:
+    """Rows (estimated) one export job may carry: every list's rows spread over half the
+    jobs ``verify_within_hours`` allows (the other half is left for ``ctl reconcile``,
+    failed jobs and audiences falling due between), and never fewer than
+    :data:`MIN_ROWS_PER_EXPORT`. Jobs of that size are judged in a small part of the
+    window, one while the next is exported, instead of one file of every list."""
+    share = max(1, jobs_per_window // 2)
+    return max(MIN_ROWS_PER_EXPORT, math.ceil(total_rows / share))
+
+
 def choose_group(
-    order: Sequence[ReconcileFacts], cost: Callable[[str], int], left: int
+    order: Sequence[ReconcileFacts],
+    rows: Callable[[str], int],
+    *,
+    bytes_per_row: float,
+    bytes_left: int,
+    max_rows: int,
 ) -> tuple[list[ReconcileFacts], int]:
-    """The audiences of the next job, in turn order, while their estimated bytes fit in
-    ``left``; and the volume left after them (negative: not even the first fits)."""
+    """The audiences of the next job, in turn order, while their estimated rows stay
+    within ``max_rows`` and their bytes within ``bytes_left`` (the first always goes);
+    and the bytes left after them (negative: not even the first fits today)."""
     group: list[ReconcileFacts] = []
+    taken = 0
     for turn in order[:MAX_LISTS_PER_EXPORT]:
-        bytes_ = cost(turn.audience_id)
-        if group and bytes_ > left:
+        n = rows(turn.audience_id)
+        cost = int(n * bytes_per_row)
+        if group and (cost > bytes_left or taken + n > max_rows):
             break
         group.append(turn)
-        left -= bytes_
-    return group, left
+        taken += n
+        bytes_left -= cost
+    return group, bytes_left
+
+
+def predict_next(
+    facts: Iterable[ReconcileFacts],
+    settings: ReconcileSettings,
+    *,
+    first_start: float,
+    room_today: int,
+    per_day: int,
+    window_ends_at: float,
+    day_seconds: float,
+    job_seconds: float,
+    rows: Callable[[str], int],
+    max_rows: int,
+) -> dict[str, float]:
+    """When each audience's next read-back should start, with many lists per job.
+
+    The first job can start at ``first_start``, each next one ``job_seconds`` later (the
+    gap between jobs, or an export's duration if longer); each takes the audiences due
+    then in turn order (:func:`~dbsync.reconcile.schedule.turn_order`) up to ``max_rows``;
+    today has ``room_today`` jobs left until ``window_ends_at``, each later day
+    ``per_day``. A lower bound, like the one-list prediction: the volume, failures and a
+    busy tenant only delay it.
+    """
+    waiting = {f.audience_id: f for f in facts if due_at(f, settings) is not None}
+    due = {key: due_at(f, settings) or 0.0 for key, f in waiting.items()}
+    predicted: dict[str, float] = {}
+    at, left, window_end = first_start, room_today, window_ends_at
+    per_day = max(1, per_day)
+    while waiting:
+        if left <= 0:
+            at, left = max(at, window_end), per_day
+        while at >= window_end:
+            window_end += day_seconds
+            left = per_day
+        ready = [f for key, f in waiting.items() if due[key] <= at]
+        if not ready:
+            at = min(due.values())
+            continue
+        taken = 0
+        for turn in sorted(ready, key=priority):
+            n = rows(turn.audience_id)
+            if taken and taken + n > max_rows:
+                break
+            taken += n
+            predicted[turn.audience_id] = at
+            del waiting[turn.audience_id], due[turn.audience_id]
+        left -= 1
+        at += job_seconds
+    return predicted
 
 
 class ExportVolume:
@@ -96,6 +171,15 @@ class ExportVolume:
             self._window, self._used = window, 0
         return int(self.bytes_per_day * (1.0 - margin)) - self._used
 
+    @property
+    def used(self) -> int:
+        """Bytes charged in the current quota window."""
+        return self._used
+
+    def load(self, window: int, used: int) -> None:
+        """Bytes spent in quota window ``window`` as the store kept them (at a start)."""
+        self._window, self._used = window, used
+
     def charge(self, window: int, size: int) -> None:
         """A results file of ``size`` bytes was downloaded in quota window ``window``."""
         self.left(window, 0.0)  # rolls the window
@@ -106,6 +190,6 @@ class ExportVolume:
         if rows:
             self.bytes_per_row = size / rows
 
-    def estimate(self, rows: int | None) -> int:
-        """Bytes a list of ``rows`` members (None: never counted) will take."""
-        return int(max(1, ROWS_GUESS if rows is None else rows) * self.bytes_per_row)
+    def estimate(self, rows: int) -> int:
+        """Bytes a results file of ``rows`` rows will take."""
+        return int(max(1, rows) * self.bytes_per_row)

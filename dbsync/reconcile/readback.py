@@ -24,6 +24,7 @@ whose list is read is the reconciler's business (:mod:`~dbsync.reconcile.reconci
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -51,7 +52,7 @@ from dbsync.model import (
 )
 from dbsync.reconcile.adoption import Adoptions
 from dbsync.reconcile.losses import LossEstimate, estimate_losses
-from dbsync.reconcile.multi import ExportVolume, MultiListExportClient
+from dbsync.reconcile.multi import ROWS_GUESS, ExportVolume, MultiListExportClient
 from dbsync.reconcile.report import ReconcileReport, encode_report, log_report, make_report
 from dbsync.retry import (
     GIVE_UP_AFTER,
@@ -118,6 +119,10 @@ class ReadbackStore(Protocol):
 
     async def loss_tallies(self, destination: str, since: float = 0.0) -> list[LossTally]: ...
 
+    async def export_volume(self, destination: str, window: int) -> int: ...
+
+    async def spend_export_volume(self, destination: str, window: int, size: int) -> None: ...
+
 
 class _ReadBackFailed(Exception):
     """A read-back ended without a verdict (logged as ``reconcile_failed``)."""
@@ -165,6 +170,10 @@ class ReadBacks:
         )
         # Refreshed after each read-back, for the destination's summary line.
         self.last_estimate: LossEstimate | None = None
+        # One job's lists are judged at a time; the next job may be exported meanwhile
+        # (``downloaded``), and ``judging_waits`` counts files downloaded, not yet judged.
+        self._judging = asyncio.Lock()
+        self.judging_waits = 0
 
     @property
     def name(self) -> str:
@@ -174,12 +183,32 @@ class ReadBacks:
         """Lost accounts per thousand sent, overall and while throttled (ledger by batch)."""
         return estimate_losses(self.name, since, await self._store.loss_tallies(self.name, since))
 
-    def _charge_volume(self, size: int) -> None:
-        self.volume.charge(self._destination.budget.snapshot().window, size)
+    def rows(self, audience_id: str) -> int:
+        """Rows the audience's list is expected to hold: its last read-back's count."""
+        last = self.last.get(audience_id)
+        return last.listed if last is not None else ROWS_GUESS
 
-    async def read_back(self, group: Sequence[ReconcileFacts]) -> list[ReconcileReport]:
+    def estimated_bytes(self, audience_ids: Iterable[str]) -> int:
+        return sum(self.volume.estimate(self.rows(a)) for a in audience_ids)
+
+    async def load_volume(self) -> None:
+        """Today's export volume as the store kept it: a restart does not forget it."""
+        window = self._destination.budget.snapshot().window
+        self.volume.load(window, await self._store.export_volume(self.name, window))
+
+    async def _spend_volume(self, size: int) -> None:
+        """Charge ``size`` bytes of results (negative: correct an estimate), kept at once."""
+        if size:
+            window = self._destination.budget.snapshot().window
+            self.volume.charge(window, size)
+            await self._store.spend_export_volume(self.name, window, size)
+
+    async def read_back(
+        self, group: Sequence[ReconcileFacts], *, downloaded: Callable[[], None] | None = None
+    ) -> list[ReconcileReport]:
         """One export job reading every list of ``group`` (several [A5], or one); a report
-        per audience."""
+        per audience. ``downloaded`` is called once its results file is read: Demandbase
+        may run the next export while this one's lists are judged."""
         started = self._clock.time()
         for turn in group:
             self.running[turn.audience_id] = started
@@ -194,10 +223,14 @@ class ReadBacks:
             client = self._client
             job_name = f"dbsync {len(group)} lists"[:EXPORT_JOB_NAME_MAX_CHARS]
             create = lambda: client.create_account_lists_export(job_name, list(lists.values()))  # noqa: E731
+        # The volume is charged (estimated) before the job, like the other quotas.
+        charged = self.estimated_bytes(lists)
+        await self._spend_volume(charged)
         try:
             try:
                 job = await self._call(Endpoint.EXPORT_CREATE_JOB, create)
             except DemandbaseError as exc:
+                await self._spend_volume(-charged)  # no job, no results
                 for audience_id in lists:
                     self._failed(audience_id, "", f"the export job was not created: {exc}", exc)
                 raise ReadBackFailed(str(exc)) from exc
@@ -216,16 +249,23 @@ class ReadBacks:
                         **({"lists_in_job": len(lists)} if len(lists) > 1 else {}),
                     },
                 )
-            return await self.finish_group(runs)
+            return await self.finish_group(runs, charged=charged, downloaded=downloaded)
         finally:
             for audience_id in lists:
                 self.running.pop(audience_id, None)
             self._changed()  # predictions change: the loop looks again
 
-    async def finish_group(self, runs: Sequence[ReconcileRun]) -> list[ReconcileReport]:
+    async def finish_group(
+        self,
+        runs: Sequence[ReconcileRun],
+        *,
+        charged: int,
+        downloaded: Callable[[], None] | None = None,
+    ) -> list[ReconcileReport]:
         """Poll the export sparingly until finished, download it, judge each list, report.
 
-        ``runs`` share one export job: one list, or several [A5]."""
+        ``runs`` share one export job: one list, or several [A5]. ``charged``: the
+        volume charged for it before, corrected by the file's size once downloaded."""
         lead = runs[0]
         unknown = UnknownStateWatch()
 
@@ -268,17 +308,30 @@ class ReadBacks:
         if not results_url:
             await self._fail_all(runs, "the finished export names no results file")
         self.export_duration.learn(self._clock.time() - lead.started_at)
-        by_run = await self._download(runs, results_url)
-        reports = []
-        for run in runs:
-            reports.append(await self._judge(run, by_run[run.run_id]))
+        by_run = await self._download(runs, results_url, charged)
+        if downloaded is not None:
+            downloaded()
+        self.judging_waits += 1
+        try:
+            await self._judging.acquire()
+        finally:
+            self.judging_waits -= 1
+        try:
+            self._changed()  # the next job may be exported now
+            adopting = set(await self._adoptions.pending(run.audience_id for run in runs))
+            reports = []
+            for run in runs:
+                reports.append(await self._judge(run, by_run.pop(run.run_id), adopting))
+        finally:
+            self._judging.release()
         self.last_estimate = await self.loss_estimate()
         return reports
 
     async def _download(
-        self, runs: Sequence[ReconcileRun], results_url: str
+        self, runs: Sequence[ReconcileRun], results_url: str, charged: int
     ) -> dict[int, list[ListedAccount]]:
-        """The members of each run's list, from the export's results file."""
+        """The members of each run's list, from the export's results file; the volume
+        ``charged`` before is corrected to the file's size (estimated for one list)."""
         if len(runs) == 1:
             try:
                 listed = await self._call(
@@ -287,7 +340,7 @@ class ReadBacks:
                 )
             except DemandbaseError as exc:
                 await self._fail_all(runs, f"the results file could not be read: {exc}", exc)
-            self._charge_volume(self.volume.estimate(len(listed)))
+            await self._spend_volume(self.volume.estimate(len(listed)) - charged)
             return {runs[0].run_id: listed}
         assert isinstance(self._client, MultiListExportClient)
         client = self._client
@@ -304,13 +357,16 @@ class ReadBacks:
                     extra={"destination": self.name, "reason": str(exc)},
                 )
             await self._fail_all(runs, f"the results file could not be read: {exc}", exc)
-        self._charge_volume(size)
+        await self._spend_volume(size - charged)
         self.volume.learn(size, sum(len(members) for members in by_list.values()))
         return {run.run_id: by_list.get(run.list_id, []) for run in runs}
 
-    async def _judge(self, run: ReconcileRun, listed: list[ListedAccount]) -> ReconcileReport:
+    async def _judge(
+        self, run: ReconcileRun, listed: list[ListedAccount], adopting: set[str]
+    ) -> ReconcileReport:
         """Adopt (if asked), judge the audience against its list, check the ledger, report."""
-        await self._adoptions.adopt(run, listed)
+        if run.audience_id in adopting:
+            await self._adoptions.adopt(run, listed)
         judged_before = run.started_at - self._settings.visibility_lag_seconds
         verdict = await self._store.apply_readback(
             run.run_id,

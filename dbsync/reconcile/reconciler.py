@@ -138,6 +138,8 @@ class Reconciler:
         self._loaded: set[str] = set()
         self._next: dict[str, float] = {}
         self._rng = rng or random.Random()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._volume_spent_in = -1  # the quota window export_volume_spent was logged in
         self._reads = ReadBacks(
             destination,
             client,
@@ -243,6 +245,7 @@ class Reconciler:
             return
         ids = list(self._audience_ids())
         await self._load_reports(ids)
+        await self._reads.load_volume()
         # Runs of one export job (several lists [A5]) are resumed together.
         jobs: dict[str, list[ReconcileRun]] = {}
         for run in await self._store.open_reconcile_runs(ids):
@@ -261,15 +264,21 @@ class Reconciler:
                         },
                     )
                     self._reads.running[run.audience_id] = run.started_at
-                await self._reads.finish_group(runs)
+                # Its estimate was charged before the stop.
+                charged = self._reads.estimated_bytes(run.audience_id for run in runs)
+                await self._reads.finish_group(runs, charged=charged)
             except ReadBackFailed:
                 pass
             finally:
                 for run in runs:
                     self._reads.running.pop(run.audience_id, None)
                 self._release_slot()
-        while True:
-            await self._wait(await self._step())
+        # Multi-list read-backs run as tasks of this group: one is judged while the
+        # next is exported. Cancelling the loop cancels them.
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            while True:
+                await self._wait(await self._step())
 
     async def _step(self) -> float | None:
         """Start the read-back whose turn it is, if any can start; else how long to wait."""
@@ -294,6 +303,8 @@ class Reconciler:
             self._next = {}
             # On demand only; an adoption waiting for its first members is looked at again.
             return self._recheck_seconds() if adopting else None
+        if self._reads.multi:
+            return await self._step_many(facts, now, room, window_ends_at)
         self._next = predict_next(
             facts,
             self._settings,
@@ -304,8 +315,6 @@ class Reconciler:
             day_seconds=self._destination.budget.limits.day_seconds,
             export_seconds=self._reads.export_duration.seconds,
         )
-        if self._reads.multi:
-            return await self._step_many(facts, now, room, window_ends_at)
         order = turn_order(facts, self._settings, now)
         if not order:
             dues = [at for f in facts if (at := due_at(f, self._settings)) is not None]
@@ -330,14 +339,38 @@ class Reconciler:
         self, facts: Sequence[ReconcileFacts], now: float, room: int, window_ends_at: float
     ) -> float | None:
         """Multi-list exports: at most one job every ``gap`` (the day's exports spread
-        evenly) reads every audience due, so each waits at most ``gap`` past its due time
-        and is read back within ``verify_within_hours`` (its interval is shortened to
-        fit), within the jobs, status reads and export volume left."""
-        every = multi.gap(self._destination.budget.limits.day_seconds, self._per_day())
+        evenly) reads the audiences due, up to a cap of rows (:func:`multi.row_cap`), so
+        that each waits little past its due time and is read back within
+        ``verify_within_hours`` (its interval is shortened to fit), within the jobs,
+        status reads and export volume left. A job's lists are judged while the next
+        job is exported; no further job starts while a downloaded file waits."""
+        day_seconds = self._destination.budget.limits.day_seconds
+        per_day = self._per_day()
+        every = multi.gap(day_seconds, per_day)
         settings = multi.settings_within(self._settings, every)
-        order = turn_order(facts, settings, now)
+        window = self._settings.verify_within_hours * 3_600.0
+        listed = [f for f in facts if f.list_id is not None]
+        max_rows = multi.row_cap(
+            sum(self._reads.rows(f.audience_id) for f in listed),
+            min(_UNLIMITED, math.floor(per_day * window / day_seconds)),
+        )
+        self._next = multi.predict_next(
+            [f for f in facts if f.audience_id not in self._reads.running],
+            settings,
+            first_start=max(now, self._last_multi_at + every),
+            room_today=max(0, room),
+            per_day=per_day,
+            window_ends_at=window_ends_at,
+            day_seconds=day_seconds,
+            job_seconds=max(every, self._reads.export_duration.seconds),
+            rows=self._reads.rows,
+            max_rows=max_rows,
+        )
+        order = [
+            f for f in turn_order(facts, settings, now) if f.audience_id not in self._reads.running
+        ]
         if not order:
-            dues = [at for f in facts if (at := due_at(f, settings)) is not None]
+            dues = [at for f in facts if (at := due_at(f, settings)) is not None and at > now]
             return min([self._recheck_seconds(), *(at - now for at in dues)])
         if room <= 0:
             return max(window_ends_at - now, _MIN_WAIT_SECONDS)
@@ -346,29 +379,53 @@ class Reconciler:
             return 0.0
         if now < self._last_multi_at + every:
             return self._last_multi_at + every - now
-        group, left = multi.choose_group(order, self._estimated_bytes, self._volume_left())
+        margin = self._destination.budget.limits.quota_safety_margin
+        group, left = multi.choose_group(
+            order,
+            self._reads.rows,
+            bytes_per_row=self._reads.volume.bytes_per_row,
+            bytes_left=self._reads.volume.left(self._destination.budget.snapshot().window, margin),
+            max_rows=max_rows,
+        )
         if left < 0:
             # Not even one list fits in today's volume: wait for tomorrow's.
+            window_number = self._destination.budget.snapshot().window
+            if self._volume_spent_in != window_number:
+                self._volume_spent_in = window_number
+                log.warning(
+                    "export_volume_spent",
+                    extra={
+                        "destination": self.name,
+                        "used_bytes": self._reads.volume.used,
+                        "allowed_bytes": self.plan.export_bytes_per_day,
+                        "waiting": len(order),
+                        "retry_at": window_ends_at,
+                    },
+                )
             return max(window_ends_at - now, _MIN_WAIT_SECONDS)
-        if not self._take_slot():
-            return None
+        if self._reads.judging_waits or not self._take_slot():
+            return None  # woken when the slot is released, or the waiting file is judged
         self._last_multi_at = now
+        assert self._tasks is not None
+        self._tasks.create_task(self._read_group(group))
+        return 0.0
+
+    async def _read_group(self, group: Sequence[ReconcileFacts]) -> None:
+        """One multi-list read-back, holding the export slot until its file is read."""
+        held = True
+
+        def downloaded() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._release_slot()
+
         try:
-            await self._reads.read_back(group)
+            await self._reads.read_back(group, downloaded=downloaded)
         except ReadBackFailed:
             pass
         finally:
-            self._release_slot()
-        return 0.0
-
-    def _volume_left(self) -> int:
-        """Export bytes today's volume still allows, by our count (less the safety margin)."""
-        window = self._destination.budget.snapshot().window
-        return self._reads.volume.left(window, self._destination.budget.limits.quota_safety_margin)
-
-    def _estimated_bytes(self, audience_id: str) -> int:
-        last = self._reads.last.get(audience_id)
-        return self._reads.volume.estimate(last.listed if last is not None else None)
+            downloaded()
 
     async def _wait(self, seconds: float | None) -> None:
         if seconds is not None and seconds <= 0:

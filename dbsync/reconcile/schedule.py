@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dbsync.config import ReconcileSettings
 from dbsync.model import ReconcileFacts
 
-__all__ = ["days_to_reconcile_all", "due_at", "predict_next", "turn_order"]
+__all__ = ["days_to_reconcile_all", "due_at", "predict_next", "priority", "turn_order"]
 
 
 def days_to_reconcile_all(audiences: int, exports_per_day: int) -> int:
@@ -41,8 +41,9 @@ def due_at(facts: ReconcileFacts, settings: ReconcileSettings) -> float | None:
     return facts.last_started_at + settings.interval_seconds
 
 
-def _priority(facts: ReconcileFacts) -> tuple[float, str]:
-    # Never read back first, then the one read back longest ago; ties by id.
+def priority(facts: ReconcileFacts) -> tuple[float, str]:
+    """Sort key of turns: never read back first, then the one read back longest ago;
+    ties by id."""
     last = facts.last_started_at
     return (-math.inf if last is None else last, facts.audience_id)
 
@@ -52,7 +53,7 @@ def turn_order(
 ) -> list[ReconcileFacts]:
     """The audiences due by ``now``, the one whose turn it is first."""
     due = [f for f in facts if (at := due_at(f, settings)) is not None and at <= now]
-    return sorted(due, key=_priority)
+    return sorted(due, key=priority)
 
 
 def predict_next(
@@ -88,7 +89,7 @@ def predict_next(
         if not ready:
             at = min(due.values())
             continue
-        turn = min(ready, key=_priority)
+        turn = min(ready, key=priority)
         predicted[turn.audience_id] = at
         del waiting[turn.audience_id], due[turn.audience_id]
         left -= 1

@@ -428,6 +428,12 @@ class Store:
     ) -> None:
         await quota.spend_quota(self._engine, destination, endpoint, window, count)
 
+    async def export_volume(self, destination: str, window: int) -> int:
+        return await quota.export_volume(self._engine, destination, window)
+
+    async def spend_export_volume(self, destination: str, window: int, size: int) -> None:
+        await quota.spend_export_volume(self._engine, destination, window, size)
+
     async def load_pace(self, destination: str) -> float | None:
         return await quota.load_pace(self._engine, destination)
 

@@ -3,6 +3,10 @@ persists so that a restart loop cannot overspend a daily quota (invariant 5).
 
 Calls are charged per destination, endpoint and daily window; only the last few
 windows are kept. The pace is the learned request rate, one row per destination.
+The export volume a destination's reconciler downloaded in a window (bytes of results
+files, which Demandbase limits per day) is a row of its own beside the calls, under
+the pseudo-endpoint :data:`EXPORT_VOLUME`: charged by its estimate before the export
+job, corrected by the file's size after, read back at a start.
 """
 
 from __future__ import annotations
@@ -11,9 +15,19 @@ import sqlite3
 
 from dbsync.store.engine import Engine
 
-__all__ = ["load_pace", "quota_usage", "save_pace", "spend_quota"]
+__all__ = [
+    "EXPORT_VOLUME",
+    "export_volume",
+    "load_pace",
+    "quota_usage",
+    "save_pace",
+    "spend_export_volume",
+    "spend_quota",
+]
 
 _QUOTA_WINDOWS_KEPT = 8
+# The quota_usage row of the export volume, in bytes: no Demandbase endpoint has this name.
+EXPORT_VOLUME = "export.volume_bytes"
 
 
 async def quota_usage(engine: Engine, destination: str, window: int) -> dict[str, int]:
@@ -39,6 +53,16 @@ async def spend_quota(
         )
 
     await engine.transaction(work)
+
+
+async def export_volume(engine: Engine, destination: str, window: int) -> int:
+    """Bytes of export results charged to ``destination`` in quota window ``window``."""
+    return (await quota_usage(engine, destination, window)).get(EXPORT_VOLUME, 0)
+
+
+async def spend_export_volume(engine: Engine, destination: str, window: int, size: int) -> None:
+    """Charge ``size`` bytes of export results (negative: a correction of an estimate)."""
+    await spend_quota(engine, destination, EXPORT_VOLUME, window, size)
 
 
 async def load_pace(engine: Engine, destination: str) -> float | None:

@@ -13,15 +13,22 @@ from pathlib import Path
 
 import pytest
 
+from dbsync.clock import SystemClock
+from dbsync.daemon import Daemon
 from dbsync.demandbase.emulator import Faults
+from dbsync.store import Store
 from dbsync.testing import (
     FAST_RECONCILE,
     AudienceConfig,
     Engine,
+    database,
     fast_export_tenant,
     last_report,
+    running_daemon,
+    running_emulator,
     running_reconcile_engine,
     wait_until,
+    write_reconcile_config,
 )
 
 AUDIENCES = [AudienceConfig(f"multi-{i}", max_records=100, max_age_seconds=0.05) for i in range(12)]
@@ -44,6 +51,14 @@ async def feed(engine: Engine) -> None:
         for i, audience in enumerate(AUDIENCES)
         for account in pool[i * MEMBERS : (i + 1) * MEMBERS]
     )
+
+
+def destination_window(daemon: Daemon) -> int:
+    """The quota window (day) the destination's budget counts in now."""
+    assert daemon.supervisor is not None
+    destination = daemon.supervisor.destination("emulator")
+    assert destination is not None
+    return destination.budget.snapshot().window
 
 
 def all_verified(engine: Engine) -> bool:
@@ -99,3 +114,52 @@ async def test_without_the_list_column_the_destination_reads_one_list_per_job(
     warnings = [r for r in caplog.records if r.getMessage() == "multi_list_export_unsupported"]
     assert len(warnings) == 1
     assert all(r.levelno == logging.WARNING for r in warnings)
+
+
+async def test_the_export_volume_spent_today_is_remembered_across_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1. 12 audiences of 30 members, multi-list exports: the first round of read-backs
+    is judged, then the daemon stops.
+    2. The store holds the day's export volume (at least the bytes of the results files
+    the emulator wrote). The daemon starts again with a daily volume of those bytes and
+    10 more: less than one list; the audiences are due again 2 s after their last read-back.
+    Result: once the audiences are due again, no export job is created (one would be by
+    a reconciler that forgot): ``export_volume_spent`` says the day's volume is spent."""
+    caplog.set_level(logging.INFO, logger="dbsync")
+    tenant_settings = fast_export_tenant(
+        visibility_lag_seconds=0.1, faults=Faults(dialects=frozenset({"multi-list-column"}))
+    )
+    again = {**MULTI, "interval_seconds": 2.0, "visibility_lag_seconds": 0.5}
+    async with running_emulator(tenant_settings) as emulator:
+        tenant = emulator.emulator.tenant
+        config = write_reconcile_config(tmp_path, emulator.url, AUDIENCES, reconcile=MULTI)
+        async with running_daemon(config) as daemon:
+            engine = Engine(emulator, daemon, AUDIENCES)
+            await feed(engine)
+            await wait_until(lambda: all_verified(engine), TIMEOUT, what="every audience verified")
+            window = destination_window(daemon)
+        jobs = len(tenant.export_jobs)
+        written = sum(len(job.result) for job in tenant.export_jobs)
+        async with Store.open(database(config), clock=SystemClock()) as store:
+            kept = await store.export_volume("emulator", window)
+        # A multi-list job is charged its file's size; a job of one list (a client reads
+        # it without its size) its rows at the bytes per row learned so far.
+        assert kept >= written > 0
+
+        config = write_reconcile_config(
+            tmp_path,
+            emulator.url,
+            AUDIENCES,
+            reconcile=again,
+            limits={"export_bytes_per_day": kept + 10, "quota_safety_margin": 0.0},
+        )
+        caplog.clear()
+        async with running_daemon(config) as daemon:
+            assert destination_window(daemon) == window
+            await wait_until(
+                lambda: "export_volume_spent" in caplog.messages, TIMEOUT, what="volume spent"
+            )
+        assert len(tenant.export_jobs) == jobs
+        [spent] = [r for r in caplog.records if r.getMessage() == "export_volume_spent"]
+        assert spent.used_bytes == kept  # type: ignore[attr-defined]

@@ -188,6 +188,7 @@ class MemoryReadbackStore:
         self.runs: dict[int, Run] = {}
         self.events: list[str] = []
         self.facts_reads = 0  # how often the reconciler looked whose turn it is
+        self.volume: dict[tuple[str, int], int] = {}  # export bytes by destination, window
         self._clock = clock
         self._ids = itertools.count(1)
 
@@ -246,6 +247,12 @@ class MemoryReadbackStore:
 
     async def last_reconcile_reports(self, audience_ids: Iterable[str]) -> dict[str, bytes]:
         return {}
+
+    async def export_volume(self, destination: str, window: int) -> int:
+        return self.volume.get((destination, window), 0)
+
+    async def spend_export_volume(self, destination: str, window: int, size: int) -> None:
+        self.volume[destination, window] = self.volume.get((destination, window), 0) + size
 
     async def open_reconcile_runs(self, audience_ids: Iterable[str]) -> list[ReconcileRun]:
         wanted = set(audience_ids)
