@@ -280,11 +280,14 @@ def _apply_chunk(
     if state != ReconcileRunState.EXPORTING:
         return True, None
     judgment = msgspec.msgpack.decode(kept, type=Judgment) if kept else Judgment()
+    # Names and domains are only read for the accounts that may be set aside (those
+    # repaired repair_limit times): strings are most of what reading a row costs.
     rows = db.execute(
-        "SELECT external_id, name, domain, desired, delivered, in_flight, rejected, acked_at,"
-        " ack_batch, changed_at, repairs FROM membership"
-        " WHERE audience_id = ? AND external_id > ? ORDER BY external_id LIMIT ?",
-        (audience_id, judged_through or "", chunk_rows),
+        "SELECT external_id, iif(repairs >= ?4, name, ''), iif(repairs >= ?4, domain, ''),"
+        " desired, delivered, in_flight, rejected, acked_at, ack_batch, changed_at, repairs"
+        " FROM membership WHERE audience_id = ?1 AND external_id > ?2"
+        " ORDER BY external_id LIMIT ?3",
+        (audience_id, judged_through or "", chunk_rows, listing.repair_limit),
     ).fetchall()
     decision = judge_chunk(
         rows,
@@ -297,12 +300,21 @@ def _apply_chunk(
         return [(audience_id, key) for key in keys]
 
     where = " WHERE audience_id = ? AND external_id = ?"
-    # Most of a read-back's writes, one statement: the keys go in as one JSON array.
-    db.execute(
-        "UPDATE membership SET ack_batch = NULL, repairs = 0 WHERE audience_id = ?"
-        " AND external_id IN (SELECT value FROM json_each(?))",
-        (audience_id, msgspec.json.encode(decision.cleared)),
-    )
+    # Most of a read-back's writes, in one statement. When every account of the chunk
+    # with an acknowledgment or repairs to clear is cleared (all verified: the common
+    # case), the chunk's key range says which; else the keys go in as a JSON array.
+    if rows and len(decision.cleared) == sum(1 for r in rows if r[8] is not None or r[10]):
+        db.execute(
+            "UPDATE membership SET ack_batch = NULL, repairs = 0 WHERE audience_id = ?"
+            " AND external_id BETWEEN ? AND ? AND (ack_batch IS NOT NULL OR repairs <> 0)",
+            (audience_id, rows[0][0], rows[-1][0]),
+        )
+    else:
+        db.execute(
+            "UPDATE membership SET ack_batch = NULL, repairs = 0 WHERE audience_id = ?"
+            " AND external_id IN (SELECT value FROM json_each(?))",
+            (audience_id, msgspec.json.encode(decision.cleared)),
+        )
     # Accounts set aside as unmatched and tried again (:mod:`dbsync.store.retries`) that
     # the list now holds leave the set.
     retrying = db.execute(
