@@ -25,6 +25,7 @@ whose list is read is the reconciler's business (:mod:`~dbsync.reconcile.reconci
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -64,7 +65,7 @@ from dbsync.retry import (
 )
 from dbsync.states import ExportJobState, export_job_state
 
-__all__ = ["ExportClient", "ReadBackFailed", "ReadBacks", "ReadbackStore"]
+__all__ = ["ExportClient", "ReadBackFailed", "ReadBacks", "ReadbackStore", "job_seconds"]
 
 log = logging.getLogger("dbsync.reconcile")
 T = TypeVar("T")
@@ -126,6 +127,18 @@ class ReadbackStore(Protocol):
 
 class _ReadBackFailed(Exception):
     """A read-back ended without a verdict (logged as ``reconcile_failed``)."""
+
+
+def job_seconds(status: wire.ExportJobStatus) -> float | None:
+    """How long a finished export ran by Demandbase's stamps (``created_at`` to
+    ``updated_at``, ISO 8601); None when they are missing or unreadable."""
+    try:
+        created = dt.datetime.fromisoformat(status.created_at.replace("Z", "+00:00"))
+        updated = dt.datetime.fromisoformat(status.updated_at.replace("Z", "+00:00"))
+        seconds = (updated - created).total_seconds()
+    except (ValueError, TypeError):  # empty, another format, or one naive and one not
+        return None
+    return seconds if seconds >= 0 else None
 
 
 class ReadBackFailed(Exception):
@@ -307,7 +320,10 @@ class ReadBacks:
         results_url = status.results_url or ""
         if not results_url:
             await self._fail_all(runs, "the finished export names no results file")
-        self.export_duration.learn(self._clock.time() - lead.started_at)
+        # Demandbase's own stamps say how long the job ran; ours would add the wait
+        # before the poll that saw it finished, and the first poll would drift later.
+        took = job_seconds(status)
+        self.export_duration.learn(self._clock.time() - lead.started_at if took is None else took)
         by_run = await self._download(runs, results_url, charged)
         if downloaded is not None:
             downloaded()

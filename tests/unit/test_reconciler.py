@@ -37,6 +37,7 @@ from dbsync.model import (
     ReconcileRun,
 )
 from dbsync.reconcile import ReconcilePlan, Reconciler
+from dbsync.reconcile.readback import job_seconds
 from dbsync.retry import THROTTLED_BACKOFF_MAX_SECONDS
 from tests.unit.test_budget import MemoryQuotaStore
 
@@ -717,3 +718,23 @@ async def test_a_stop_during_a_wait_ends_the_reconciler_at_once_and_leaves_no_ta
     assert (h.client.calls, h.store.events) == (calls, events)
     if waiting_for == "export":
         assert await h.store.open_reconcile_runs(["a"]) != []
+
+
+@pytest.mark.parametrize(
+    ("created_at", "updated_at", "seconds"),
+    [
+        ("2026-12-05T00:00:00.000Z", "2026-12-05T00:01:30.500Z", 90.5),
+        ("2026-12-05T00:00:00+00:00", "2026-12-05T00:00:00+00:00", 0.0),
+        ("", "2026-12-05T00:01:30Z", None),  # missing: our own observation is learned
+        ("yesterday", "today", None),
+        ("2026-12-05T00:00:00", "2026-12-05T00:01:00Z", None),  # naive and aware
+        ("2026-12-05T00:01:00Z", "2026-12-05T00:00:00Z", None),  # backwards
+    ],
+)
+def test_an_exports_duration_is_read_from_demandbases_stamps(
+    created_at: str, updated_at: str, seconds: float | None
+) -> None:
+    status = ExportJobStatus(
+        job_id="j", job_status="finished", created_at=created_at, updated_at=updated_at
+    )
+    assert job_seconds(status) == seconds
