@@ -226,3 +226,28 @@ async def test_an_export_writes_one_row_per_member_ordered_by_account_then_list(
     else:
         assert export.result == encode_rows(header, cells)
     assert export.rows == len(cells) == (5 if by_list else 4)
+
+
+async def test_an_export_after_a_list_changed_sees_the_change_and_none_younger() -> None:
+    # The members of each list are kept between exports while the list does not change:
+    # a change must show in the first export finished a lag after it, and not before.
+    clock = FakeClock()
+    state = tenant(clock, faults={"dialects": ["multi-list-column"]}, visibility_lag_seconds=15.0)
+    job = state.create_import_job("L", "Account", "CSV")
+    state.start_import(job, rows(state, 2, 0), "insert")
+    await clock.advance(20.0)  # completed at 10
+
+    async def exported() -> list[str]:
+        # Created now, finished 10 s later: it sees the list as it was 5 s ago.
+        export = state.create_export_job("read", (state.lists["L"].id,), multi=True)
+        await clock.advance(10.0)
+        assert state.export_job(export.job_id) is export
+        return [r["External Account ID"] for r in read_rows(export.result)]
+
+    assert await exported() == ["ACC-0000001", "ACC-0000003"]
+    assert await exported() == ["ACC-0000001", "ACC-0000003"]  # the kept members
+    job = state.create_import_job("L", "Account", "CSV")
+    state.start_import(job, rows(state, 1), "insert")
+    await clock.advance(10.0)  # completed at 50
+    assert await exported() == ["ACC-0000001", "ACC-0000003"]  # seen at 45
+    assert await exported() == ["ACC-0000001", "ACC-0000002", "ACC-0000003"]  # at 55

@@ -244,6 +244,7 @@ class AccountList:
         self.created_at = created_at
         self._members: set[str] = set()
         self._changes: deque[tuple[float, str, bool]] = deque()  # (when, account, joined)
+        self.version = 0  # one more at each change: what a cache of the members checks
 
     def __repr__(self) -> str:
         return f"AccountList(id={self.id}, name={self.name!r}, members={len(self._members)})"
@@ -261,6 +262,7 @@ class AccountList:
 
     def change(self, at: float, *, joined: Iterable[str] = (), left: Iterable[str] = ()) -> None:
         """Apply a completed job's change at time ``at`` (never earlier than the last one)."""
+        self.version += 1
         for account in left:
             if account in self._members:
                 self._members.discard(account)
@@ -269,6 +271,11 @@ class AccountList:
             if account not in self._members:
                 self._members.add(account)
                 self._changes.append((at, account, True))
+
+    def changed_after(self, at: float) -> bool:
+        """Whether a change younger than ``at`` is remembered (then the members at ``at``
+        differ from :attr:`members`)."""
+        return bool(self._changes) and self._changes[-1][0] > at
 
     def members_at(self, at: float) -> set[str]:
         """The members as they were at time ``at`` (after :meth:`forget_before` ``at``)."""
@@ -317,6 +324,7 @@ class Tenant:
         self._next_import_id = itertools.count(FIRST_IMPORT_JOB_ID)
         self._next_list_id = itertools.count(_FIRST_LIST_ID)
         self._lines: list[str] | None = None  # results cells by account (_result_lines)
+        self._indexes: dict[int, tuple[int, list[int]]] = {}  # list -> (version, members)
         self._export_ids = random.Random(f"{settings.seed}:export-ids")
         self._timeline: list[tuple[float, int, _Event, int | str]] = []
         self._arrivals = itertools.count()
@@ -554,19 +562,26 @@ class Tenant:
         CSV-encoded once per tenant, so an export of millions of rows is only joined.
         """
         seen = at - self._settings.visibility_lag_seconds
-        index_of = self.accounts.index_of
         by_list = job.multi and self._faults.speaks("multi-list-column")
         header = (*EXPORT_RESULT_COLUMNS, *((EXPORT_LIST_ID_COLUMN,) if by_list else ()))
         # Rows as integers, (account index << 32) | list id (0 without the list column):
-        # sorted, they are ordered by account, then list; the set drops duplicates.
-        keys: set[int] = set()
-        for list_id in job.list_ids:
-            tag = list_id if by_list else 0
-            for member in self._lists_by_id[list_id].members_at(seen):
-                index = index_of(member)
-                if index is not None:
-                    keys.add((index << 32) | tag)
-        ordered = sorted(keys)
+        # sorted, they are ordered by account, then list.
+        if by_list:  # a row per list and member: no two alike
+            ordered = sorted(
+                [
+                    (index << 32) | list_id
+                    for list_id in dict.fromkeys(job.list_ids)  # a list named twice: once
+                    for index in self._member_indexes(list_id, seen)
+                ]
+            )
+        else:  # a row per account on any of the lists
+            ordered = sorted(
+                {
+                    index << 32
+                    for list_id in dict.fromkeys(job.list_ids)  # a list named twice: once
+                    for index in self._member_indexes(list_id, seen)
+                }
+            )
         job.rows = len(ordered)
         if self._faults.speaks("results-columns"):
             job.result = self._reordered_results(header, ordered, by_list)
@@ -600,6 +615,23 @@ class Tenant:
         )
         rows = [tuple([row[k] for k in order] + ["Software"]) for row in cells]
         return b"\xef\xbb\xbf" + encode_rows(header, rows)
+
+    def _member_indexes(self, list_id: int, seen: float) -> list[int]:
+        """The account indexes of the list's members at ``seen``, ascending; kept per list
+        while it does not change, since lists are exported again and again unchanged."""
+        account_list = self._lists_by_id[list_id]
+        if account_list.changed_after(seen):
+            members: Iterable[str] = account_list.members_at(seen)
+        else:
+            kept = self._indexes.get(list_id)
+            if kept is not None and kept[0] == account_list.version:
+                return kept[1]
+            members = account_list.members_at(seen)
+        index_of = self.accounts.index_of
+        indexes = sorted(i for m in members if (i := index_of(m)) is not None)
+        if not account_list.changed_after(seen):
+            self._indexes[list_id] = (account_list.version, indexes)
+        return indexes
 
     def _result_lines(self) -> list[str]:
         """Each account's results cells (Account ID, name, domain, External Account ID),
