@@ -75,6 +75,7 @@ T = TypeVar("T")
 # actors' business, and a missing export permission must not stop delivery.
 _POLICY = RetryPolicy(give_up_after=GIVE_UP_AFTER, on_refused=OnRefused.RAISE)
 _EXPORT_DONE = (ExportJobState.FINISHED, ExportJobState.FAILED)
+_LISTS_JUDGED_AT_ONCE = 2
 
 
 @runtime_checkable
@@ -335,9 +336,29 @@ class ReadBacks:
         try:
             self._changed()  # the next job may be exported now
             adopting = set(await self._adoptions.pending(run.audience_id for run in runs))
+            # Two lists at a time: one's transaction on the store's writer while the
+            # other's accounts are read and matched on its reader.
+            # A list that fails does not stop the others; the first failure is raised
+            # after them, and an error of the store as itself, not in a group.
+            turns = asyncio.Semaphore(_LISTS_JUDGED_AT_ONCE)
+
+            async def judge(run: ReconcileRun) -> ReconcileReport | ReadBackFailed:
+                async with turns:
+                    try:
+                        return await self._judge(run, by_run.pop(run.run_id), adopting)
+                    except ReadBackFailed as failed:
+                        return failed
+
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    judged = [tasks.create_task(judge(run)) for run in runs]
+            except BaseExceptionGroup as group:
+                raise group.exceptions[0] from None
             reports = []
-            for run in runs:
-                reports.append(await self._judge(run, by_run.pop(run.run_id), adopting))
+            for task in judged:
+                if isinstance(outcome := task.result(), ReadBackFailed):
+                    raise outcome
+                reports.append(outcome)
         finally:
             self._judging.release()
         self.last_estimate = await self.loss_estimate()
