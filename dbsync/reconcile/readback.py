@@ -197,13 +197,22 @@ class ReadBacks:
         """Lost accounts per thousand sent, overall and while throttled (ledger by batch)."""
         return estimate_losses(self.name, since, await self._store.loss_tallies(self.name, since))
 
-    def rows(self, audience_id: str) -> int:
-        """Rows the audience's list is expected to hold: its last read-back's count."""
-        last = self.last.get(audience_id)
-        return last.listed if last is not None else ROWS_GUESS
+    def row_estimates(self) -> Callable[[str], int]:
+        """Rows each audience's list is expected to hold: its last read-back's count; for
+        a list never read, the mean of those read (:data:`ROWS_GUESS` before any)."""
+        last = self.last
+        counted = [report.listed for report in last.values()]
+        unknown = round(sum(counted) / len(counted)) if counted else ROWS_GUESS
+
+        def rows(audience_id: str) -> int:
+            report = last.get(audience_id)
+            return report.listed if report is not None else unknown
+
+        return rows
 
     def estimated_bytes(self, audience_ids: Iterable[str]) -> int:
-        return sum(self.volume.estimate(self.rows(a)) for a in audience_ids)
+        rows = self.row_estimates()
+        return sum(self.volume.estimate(rows(a)) for a in audience_ids)
 
     async def load_volume(self) -> None:
         """Today's export volume as the store kept it: a restart does not forget it."""

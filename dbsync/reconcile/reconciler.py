@@ -350,8 +350,9 @@ class Reconciler:
         settings = multi.settings_within(self._settings, every)
         window = self._settings.verify_within_hours * 3_600.0
         listed = [f for f in facts if f.list_id is not None]
+        rows = self._reads.row_estimates()
         max_rows = multi.row_cap(
-            sum(self._reads.rows(f.audience_id) for f in listed),
+            sum(rows(f.audience_id) for f in listed),
             min(_UNLIMITED, math.floor(per_day * window / day_seconds)),
         )
         self._next = multi.predict_next(
@@ -363,7 +364,7 @@ class Reconciler:
             window_ends_at=window_ends_at,
             day_seconds=day_seconds,
             job_seconds=max(every, self._reads.export_duration.seconds),
-            rows=self._reads.rows,
+            rows=rows,
             max_rows=max_rows,
         )
         order = [
@@ -382,7 +383,7 @@ class Reconciler:
         margin = self._destination.budget.limits.quota_safety_margin
         group, left = multi.choose_group(
             order,
-            self._reads.rows,
+            rows,
             bytes_per_row=self._reads.volume.bytes_per_row,
             bytes_left=self._reads.volume.left(self._destination.budget.snapshot().window, margin),
             max_rows=max_rows,
