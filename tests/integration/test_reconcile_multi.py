@@ -90,6 +90,23 @@ async def test_one_export_job_reads_many_lists_when_each_row_names_its_list(
         assert max(len(job.list_ids) for job in exports) > 1
         assert await engine.lists_match_desired()
         print(f"\nexport jobs {len(exports)}, lists per job {[len(j.list_ids) for j in exports]}")
+        # ctl status's next read-backs: the audiences one job read are due together and
+        # predicted together, in one planned job (one list per job would space them).
+        await wait_until(
+            lambda: predicted_by_job(engine), TIMEOUT, what="next read-backs planned by job"
+        )
+
+
+def predicted_by_job(engine: Engine) -> bool:
+    """Each audience's next read-back is planned no earlier than it is due, and the
+    audiences whose last read-back started together are planned together."""
+    planned: dict[float, set[float]] = {}
+    for audience in AUDIENCES:
+        report, next_at = engine.supervisor.reconcile_state(audience.id)
+        if report is None or next_at is None or next_at < report.started_at + 60.0:
+            return False
+        planned.setdefault(report.started_at, set()).add(next_at)
+    return all(len(times) == 1 for times in planned.values())
 
 
 async def test_without_the_list_column_the_destination_reads_one_list_per_job(
