@@ -274,11 +274,15 @@ class Reconciler:
                     self._reads.running.pop(run.audience_id, None)
                 self._release_slot()
         # Multi-list read-backs run as tasks of this group: one is judged while the
-        # next is exported. Cancelling the loop cancels them.
-        async with asyncio.TaskGroup() as tasks:
-            self._tasks = tasks
-            while True:
-                await self._wait(await self._step())
+        # next is exported. Cancelling the loop cancels them. A task's error is raised
+        # as itself, not in a group: the supervisor stops the daemon on a StoreError.
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                while True:
+                    await self._wait(await self._step())
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
 
     async def _step(self) -> float | None:
         """Start the read-back whose turn it is, if any can start; else how long to wait."""

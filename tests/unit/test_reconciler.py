@@ -17,6 +17,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,7 @@ from dbsync.clock import FakeClock
 from dbsync.config import ReconcileSettings
 from dbsync.demandbase.wire import Endpoint, ExportJobDetails, ExportJobStatus, ImportJob
 from dbsync.destination import Destination
-from dbsync.errors import DemandbaseError, ThrottledError
+from dbsync.errors import DemandbaseError, StoreError, ThrottledError
 from dbsync.judgment import Judgment, Listing, MemberRow, judge_chunk, match_listed
 from dbsync.model import (
     LedgerCheck,
@@ -108,6 +109,36 @@ class ScriptedExportClient:
 
     def creates_made(self) -> list[str]:
         return [c for c in self.calls if c.startswith("create")]
+
+
+class ScriptedMultiListClient(ScriptedExportClient):
+    """The same, with exports of many lists in one job whose rows name their list [A5]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._many: dict[str, list[int]] = {}
+
+    async def create_account_lists_export(
+        self, job_name: str, account_list_ids: list[int]
+    ) -> ExportJobDetails:
+        self.calls.append(f"create {' '.join(map(str, account_list_ids))}")
+        job_id = f"job{next(self._ids)}"
+        self._many[job_id] = list(account_list_ids)
+        return ExportJobDetails(
+            job_id=job_id,
+            job_status="accepted",
+            entity_type="account",
+            job_name=job_name,
+            created_at="",
+        )
+
+    async def read_export_accounts_by_list(
+        self, results_url: str
+    ) -> tuple[dict[int, list[ListedAccount]], int]:
+        job_id = results_url.rsplit("/", 1)[-1]
+        self.calls.append(f"download {job_id}")
+        by_list = {i: list(self.members.get(i, [])) for i in self._many[job_id]}
+        return by_list, 100 * sum(len(members) for members in by_list.values())
 
 
 class NoImports:
@@ -356,7 +387,7 @@ class Highest(random.Random):
 class Harness:
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
-        self.client = ScriptedExportClient()
+        self.client: ScriptedExportClient = ScriptedExportClient()
         self.store = MemoryReadbackStore(clock)
         self.woken: list[str] = []
         self.budget: DestinationBudget | None = None
@@ -369,6 +400,7 @@ class Harness:
         *,
         daily: dict[Endpoint, int] | None = None,
         settings: ReconcileSettings = SETTINGS,
+        multi_list: bool = False,
     ) -> Reconciler:
         """Run a reconciler over the store's audiences (and its budget's window keeper)."""
         limits = BudgetLimits(
@@ -384,7 +416,7 @@ class Harness:
         self.reconciler = Reconciler(
             Destination("dest", NoImports(), self.budget),
             self.client,
-            ReconcilePlan(settings=settings, concurrent_export_jobs=1),
+            ReconcilePlan(settings=settings, concurrent_export_jobs=1, multi_list=multi_list),
             store=self.store,
             clock=self.clock,
             audience_ids=lambda: list(self.store.audiences),
@@ -738,3 +770,62 @@ def test_an_exports_duration_is_read_from_demandbases_stamps(
         job_id="j", job_status="finished", created_at=created_at, updated_at=updated_at
     )
     assert job_seconds(status) == seconds
+
+
+async def test_a_jobs_lists_are_judged_while_the_next_job_is_exported(h: Harness) -> None:
+    # 12 audiences of one member, never read: each list is guessed at 10,000 rows, so
+    # the cap (100,000 rows) puts 10 in the first job and the other 2 in the next.
+    h.client = ScriptedMultiListClient()
+    for n in range(12):
+        audience = h.store.add(f"a{n:02d}", 100 + n, members=[f"K{n}"])
+        h.client.members[100 + n] = [m.listed() for m in audience.members.values()]
+    gate = asyncio.Event()
+    judge = h.store.apply_readback
+
+    async def held(run_id: int, listed: Sequence[ListedAccount], **kw: Any) -> Any:
+        await gate.wait()  # the first job's lists wait to be judged
+        return await judge(run_id, listed, **kw)
+
+    h.store.apply_readback = held  # type: ignore[method-assign]
+    await h.start(multi_list=True)
+    await h.advance(POLL_SECONDS)
+    first = " ".join(str(100 + n) for n in range(10))
+    # The second job is created, polled and downloaded while no list is judged; a
+    # third waits for the judging (none is due anyway).
+    await h.advance(POLL_SECONDS)
+    assert h.client.calls == [
+        f"create {first}",
+        "status job1 finished",
+        "download job1",
+        "create 110 111",
+        "status job2 finished",
+        "download job2",
+    ]
+    assert all(run.state == "exporting" for run in h.store.runs.values())
+    gate.set()
+    await h.settle()
+    assert [r.state for r in h.store.runs.values()] == ["completed"] * 12
+    assert all(h.reconciler and h.reconciler.state(f"a{n:02d}")[0] for n in range(12))
+
+
+async def test_a_store_error_in_a_multi_list_read_back_ends_the_reconciler_as_itself(
+    h: Harness,
+) -> None:
+    # The supervisor stops the daemon on a StoreError (shared infrastructure): the
+    # task running the read-back must not hide it in an exception group.
+    h.client = ScriptedMultiListClient()
+    for n in range(3):
+        audience = h.store.add(f"a{n}", 100 + n, members=[f"K{n}"])
+        h.client.members[100 + n] = [m.listed() for m in audience.members.values()]
+
+    async def broken(run_id: int, listed: Sequence[ListedAccount], **kw: Any) -> Any:
+        raise StoreError("disk I/O error")
+
+    h.store.apply_readback = broken  # type: ignore[method-assign]
+    await h.start(multi_list=True)
+    await h.advance(POLL_SECONDS)
+    assert h.task is not None
+    assert h.task.done()
+    with pytest.raises(StoreError, match="disk I/O error"):
+        h.task.result()
+    h.task = None  # ended already: nothing for close() to stop
