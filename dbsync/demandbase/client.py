@@ -31,6 +31,7 @@ Secrets
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import TypeVar
@@ -221,20 +222,17 @@ class DemandbaseClient:
         Columns are found by name, whatever their case, order or neighbours (a BOM and
         CRLF line ends are read too). Members without an External Account ID (matched
         by domain and name, or added in Demandbase) keep an empty one, and are counted
-        in a log line.
+        in a log line. The file is read in a thread: it may hold millions of rows, and
+        the event loop serves ingest and the actors meanwhile.
         """
         data = await self.download_export_results(results_url)
         try:
-            rows = read_results(data)
+            accounts = await asyncio.to_thread(_listed_accounts, data)
         except ValueError as exc:
             raise PayloadError(
                 f"results file unreadable: {exc}", endpoint=Endpoint.EXPORT_DOWNLOAD
             ) from exc
-        accounts = [
-            ListedAccount(external_id=external_id, name=name, domain=domain)
-            for _, name, domain, external_id in rows
-        ]
-        self._log_without_external_id(sum(1 for a in accounts if not a.external_id), len(rows))
+        self._log_without_external_id(sum(1 for a in accounts if not a.external_id), len(accounts))
         return accounts
 
     async def read_export_accounts_by_list(
@@ -244,27 +242,19 @@ class DemandbaseClient:
         size in bytes (Demandbase counts a daily export volume).
 
         Each row names its list in an ``Account List ID`` column; a file without it is
-        a :class:`PayloadError` (the tenant does not say which list a row is on).
+        a :class:`PayloadError` (the tenant does not say which list a row is on). Read
+        in a thread, as :meth:`read_export_accounts`.
         """
         data = await self.download_export_results(results_url)
         try:
-            rows = read_results(data, (*wire.EXPORT_RESULT_COLUMNS, wire.EXPORT_LIST_ID_COLUMN))
-            # Rows of one list arrive together or interleaved: group by the cell as read.
-            by_cell: dict[str, list[ListedAccount]] = {}
-            for _, name, domain, external_id, list_id in rows:
-                members = by_cell.get(list_id)
-                if members is None:
-                    members = by_cell[list_id] = []
-                members.append(ListedAccount(external_id=external_id, name=name, domain=domain))
-            by_list: dict[int, list[ListedAccount]] = {}
-            for cell, members in by_cell.items():
-                by_list.setdefault(int(cell), []).extend(members)
+            by_list = await asyncio.to_thread(_listed_by_list, data)
         except ValueError as exc:
             raise PayloadError(
                 f"multi-list results file unreadable: {exc}", endpoint=Endpoint.EXPORT_DOWNLOAD
             ) from exc
+        rows = sum(len(members) for members in by_list.values())
         without = sum(1 for v in by_list.values() for a in v if not a.external_id)
-        self._log_without_external_id(without, len(rows))
+        self._log_without_external_id(without, rows)
         return by_list, len(data)
 
     def _log_without_external_id(self, without: int, rows: int) -> None:
@@ -318,3 +308,27 @@ class DemandbaseClient:
             )
             body = await attempt(await self._auth.token())
         return decode_answer(decoder, body, endpoint)
+
+
+def _listed_accounts(data: bytes) -> list[ListedAccount]:
+    """The rows of a results file; ``ValueError`` if it is not one."""
+    return [
+        ListedAccount(external_id=external_id, name=name, domain=domain)
+        for _, name, domain, external_id in read_results(data)
+    ]
+
+
+def _listed_by_list(data: bytes) -> dict[int, list[ListedAccount]]:
+    """The rows of a multi-list results file by list; ``ValueError`` if it is not one."""
+    rows = read_results(data, (*wire.EXPORT_RESULT_COLUMNS, wire.EXPORT_LIST_ID_COLUMN))
+    # Rows of one list arrive together or interleaved: group by the cell as read.
+    by_cell: dict[str, list[ListedAccount]] = {}
+    for _, name, domain, external_id, list_id in rows:
+        members = by_cell.get(list_id)
+        if members is None:
+            members = by_cell[list_id] = []
+        members.append(ListedAccount(external_id=external_id, name=name, domain=domain))
+    by_list: dict[int, list[ListedAccount]] = {}
+    for cell, members in by_cell.items():
+        by_list.setdefault(int(cell), []).extend(members)
+    return by_list

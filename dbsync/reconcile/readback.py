@@ -248,8 +248,8 @@ class ReadBacks:
             create = lambda: client.create_account_lists_export(job_name, list(lists.values()))  # noqa: E731
         # The volume is charged (estimated) before the job, like the other quotas.
         charged = self.estimated_bytes(lists)
-        await self._spend_volume(charged)
         try:
+            await self._spend_volume(charged)
             try:
                 job = await self._call(Endpoint.EXPORT_CREATE_JOB, create)
             except DemandbaseError as exc:
