@@ -7,8 +7,9 @@ actor tries next, as its own planning does. Each batch's earliest start is the
 forecast's (:mod:`dbsync.forecast`): when the destination's job slots, pace and daily
 quota let its job start, taking turns with the other audiences as the budget does. The
 read-back is the reconciler's plan: when the next is due and, with multi-list
-exports, which audiences that export job reads together (those due by then, in turn
-order; the day's export volume may split them).
+exports, which audiences that export job reads together (those the reconciler planned
+for the same moment: due by then, in turn order, under its cap of rows; the day's
+export volume may still split them).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dbsync.admin.controls import Controls, audience_record
 from dbsync.admin.protocol import PlannedBatchView, PlannedReadBackView, PlanReply
 from dbsync.admin.status import etas
 from dbsync.model import AudienceState, ListAction, PeekedBatch
-from dbsync.reconcile import turn_order
 
 __all__ = ["plan"]
 
@@ -79,15 +79,14 @@ async def _read_back(c: Controls, audience: str, destination: str) -> PlannedRea
     destination_plan = c.supervisor.plan_of(destination)
     multi = destination_plan is not None and destination_plan.reconcile.multi_list
     group: list[str] = []
-    if multi and next_at is not None and destination_plan is not None:
-        ids = [
+    if multi and next_at is not None:
+        # The reconciler plans its jobs (the audiences due, in turn order, under the cap
+        # of rows): those planned at the same moment are read by the same job.
+        group = sorted(
             audience_id
             for audience_id in c.supervisor.audience_ids()
             if (actor := c.supervisor.actor(audience_id)) is not None
             and actor.settings.destination == destination
-        ]
-        facts = await c.store.reconcile_facts(ids)
-        group = [
-            f.audience_id for f in turn_order(facts, destination_plan.reconcile.settings, next_at)
-        ]
+            and c.supervisor.reconcile_state(audience_id)[1] == next_at
+        )
     return PlannedReadBackView(next_reconcile_at=next_at, multi_list=multi, export_group=group)
