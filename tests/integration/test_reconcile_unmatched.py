@@ -64,6 +64,14 @@ async def test_accounts_matching_nothing_end_unmatched_and_are_not_sent_again(
         await wait_until(
             set_aside, TIMEOUT, what=lambda: f"rejected: {uploads(engine, unknown_ids)}"
         )
+
+        def reported() -> bool:
+            # The store sets them aside when the judgment commits; the report that names
+            # them is kept a moment later (the ledger checked, the run closed).
+            report = last_report(engine, AUDIENCE.id)
+            return report is not None and bool(report.unmatched)
+
+        await wait_until(reported, TIMEOUT, what="the report naming them")
         report = last_report(engine, AUDIENCE.id)
         assert report is not None
         assert {a.external_id for a in report.unmatched} == unknown_ids, report
