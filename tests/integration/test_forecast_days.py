@@ -125,8 +125,10 @@ async def test_delivery_ends_in_the_window_the_forecast_named(
         await engine.supervisor.log_summaries()
         summaries = {r.audience: r for r in events(caplog, "audience_summary")}  # type: ignore[attr-defined]
         for audience, window in windows.items():
+            # The same forecast, made a moment later: a job that started in between
+            # (a turn taken) may move an audience by one window, never more.
             eta = summaries[audience].backlog_eta  # type: ignore[attr-defined]
-            assert math.floor(eta / DAY_SECONDS) - start == window, (audience, eta)
+            assert abs(math.floor(eta / DAY_SECONDS) - start - window) <= 1, (audience, eta)
         warned = [r.audience for r in events(caplog, "backlog_eta_exceeded")]  # type: ignore[attr-defined]
         assert sorted(warned) == [OLDER.id, YOUNGER.id]
 
