@@ -1,7 +1,7 @@
 """Batches: accounts in flight to Demandbase in one import job, and what its end does.
 
 A batch is planned from the oldest pending accounts of one action (its accounts are
-then *in flight*: out of the queue, in ``batch_items`` with the ``seq`` each had),
+then *in flight*: out of the queue, their ``in_flight`` naming the batch),
 moves through :class:`~dbsync.model.BatchState` as its job is created and uploaded,
 and ends in one transaction each way:
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -49,7 +50,7 @@ async def plan_batch(
 
     def work(db: sqlite3.Connection) -> Batch | None:
         picked = db.execute(
-            "SELECT external_id, name, domain, seq, rowid FROM membership"
+            "SELECT external_id, name, domain, rowid FROM membership"
             " INDEXED BY membership_queue"
             " WHERE audience_id = ? AND desired <> delivered AND desired = ?"
             " AND in_flight IS NULL AND rejected = 0 ORDER BY changed_at LIMIT ?",
@@ -98,10 +99,9 @@ async def open_batches(engine: Engine, audience_id: str) -> list[Batch]:
     result = []
     for batch_id, action, state, job_id, created_at, uploaded_at in batches:
         accounts = await engine.read(
-            "SELECT m.external_id, m.name, m.domain FROM batch_items i JOIN membership m"
-            " ON m.audience_id = ? AND m.external_id = i.external_id"
-            " WHERE i.batch_id = ? ORDER BY i.external_id",
-            (audience_id, batch_id),
+            "SELECT external_id, name, domain FROM membership INDEXED BY membership_in_flight"
+            " WHERE in_flight = ? AND audience_id = ? ORDER BY external_id",
+            (batch_id, audience_id),
         )
         result.append(
             Batch(
@@ -220,12 +220,7 @@ async def renew_batch(engine: Engine, batch_id: int, reason: str) -> Batch:
         (action,) = db.execute(
             "SELECT action FROM batches WHERE batch_id = ?", (batch_id,)
         ).fetchone()
-        items = db.execute(
-            "SELECT i.external_id, m.name, m.domain, i.seq, m.rowid FROM batch_items i"
-            " JOIN membership m ON m.audience_id = ? AND m.external_id = i.external_id"
-            " WHERE i.batch_id = ? AND m.in_flight = ? ORDER BY i.external_id",
-            (audience_id, batch_id, batch_id),
-        ).fetchall()
+        items = _in_flight(db, audience_id, batch_id)
         db.execute(
             "UPDATE batches SET state = ?, reason = ?, updated_at = ? WHERE batch_id = ?",
             (BatchState.FAILED, reason, now, batch_id),
@@ -250,18 +245,15 @@ async def split_batch(engine: Engine, batch_id: int) -> tuple[Batch, Batch]:
     now = engine.now()
 
     def work(db: sqlite3.Connection) -> tuple[Batch, Batch]:
-        audience_id, rows, _ = _batch(db, batch_id)
+        audience_id, rows, state = _batch(db, batch_id)
+        if not BatchState(state).is_open:
+            raise StoreError(f"batch {batch_id} is {state}: its accounts are no longer its own")
         if rows < 2:
             raise StoreError(f"batch {batch_id} has {rows} account(s): nothing to split")
         (action,) = db.execute(
             "SELECT action FROM batches WHERE batch_id = ?", (batch_id,)
         ).fetchone()
-        items = db.execute(
-            "SELECT i.external_id, m.name, m.domain, i.seq, m.rowid FROM batch_items i"
-            " JOIN membership m ON m.audience_id = ? AND m.external_id = i.external_id"
-            " WHERE i.batch_id = ? ORDER BY i.external_id",
-            (audience_id, batch_id),
-        ).fetchall()
+        items = _in_flight(db, audience_id, batch_id)
         db.execute(
             "UPDATE batches SET state = ?, reason = 'split', updated_at = ? WHERE batch_id = ?",
             (BatchState.ABANDONED, now, batch_id),
@@ -313,26 +305,22 @@ def _open_batch(
     db: sqlite3.Connection,
     audience_id: str,
     action: ListAction,
-    accounts: Sequence[tuple[str, str, str, int, int]],
+    accounts: Sequence[tuple[str, str, str, int]],
     now: float,
 ) -> Batch:
-    """A new planned batch of ``accounts`` (external id, name, domain, seq, membership
-    rowid), in flight."""
+    """A new planned batch of ``accounts`` (external id, name, domain, membership
+    rowid), in flight: their ``in_flight`` names it, and that is the batch's list."""
     batch_id = db.execute(
         "INSERT INTO batches (audience_id, action, state, rows, created_at, updated_at)"
         " VALUES (?, ?, ?, ?, ?, ?)",
         (audience_id, action, BatchState.PLANNED, len(accounts), now, now),
     ).lastrowid
     assert batch_id is not None
-    db.executemany(
-        "INSERT INTO batch_items (batch_id, external_id, seq) VALUES (?, ?, ?)",
-        [(batch_id, key, seq) for key, _, _, seq, _ in accounts],
-    )
     # One statement over the batch's rows, by rowid and in rowid order (the rows the
     # caller just read), not one per account nor a search of the text key per account.
     db.execute(
         "UPDATE membership SET in_flight = ? WHERE rowid IN (SELECT value FROM json_each(?))",
-        (batch_id, msgspec.json.encode(sorted(row[4] for row in accounts))),
+        (batch_id, msgspec.json.encode(sorted(row[3] for row in accounts))),
     )
     return Batch(
         batch_id=batch_id,
@@ -340,11 +328,19 @@ def _open_batch(
         action=action,
         state=BatchState.PLANNED,
         accounts=tuple(
-            Account(external_id=key, name=name, domain=domain)
-            for key, name, domain, _, _ in accounts
+            Account(external_id=key, name=name, domain=domain) for key, name, domain, _ in accounts
         ),
         created_at=now,
     )
+
+
+def _in_flight(db: sqlite3.Connection, audience_id: str, batch_id: int) -> list[Any]:
+    """The batch's accounts (external id, name, domain, rowid), by external id."""
+    return db.execute(
+        "SELECT external_id, name, domain, rowid FROM membership INDEXED BY membership_in_flight"
+        " WHERE in_flight = ? AND audience_id = ? ORDER BY external_id",
+        (batch_id, audience_id),
+    ).fetchall()
 
 
 def _batch(db: sqlite3.Connection, batch_id: int) -> tuple[str, int, str]:

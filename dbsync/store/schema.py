@@ -20,9 +20,9 @@ Tables, and the invariant each one keeps::
                  transaction that moves an account in or out of the queue (the fold
                  from its chunk joined to the rows as they were); a test recounts
                  after each of several hundred random operations.
-    batches      one import job each, with its accounts in ``batch_items`` (and the
-    batch_items  ``seq`` each had when planned) and the Demandbase job id once created,
-                 so that a restart resumes or re-sends what was open.
+    batches      one import job each, and the Demandbase job id once created, so that a
+                 restart resumes or re-sends what was open. An open batch's accounts
+                 are the ``membership`` rows whose ``in_flight`` names it.
     audiences    the configured audiences, the list each feeds (fixed at first
                  activation: the public API cannot rename a list), state, checkpoint,
                  and when Demandbase first acknowledged one of its jobs.
@@ -46,7 +46,14 @@ had it sent again (``repairs``; past the repair limit it is set aside instead).
 
 Integer rows (migration 7). ``membership`` is a rowid table whose key, (audience,
 account), is a unique index: its partial indexes point at a row by an integer, and a
-new account is appended at the end of the table instead of into a random page.
+new account is appended at the end of the table (in arrival order: the fold inserts
+in ``seq`` order) instead of into a random page.
+
+No batch items (migration 11). A batch's accounts were also written to
+``batch_items``, one row per account sent, kept forever and read only for open
+batches, whose accounts ``membership.in_flight`` already names in the same
+transactions: one B-tree insert per account planned, and a table that grew with every
+send, for nothing ``membership_in_flight`` does not answer.
 
 Each migration runs in its own transaction and sets ``PRAGMA user_version``; a file
 newer than this code knows is refused rather than guessed at.
@@ -367,6 +374,12 @@ MIGRATIONS: tuple[str, ...] = (
         listed       INTEGER NOT NULL DEFAULT 0,
         adopted      INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID
+    """,
+    # 11: batch_items goes. Every open batch's accounts are the rows whose in_flight is
+    # that batch (planning, splitting, renewing and closing a batch move both in one
+    # transaction); the items of closed batches were never read.
+    """
+    DROP TABLE batch_items
     """,
 )
 
