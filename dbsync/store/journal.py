@@ -233,17 +233,10 @@ def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
     rejections that a new state, name or domain makes worth another try; upsert;
     delete the chunk from the journal; count it in the ledger; move the checkpoint.
 
-    Set-based statements, one pass each: the chunk is gathered in a temporary table
-    keyed like ``membership``, so that the join walks its key index from left to
-    right, touching each page once while it is in the writer's cache. The upsert
-    runs by audience, then in arrival (``seq``) order: a new account is appended at
-    the end of the table with the next rowid, next to the accounts of its audience
-    folded with it, so that rows lie in the order batches are planned (one audience,
-    oldest first) and planning or completing a batch rewrites a few consecutive
-    pages instead of one page per account. In key order, the rowids followed the
-    keys, and a batch of 10,000 accounts rewrote ~10,000 pages twice; the fold pays
-    ~10% more CPU for the random order of its key index inserts instead, planning
-    and completing half (bench/README.md, store_upsert).
+    Set-based statements, one pass each, and sorted: the chunk is gathered in a
+    temporary table keyed like ``membership``, so that the join and the upsert walk
+    its B-tree from left to right, touching each page once while it is in the
+    writer's cache, instead of a random page per row (bench/store_upsert.py).
     """
     (first_seq,) = db.execute("SELECT MIN(seq) FROM changes").fetchone()
     if first_seq is None:
@@ -291,7 +284,7 @@ def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
     db.execute(
         "INSERT INTO membership (audience_id, external_id, name, domain, desired, seq, changed_at)"
         " SELECT audience_id, external_id, name, domain, member, seq, ts FROM temp.fold_chunk"
-        " ORDER BY audience_id, seq"
+        " ORDER BY audience_id, external_id"
         " ON CONFLICT DO UPDATE SET"
         " rejected = CASE WHEN desired <> excluded.desired OR name <> excluded.name"
         "   OR domain <> excluded.domain THEN 0 ELSE rejected END,"

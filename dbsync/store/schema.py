@@ -46,8 +46,7 @@ had it sent again (``repairs``; past the repair limit it is set aside instead).
 
 Integer rows (migration 7). ``membership`` is a rowid table whose key, (audience,
 account), is a unique index: its partial indexes point at a row by an integer, and a
-new account is appended at the end of the table (in arrival order: the fold inserts
-in ``seq`` order) instead of into a random page.
+new account is appended at the end of the table instead of into a random page.
 
 No batch items (migration 11). A batch's accounts were also written to
 ``batch_items``, one row per account sent, kept forever and read only for open
