@@ -258,23 +258,36 @@ def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
         " member = excluded.member, seq = excluded.seq, ts = excluded.ts, n = n + 1",
         (first_seq, last_seq),
     )
-    # Pending = desired <> delivered, not in flight, not rejected. Before: the row as it
-    # is; after: desired := member and, if the rejection is cleared, rejected := 0.
-    deltas = db.execute(
-        "SELECT f.audience_id, TOTAL(f.n), MAX(f.seq), COUNT(*),"
-        " TOTAL(m.desired <> m.delivered AND m.in_flight IS NULL AND m.rejected = 0"
-        "       AND m.desired = 1),"
-        " TOTAL(m.desired <> m.delivered AND m.in_flight IS NULL AND m.rejected = 0"
-        "       AND m.desired = 0),"
-        " TOTAL(f.member <> COALESCE(m.delivered, 0) AND m.in_flight IS NULL"
-        "       AND (COALESCE(m.rejected, 0) = 0 OR m.desired <> f.member"
-        "            OR m.name <> f.name OR m.domain <> f.domain) AND f.member = 1),"
-        " TOTAL(f.member <> COALESCE(m.delivered, 0) AND m.in_flight IS NULL"
-        "       AND (COALESCE(m.rejected, 0) = 0 OR m.desired <> f.member"
-        "            OR m.name <> f.name OR m.domain <> f.domain) AND f.member = 0)"
-        " FROM temp.fold_chunk f LEFT JOIN membership m USING (audience_id, external_id)"
-        " GROUP BY f.audience_id"
+    # Pending = desired <> delivered, not in flight, not rejected. A new account is
+    # pending once folded if it is a member (delivered 0, never in flight or set aside):
+    # the chunk alone counts that, as if every account were new.
+    chunk = db.execute(
+        "SELECT audience_id, TOTAL(n), MAX(seq), COUNT(*), TOTAL(member = 1)"
+        " FROM temp.fold_chunk GROUP BY audience_id"
     ).fetchall()
+    # Accounts already known correct it, from their row as it is (before) and as it will
+    # be (after: desired := member and, if the rejection is cleared, rejected := 0). An
+    # inner join, the chunk first: an account not found costs a probe of the key index,
+    # and none of the arithmetic (half of the statement when it was a LEFT JOIN).
+    known = {
+        row[0]: row[1:]
+        for row in db.execute(
+            "SELECT f.audience_id,"
+            " TOTAL(m.desired <> m.delivered AND m.in_flight IS NULL AND m.rejected = 0"
+            "       AND m.desired = 1),"
+            " TOTAL(m.desired <> m.delivered AND m.in_flight IS NULL AND m.rejected = 0"
+            "       AND m.desired = 0),"
+            " TOTAL(f.member <> m.delivered AND m.in_flight IS NULL"
+            "       AND (m.rejected = 0 OR m.desired <> f.member"
+            "            OR m.name <> f.name OR m.domain <> f.domain) AND f.member = 1)"
+            " - TOTAL(f.member = 1),"
+            " TOTAL(f.member <> m.delivered AND m.in_flight IS NULL"
+            "       AND (m.rejected = 0 OR m.desired <> f.member"
+            "            OR m.name <> f.name OR m.domain <> f.domain) AND f.member = 0)"
+            " FROM temp.fold_chunk f CROSS JOIN membership m USING (audience_id, external_id)"
+            " GROUP BY f.audience_id"
+        )
+    }
     db.execute(
         "DELETE FROM rejected WHERE (audience_id, external_id) IN ("
         " SELECT m.audience_id, m.external_id FROM membership m INDEXED BY membership_rejected"
@@ -297,9 +310,10 @@ def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
     )
     db.execute("DELETE FROM changes WHERE seq BETWEEN ? AND ?", (first_seq, last_seq))
     folded: dict[str, int] = {}
-    for row in deltas:
-        audience_id, received, max_seq, accounts = row[0], int(row[1]), row[2], row[3]
-        old_inserts, old_deletes, new_inserts, new_deletes = row[4:]
+    for audience_id, received_total, max_seq, accounts, members in chunk:
+        received = int(received_total)
+        old_inserts, old_deletes, known_inserts, new_deletes = known.get(audience_id, (0, 0, 0, 0))
+        new_inserts = members + known_inserts
         folded[audience_id] = received
         ledger.count(db, audience_id, received=received, superseded=received - accounts)
         queue.move(
