@@ -15,7 +15,7 @@ window by our count (estimated from list sizes before a job, charged after).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -23,7 +23,6 @@ import msgspec
 from dbsync.config import ReconcileSettings
 from dbsync.demandbase import wire
 from dbsync.model import ListedAccount, ReconcileFacts
-from dbsync.reconcile.schedule import due_at, priority
 
 __all__ = [
     "MAX_LISTS_PER_EXPORT",
@@ -31,7 +30,6 @@ __all__ = [
     "MultiListExportClient",
     "choose_group",
     "gap",
-    "predict_next",
     "row_cap",
     "settings_within",
 ]
@@ -104,56 +102,6 @@ def choose_group(
         taken += n
         bytes_left -= cost
     return group, bytes_left
-
-
-def predict_next(
-    facts: Iterable[ReconcileFacts],
-    settings: ReconcileSettings,
-    *,
-    first_start: float,
-    room_today: int,
-    per_day: int,
-    window_ends_at: float,
-    day_seconds: float,
-    job_seconds: float,
-    rows: Callable[[str], int],
-    max_rows: int,
-) -> dict[str, float]:
-    """When each audience's next read-back should start, with many lists per job.
-
-    The first job can start at ``first_start``, each next one ``job_seconds`` later (the
-    gap between jobs, or an export's duration if longer); each takes the audiences due
-    then in turn order (:func:`~dbsync.reconcile.schedule.turn_order`) up to ``max_rows``;
-    today has ``room_today`` jobs left until ``window_ends_at``, each later day
-    ``per_day``. A lower bound, like the one-list prediction: the volume, failures and a
-    busy tenant only delay it.
-    """
-    waiting = {f.audience_id: f for f in facts if due_at(f, settings) is not None}
-    due = {key: due_at(f, settings) or 0.0 for key, f in waiting.items()}
-    predicted: dict[str, float] = {}
-    at, left, window_end = first_start, room_today, window_ends_at
-    per_day = max(1, per_day)
-    while waiting:
-        if left <= 0:
-            at, left = max(at, window_end), per_day
-        while at >= window_end:
-            window_end += day_seconds
-            left = per_day
-        ready = [f for key, f in waiting.items() if due[key] <= at]
-        if not ready:
-            at = min(due.values())
-            continue
-        taken = 0
-        for turn in sorted(ready, key=priority):
-            n = rows(turn.audience_id)
-            if taken and taken + n > max_rows:
-                break
-            taken += n
-            predicted[turn.audience_id] = at
-            del waiting[turn.audience_id], due[turn.audience_id]
-        left -= 1
-        at += job_seconds
-    return predicted
 
 
 class ExportVolume:

@@ -312,12 +312,12 @@ class Reconciler:
         self._next = predict_next(
             facts,
             self._settings,
-            now=now,
+            first_start=now,
             room_today=max(0, room),
             per_day=self._per_day(),
             window_ends_at=window_ends_at,
             day_seconds=self._destination.budget.limits.day_seconds,
-            export_seconds=self._reads.export_duration.seconds,
+            job_seconds=self._reads.export_duration.seconds,
         )
         order = turn_order(facts, self._settings, now)
         if not order:
@@ -359,7 +359,7 @@ class Reconciler:
             sum(rows(f.audience_id) for f in listed),
             min(_UNLIMITED, math.floor(per_day * window / day_seconds)),
         )
-        self._next = multi.predict_next(
+        self._next = predict_next(
             [f for f in facts if f.audience_id not in self._reads.running],
             settings,
             first_start=max(now, self._last_multi_at + every),

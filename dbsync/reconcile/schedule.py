@@ -12,7 +12,7 @@ they take turns and each is read back within :func:`days_to_reconcile_all` days.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from dbsync.config import ReconcileSettings
 from dbsync.model import ReconcileFacts
@@ -60,24 +60,29 @@ def predict_next(
     facts: Iterable[ReconcileFacts],
     settings: ReconcileSettings,
     *,
-    now: float,
+    first_start: float,
     room_today: int,
     per_day: int,
     window_ends_at: float,
     day_seconds: float,
-    export_seconds: float = 0.0,
+    job_seconds: float = 0.0,
+    rows: Callable[[str], int] | None = None,
+    max_rows: int = 0,
 ) -> dict[str, float]:
     """When each audience's next read-back should start, given the quota and the turns.
 
-    Today has ``room_today`` exports left until ``window_ends_at``; each later day has
-    ``per_day``. Read-backs run one after another, ``export_seconds`` each; whenever one
-    can start, the due audience whose turn it is goes (:func:`turn_order`). A
-    lower bound: failures and a busy tenant only delay it.
+    The first export job can start at ``first_start``, each next one ``job_seconds``
+    later; today has ``room_today`` jobs left until ``window_ends_at``, each later day
+    ``per_day``. Whenever a job can start, the due audience whose turn it is goes
+    (:func:`turn_order`); with multi-list exports (``rows``, each audience's estimated
+    rows, and ``max_rows``), the due audiences after it join the same job in turn order
+    up to ``max_rows``. A lower bound: the volume, failures and a busy tenant only
+    delay it.
     """
     waiting = {f.audience_id: f for f in facts if due_at(f, settings) is not None}
     due = {key: due_at(f, settings) or 0.0 for key, f in waiting.items()}
     predicted: dict[str, float] = {}
-    at, left, window_end = now, room_today, window_ends_at
+    at, left, window_end = first_start, room_today, window_ends_at
     per_day = max(1, per_day)
     while waiting:
         if left <= 0:
@@ -89,9 +94,14 @@ def predict_next(
         if not ready:
             at = min(due.values())
             continue
-        turn = min(ready, key=priority)
-        predicted[turn.audience_id] = at
-        del waiting[turn.audience_id], due[turn.audience_id]
+        taken, joined = 0, 0  # this job's rows and audiences; the first always goes
+        for turn in sorted(ready, key=priority):
+            n = rows(turn.audience_id) if rows is not None else 0
+            if joined and (rows is None or taken + n > max_rows):
+                break
+            taken, joined = taken + n, joined + 1
+            predicted[turn.audience_id] = at
+            del waiting[turn.audience_id], due[turn.audience_id]
         left -= 1
-        at += export_seconds
+        at += job_seconds
     return predicted

@@ -11,6 +11,7 @@ import math
 from dbsync.config import ReconcileSettings
 from dbsync.model import ReconcileFacts
 from dbsync.reconcile import multi
+from dbsync.reconcile.schedule import predict_next
 
 DAY = 60.0  # one-minute emulated days, as in bench.multi_readback
 JOBS_PER_DAY = 60
@@ -105,7 +106,7 @@ def test_the_prediction_follows_the_planned_jobs_not_one_list_per_job() -> None:
     # would predict the 1,000th audience 999 jobs later, 16 days on.
     cap = multi.row_cap(AUDIENCES * MEMBERS, JOBS_PER_DAY)
     every = multi.gap(DAY, JOBS_PER_DAY)
-    predicted = multi.predict_next(
+    predicted = predict_next(
         facts(AUDIENCES),
         multi.settings_within(SETTINGS, every),
         first_start=0.0,
@@ -127,7 +128,7 @@ def test_the_prediction_follows_the_planned_jobs_not_one_list_per_job() -> None:
 
 def test_the_prediction_waits_for_tomorrow_when_todays_jobs_are_spent() -> None:
     cap = multi.row_cap(AUDIENCES * MEMBERS, JOBS_PER_DAY)
-    predicted = multi.predict_next(
+    predicted = predict_next(
         facts(AUDIENCES),
         SETTINGS,
         first_start=10.0,
@@ -149,7 +150,7 @@ def test_an_audience_is_predicted_at_the_first_job_after_it_falls_due() -> None:
     # due at 58; the next job after is at 58.
     settings = multi.settings_within(SETTINGS, 1.0)
     assert settings.interval_seconds == 58.0
-    predicted = multi.predict_next(
+    predicted = predict_next(
         facts(2, started_at=0.0),
         settings,
         first_start=1.0,

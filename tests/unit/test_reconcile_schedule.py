@@ -72,12 +72,12 @@ def test_prediction_spreads_turns_over_the_days_the_quota_allows() -> None:
     predicted = predict_next(
         candidates,
         SETTINGS,
-        now=50.0,
+        first_start=50.0,
         room_today=1,
         per_day=2,
         window_ends_at=100.0,
         day_seconds=100.0,
-        export_seconds=1.0,
+        job_seconds=1.0,
     )
     assert predicted == {
         "a0": 50.0,
@@ -95,7 +95,7 @@ def test_prediction_waits_for_an_audience_to_be_due() -> None:
     predicted = predict_next(
         candidates,
         SETTINGS,
-        now=0.0,
+        first_start=0.0,
         room_today=5,
         per_day=5,
         window_ends_at=10_000.0,
