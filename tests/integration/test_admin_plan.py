@@ -156,9 +156,10 @@ async def test_plan_names_the_audiences_one_multi_list_export_reads(short_dir: P
        minute: their first read-backs share one export job.
     2. Once each is verified, ``plan multi-0 --json``.
     Result: the next read-back is planned (a minute after the last), multi-list, and
-    its export group is the audiences due by then: a minute after their last
-    read-back began (all three when their first read-backs shared one job, as they
-    mostly do; one acknowledged a little later may have had its own); no batch."""
+    its export group is the audiences due by then (a minute after their last
+    read-back began) that no earlier job reads: all three when their first read-backs
+    shared one job; when one had its own first export a moment before the others', it
+    falls due first and is planned alone, before them. No batch."""
     audiences = [
         AudienceConfig(f"multi-{i}", max_records=100, max_age_seconds=0.05) for i in range(3)
     ]
@@ -189,6 +190,18 @@ async def test_plan_names_the_audiences_one_multi_list_export_reads(short_dir: P
             return all(r is not None and r.verified == 10 for r in reports)
 
         await wait_until(verified, 30.0, what="every audience verified")
+
+        def planned() -> bool:
+            # The reconciler plans again once a job's lists are judged and it looks
+            # again (a moment after the reports): each next read-back after the last.
+            for a in audiences:
+                report = last_report(engine, a.id)
+                _, next_at = engine.supervisor.reconcile_state(a.id)
+                if report is None or next_at is None or next_at < report.started_at + 60.0:
+                    return False
+            return True
+
+        await wait_until(planned, 30.0, what="the next read-backs planned")
         exports = engine.emulator.emulator.tenant.export_jobs
         assert sum(len(job.list_ids) for job in exports) == 3
 
@@ -205,7 +218,12 @@ async def test_plan_names_the_audiences_one_multi_list_export_reads(short_dir: P
         assert next_at >= started["multi-0"] + 60.0
         due = sorted(a for a, at in started.items() if at + 60.0 <= next_at)
         assert "multi-0" in due
-        assert sorted(read_back["export_group"]) == due
+        # Due by then and not read by an earlier job: one acknowledged a moment earlier
+        # had its own first export, so it falls due first and goes alone.
+        predicted = {a.id: engine.supervisor.reconcile_state(a.id)[1] for a in audiences}
+        earlier = [a for a in due if (predicted[a] or 0.0) < next_at]
+        assert sorted(read_back["export_group"]) == [a for a in due if a not in earlier]
+        assert all(started[a] < started["multi-0"] for a in earlier), (started, predicted)
         if len(exports) == 1:
             assert due == [a.id for a in audiences]
         code, out, err = await ctl(sock, "plan", "multi-0")
