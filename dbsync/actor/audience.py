@@ -343,6 +343,7 @@ class AudienceActor:
         """Send again the set-aside accounts whose retry is due, with the quota and the
         job slot that no other batch of the destination waits for."""
         self._retry_task = asyncio.current_task()
+        await self._calls.reflect_destination()
         await self._destination.wait_running(self._clock)
         async with self._destination.budget.job(priority=math.inf):
             task = asyncio.current_task()
@@ -368,6 +369,7 @@ class AudienceActor:
             await self._send(batch)
 
     async def _deliver_next(self) -> None:
+        await self._calls.reflect_destination()
         await self._destination.wait_running(self._clock)
         async with self._destination.budget.job(
             priority=self._priority(), audience=self.settings.audience_id

@@ -161,7 +161,14 @@ class ActorCalls:
             endpoint, request, policy=_POLICY, hooks=self, clock=self._clock, rng=self._rng
         )
 
+    async def reflect_destination(self) -> None:
+        """Another call's 401/403 stopped the destination: this audience is held too,
+        and its state says so (not ACTIVE) until a probe goes through (``succeeded``)."""
+        if not self._destination.is_running:
+            await self._status.set(AudienceState.STOPPED, self._destination.state)
+
     async def before_attempt(self, endpoint: Endpoint) -> None:
+        await self.reflect_destination()
         await self._destination.wait_running(self._clock, unless=self._stopping)
         if self._stopping.is_set() and not self._destination.is_running:
             raise HeldBack

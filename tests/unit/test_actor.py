@@ -21,8 +21,14 @@ from dbsync.actor import REFUSED_HOLD_SECONDS, ActorSettings, AudienceActor
 from dbsync.budget import BudgetLimits, DestinationBudget
 from dbsync.clock import FakeClock
 from dbsync.demandbase.wire import ImportJob
-from dbsync.destination import Destination
-from dbsync.errors import AuthError, BadRequestError, DemandbaseError, ThrottledError
+from dbsync.destination import STOPPED_PROBE_SECONDS, Destination
+from dbsync.errors import (
+    AuthError,
+    BadRequestError,
+    DemandbaseError,
+    PermissionDeniedError,
+    ThrottledError,
+)
 from dbsync.model import (
     Account,
     AudienceRecord,
@@ -383,6 +389,30 @@ async def test_a_refused_token_stops_the_destination_and_holds_the_work(
     # The destination is probed again later; the upload then goes through.
     await h.advance(900.0)
     assert destination.state is DestinationState.RUNNING
+    assert actor.state is AudienceState.ACTIVE
+    await h.advance(POLL_SECONDS)
+    assert h.store.dirty == {}
+
+
+async def test_a_destination_stopped_by_another_call_stops_this_audience_too(
+    running: tuple[Harness, AudienceActor],
+) -> None:
+    """Another audience's call was refused (403) first: this actor's next call waits
+    for the destination, and its state says STOPPED meanwhile, not ACTIVE."""
+    h, actor = running
+    await h.advance(POLL_SECONDS)
+    assert h.store.dirty == {}
+    h.destination.stop(DestinationState.PERMISSION_DENIED, PermissionDeniedError("no", status=403))
+    h.store.dirty = {"C0": Account(external_id="C0")}
+    actor.flush()
+    await h.settle()
+    assert actor.state is AudienceState.STOPPED
+    assert h.store.dirty == {"C0": Account(external_id="C0")}  # held, not sent
+    # A probe goes through (the delivery waits one probe period for the destination,
+    # its first call another): the destination runs, and so does the audience.
+    for _ in range(2):
+        await h.advance(STOPPED_PROBE_SECONDS)
+    assert h.destination.state is DestinationState.RUNNING
     assert actor.state is AudienceState.ACTIVE
     await h.advance(POLL_SECONDS)
     assert h.store.dirty == {}
