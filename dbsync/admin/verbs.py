@@ -361,13 +361,15 @@ async def _files(c: Controls, limit: int) -> FilesReply:
     )
 
 
+def _nothing_held(audience: str) -> AdminFault:
+    return AdminFault(FaultCode.NOTHING_HELD, f"the removal guard holds no snapshot of {audience}")
+
+
 async def _approve(c: Controls, audience: str) -> ApproveReply:
     await audience_record(c, audience)
     outcome = await c.store.approve_snapshot(audience)
     if outcome is None:
-        raise AdminFault(
-            FaultCode.NOTHING_HELD, f"the removal guard holds no snapshot of {audience}"
-        )
+        raise _nothing_held(audience)
     log.info(
         "snapshot_approved",
         extra={"audience": audience, "added": outcome.added, "removed": outcome.removed},
@@ -382,9 +384,7 @@ async def _discard(c: Controls, audience: str) -> DiscardReply:
     await audience_record(c, audience)
     dropped = await c.store.discard_snapshot(audience)
     if dropped is None:
-        raise AdminFault(
-            FaultCode.NOTHING_HELD, f"the removal guard holds no snapshot of {audience}"
-        )
+        raise _nothing_held(audience)
     log.info(
         "snapshot_discarded",
         extra={"audience": audience, "members": dropped.members, "removed": dropped.removed},
