@@ -320,15 +320,9 @@ class Reconciler:
             job_seconds=self._reads.export_duration.seconds,
         )
         order = turn_order(facts, self._settings, now)
-        if not order:
-            dues = [at for f in facts if (at := due_at(f, self._settings)) is not None]
-            return min([self._recheck_seconds(), *(at - now for at in dues)])
-        if room <= 0:
-            # The budget rolls its window at the boundary; never spin while it does.
-            return max(window_ends_at - now, _MIN_WAIT_SECONDS)
-        if not self._destination.is_running:
-            await self._destination.wait_running(self._clock)
-            return 0.0
+        wait = await self._not_yet(order, facts, self._settings, now, room, window_ends_at)
+        if wait is not None:
+            return wait
         if not self._take_slot():
             return None  # woken when the slot is released
         try:
@@ -338,6 +332,29 @@ class Reconciler:
         finally:
             self._release_slot()
         return 0.0
+
+    async def _not_yet(
+        self,
+        order: Sequence[ReconcileFacts],
+        facts: Sequence[ReconcileFacts],
+        settings: ReconcileSettings,
+        now: float,
+        room: int,
+        window_ends_at: float,
+    ) -> float | None:
+        """Seconds to wait before the next read-back (0: look again now), or None to go:
+        nobody due yet (``order``, those due now, is empty), no export left today, or
+        the destination stopped."""
+        if not order:
+            dues = [at for f in facts if (at := due_at(f, settings)) is not None and at > now]
+            return min([self._recheck_seconds(), *(at - now for at in dues)])
+        if room <= 0:
+            # The budget rolls its window at the boundary; never spin while it does.
+            return max(window_ends_at - now, _MIN_WAIT_SECONDS)
+        if not self._destination.is_running:
+            await self._destination.wait_running(self._clock)
+            return 0.0
+        return None
 
     async def _step_many(
         self, facts: Sequence[ReconcileFacts], now: float, room: int, window_ends_at: float
@@ -374,14 +391,9 @@ class Reconciler:
         order = [
             f for f in turn_order(facts, settings, now) if f.audience_id not in self._reads.running
         ]
-        if not order:
-            dues = [at for f in facts if (at := due_at(f, settings)) is not None and at > now]
-            return min([self._recheck_seconds(), *(at - now for at in dues)])
-        if room <= 0:
-            return max(window_ends_at - now, _MIN_WAIT_SECONDS)
-        if not self._destination.is_running:
-            await self._destination.wait_running(self._clock)
-            return 0.0
+        wait = await self._not_yet(order, facts, settings, now, room, window_ends_at)
+        if wait is not None:
+            return wait
         if now < self._last_multi_at + every:
             return self._last_multi_at + every - now
         margin = self._destination.budget.limits.quota_safety_margin
