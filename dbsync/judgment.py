@@ -27,6 +27,13 @@ The rule, for one account as the store holds it:
 
 Which of our accounts the list holds is :func:`match_listed`: by external id, then
 by domain and name as Demandbase matches import rows.
+
+Most accounts of a list are *plain*: settled, acknowledged (else changed) by the
+cutoff, a member in the list or a non-member missing from it. The rule verifies them
+and has nothing else to say: their awaited acknowledgment (and a member's repairs) is
+cleared. The store counts and clears those in SQL, without reading them out
+(:meth:`ChunkDecision.add_plain`), and asks :func:`judge_chunk` about the rest; a
+test checks that the two ways agree, account by account.
 """
 
 from __future__ import annotations
@@ -44,7 +51,6 @@ __all__ = [
     "MemberRow",
     "OurAccount",
     "judge_chunk",
-    "listed_by_id",
     "match_key",
     "match_listed",
     "set_aside_reason",
@@ -90,14 +96,6 @@ def match_listed(
     return present, strangers, nameless
 
 
-def listed_by_id(known: set[str], listed: Sequence[ListedAccount]) -> set[str] | None:
-    """What :func:`match_listed` finds when every listed external id is one of ``known``
-    (ours): those ids, no stranger; None when some is not, and matching needs our names
-    and domains. Reading only our external ids first is the cheap, common case."""
-    present = {account.external_id for account in listed}
-    return present if present <= known else None
-
-
 def set_aside_reason(reason: RejectReason, repairs: int) -> str:
     """The operator's text for an account set aside after ``repairs`` repairs."""
     if reason is RejectReason.UNMATCHED:
@@ -114,7 +112,6 @@ class Listing(msgspec.Struct, frozen=True, kw_only=True):
     """What one read-back judges its audience against (see :func:`match_listed`)."""
 
     listed: int
-    present: set[str]
     strangers: dict[str, ListedAccount]
     nameless: int
     judged_before: float
@@ -147,6 +144,18 @@ class ChunkDecision(msgspec.Struct, kw_only=True):
     extras: list[str] = msgspec.field(default_factory=list)
     unmatched: list[tuple[Account, int]] = msgspec.field(default_factory=list)
     not_removable: list[tuple[Account, int]] = msgspec.field(default_factory=list)
+
+    def add_plain(self, *, desired: bool, ack_batch: int | None, accounts: int) -> None:
+        """Count ``accounts`` plain accounts (see the module) of one ``desired`` and one
+        ``ack_batch``, as :func:`judge_chunk` would: members verified, each awaited
+        acknowledgment verified on its batch. The store clears their acknowledgments
+        (and members' repairs) itself, so they are not listed in ``cleared``."""
+        if desired:
+            self.expected += accounts
+            self.verified += accounts
+        if ack_batch is not None:
+            self.verified_acks += accounts
+            self.batch_verified[ack_batch] = self.batch_verified.get(ack_batch, 0) + accounts
 
     @property
     def repaired(self) -> int:

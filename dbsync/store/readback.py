@@ -14,6 +14,7 @@ judges only the rest, and ingest commits between two chunks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import cast
@@ -26,7 +27,6 @@ from dbsync.judgment import (
     Listing,
     OurAccount,
     judge_chunk,
-    listed_by_id,
     match_listed,
     set_aside_reason,
 )
@@ -57,6 +57,8 @@ __all__ = [
 
 # Accounts a read-back judges per transaction: about 0.2 s of the writer on two cores.
 JUDGE_CHUNK_ROWS = 20_000
+# Listed ids staged for the judging per transaction (a few tens of ms).
+_STAGE_ROWS = 50_000
 _RUNS_KEPT = 100  # per audience
 
 # Literal in the SQL (not bound) where a partial index names them.
@@ -222,31 +224,38 @@ async def apply_readback(
     )
     if not audience:
         raise StoreError(f"no reconcile run {run_id}")
-    # Matching the list to the audience reads a snapshot, off the writer; only
-    # settled accounts acknowledged long ago are judged, and no new change makes
-    # one of those.
-    # Rows are plain tuples (no row factory). Names and domains are read only when
-    # some listed account's external id is not one of ours.
-    keys = await engine.read(
-        "SELECT external_id FROM membership WHERE audience_id = ?", (audience[0][0],)
+    audience_id = audience[0][0]
+    # Which listed ids are not ours, on the reader: none (the common case), and the
+    # list's ids are what the chunks' SQL probes; else matching needs our names and
+    # domains (a snapshot read off the writer: only settled accounts acknowledged long
+    # ago are judged, and no new change makes one of those), and probes the matches.
+    ids = [account.external_id for account in listed]
+    not_ours = await engine.read(
+        "SELECT COUNT(*) FROM json_each(?) j WHERE NOT EXISTS (SELECT 1 FROM membership m"
+        " WHERE m.audience_id = ? AND m.external_id = j.value)",
+        (msgspec.json.encode(ids), audience_id),
     )
-    matched = await asyncio.to_thread(listed_by_id, {row[0] for row in keys}, listed)
     strangers: dict[str, ListedAccount] = {}
     nameless = 0
-    if matched is not None:
-        present = matched
-    else:
+    if not_ours[0][0]:
         ours = cast(
             list[OurAccount],
             await engine.read(
                 "SELECT external_id, name, domain FROM membership WHERE audience_id = ?",
-                (audience[0][0],),
+                (audience_id,),
             ),
         )
         present, strangers, nameless = await asyncio.to_thread(match_listed, ours, listed)
+        ids = list(present)
+    ids.sort()
+    # A piece per transaction, so that ingest commits between them.
+    for start in range(0, max(len(ids), 1), _STAGE_ROWS):
+        piece = msgspec.json.encode(ids[start : start + _STAGE_ROWS])
+        await engine.transaction(
+            functools.partial(_stage_listed, run_id=run_id, ids=piece, first=start == 0)
+        )
     listing = Listing(
         listed=len(listed),
-        present=present,
         strangers=strangers,
         nameless=nameless,
         judged_before=judged_before,
@@ -261,6 +270,41 @@ async def apply_readback(
             return verdict
 
 
+def _stage_listed(db: sqlite3.Connection, *, run_id: int, ids: bytes, first: bool) -> None:
+    """Add ``ids`` (a JSON array of external ids) to the run's scratch rows; the first
+    piece also drops what earlier attempts left (of this run, or of runs no longer
+    judged: a read-back that failed half-way)."""
+    if first:
+        db.execute(
+            "DELETE FROM temp.readback_listed WHERE run_id = ? OR run_id NOT IN"
+            " (SELECT run_id FROM reconcile_runs INDEXED BY reconcile_runs_open"
+            f"  WHERE state = {_EXPORTING})",
+            (run_id,),
+        )
+    db.execute(
+        "INSERT OR IGNORE INTO temp.readback_listed (run_id, external_id)"
+        " SELECT ?, value FROM json_each(?)",
+        (run_id, ids),
+    )
+
+
+# An account of the chunk (``m``) in the list: a probe of the run's scratch rows.
+_IN_LIST = (
+    "EXISTS (SELECT 1 FROM temp.readback_listed l"
+    " WHERE l.run_id = :run AND l.external_id = m.external_id)"
+)
+# The plain accounts (:data:`dbsync.judgment.PLAIN`): settled, acknowledged (else
+# changed) by the cutoff, and where the list says they should be; an account set
+# aside and tried again (:mod:`dbsync.store.retries`) is judged in Python, which
+# says whether the list now holds it.
+_PLAIN = (
+    "m.desired = m.delivered AND m.in_flight IS NULL AND m.rejected = 0"
+    " AND coalesce(m.acked_at, m.changed_at) <= :before"
+    f" AND iif(m.desired = 1, {_IN_LIST}, NOT {_IN_LIST})"
+    " AND m.external_id NOT IN (SELECT value FROM json_each(:retrying))"
+)
+
+
 def _apply_chunk(
     db: sqlite3.Connection, run_id: int, listing: Listing, chunk_rows: int
 ) -> tuple[bool, ReadbackVerdict | None]:
@@ -269,6 +313,9 @@ def _apply_chunk(
     Returns (finished, verdict): not finished while accounts remain; finished with no
     verdict when the run was judged already. The last chunk also marks the strangers
     for removal, closes the run and advances the checkpoint.
+
+    The plain accounts, most of any list, are counted and cleared by SQL without
+    leaving SQLite; the others are read and judged by :func:`judge_chunk`.
     """
     run = db.execute(
         "SELECT audience_id, state, judged_through, judgment FROM reconcile_runs WHERE run_id = ?",
@@ -278,52 +325,91 @@ def _apply_chunk(
         raise StoreError(f"no reconcile run {run_id}")
     audience_id, state, judged_through, kept = run
     if state != ReconcileRunState.EXPORTING:
+        db.execute("DELETE FROM temp.readback_listed WHERE run_id = ?", (run_id,))
         return True, None
     judgment = msgspec.msgpack.decode(kept, type=Judgment) if kept else Judgment()
-    # Names and domains are only read for the accounts that may be set aside (those
-    # repaired repair_limit times): strings are most of what reading a row costs.
+    after = judged_through or ""
+    # The chunk: the next chunk_rows accounts; the last chunk has no upper bound.
+    last = db.execute(
+        "SELECT external_id FROM membership WHERE audience_id = ? AND external_id > ?"
+        " ORDER BY external_id LIMIT 1 OFFSET ?",
+        (audience_id, after, chunk_rows - 1),
+    ).fetchone()
+    finished = last is None
+    through = None if last is None else last[0]
+    chunk = "m.audience_id = :audience AND m.external_id > :after" + (
+        "" if finished else " AND m.external_id <= :through"
+    )
+    retrying = [
+        row[0]
+        for row in db.execute(
+            "SELECT m.external_id FROM rejected r"
+            " JOIN membership m USING (audience_id, external_id)"
+            f" WHERE r.audience_id = :audience AND m.rejected = 0 AND {chunk}",
+            {"audience": audience_id, "after": after, "through": through},
+        )
+    ]
+    params = {
+        "audience": audience_id,
+        "after": after,
+        "through": through,
+        "run": run_id,
+        "before": listing.judged_before,
+        "retrying": msgspec.json.encode(retrying),
+        "limit": listing.repair_limit,
+    }
+    # The plain accounts, found once: their rowids, to count and clear them.
+    db.execute("DELETE FROM temp.readback_plain")
+    db.execute(
+        "INSERT INTO temp.readback_plain (row, desired, ack_batch, repairs)"
+        f" SELECT m.rowid, m.desired, m.ack_batch, m.repairs FROM membership m"
+        f" WHERE {chunk} AND {_PLAIN}",
+        params,
+    )
+    plain = db.execute(
+        "SELECT desired, ack_batch, COUNT(*) FROM temp.readback_plain GROUP BY desired, ack_batch"
+    ).fetchall()
+    # The rest, with whether the list holds each. Names and domains are read only for
+    # the accounts that may be set aside (those repaired repair_limit times): strings
+    # are most of what reading a row costs.
     rows = db.execute(
-        "SELECT external_id, iif(repairs >= ?4, name, ''), iif(repairs >= ?4, domain, ''),"
-        " desired, delivered, in_flight, rejected, acked_at, ack_batch, changed_at, repairs"
-        " FROM membership WHERE audience_id = ?1 AND external_id > ?2"
-        " ORDER BY external_id LIMIT ?3",
-        (audience_id, judged_through or "", chunk_rows, listing.repair_limit),
+        "SELECT m.external_id, iif(m.repairs >= :limit, m.name, ''),"
+        " iif(m.repairs >= :limit, m.domain, ''), m.desired, m.delivered, m.in_flight,"
+        " m.rejected, m.acked_at, m.ack_batch, m.changed_at, m.repairs,"
+        f" {_IN_LIST} FROM membership m WHERE {chunk}"
+        " AND m.rowid NOT IN (SELECT row FROM temp.readback_plain)",
+        params,
     ).fetchall()
     decision = judge_chunk(
-        rows,
-        listing.present,
+        [row[:11] for row in rows],
+        {row[0] for row in rows if row[11]},
         judged_before=listing.judged_before,
         repair_limit=listing.repair_limit,
     )
+    for desired, ack, n in plain:
+        decision.add_plain(desired=bool(desired), ack_batch=ack, accounts=n)
 
     def each(keys: Iterable[str]) -> list[tuple[str, str]]:
         return [(audience_id, key) for key in keys]
 
     where = " WHERE audience_id = ? AND external_id = ?"
-    # Most of a read-back's writes, in one statement. When every account of the chunk
-    # with an acknowledgment or repairs to clear is cleared (all verified: the common
-    # case), the chunk's key range says which; else the keys go in as a JSON array.
-    if rows and len(decision.cleared) == sum(1 for r in rows if r[8] is not None or r[10]):
-        db.execute(
-            "UPDATE membership SET ack_batch = NULL, repairs = 0 WHERE audience_id = ?"
-            " AND external_id BETWEEN ? AND ? AND (ack_batch IS NOT NULL OR repairs <> 0)",
-            (audience_id, rows[0][0], rows[-1][0]),
-        )
-    else:
+    # Most of a read-back's writes, in one statement: the plain accounts with an
+    # acknowledgment to clear (and members with repairs), then those judged in Python.
+    db.execute(
+        "UPDATE membership SET ack_batch = NULL, repairs = 0 WHERE rowid IN"
+        " (SELECT row FROM temp.readback_plain"
+        "  WHERE ack_batch IS NOT NULL OR (desired = 1 AND repairs <> 0))"
+    )
+    if decision.cleared:
         db.execute(
             "UPDATE membership SET ack_batch = NULL, repairs = 0 WHERE audience_id = ?"
             " AND external_id IN (SELECT value FROM json_each(?))",
             (audience_id, msgspec.json.encode(decision.cleared)),
         )
-    # Accounts set aside as unmatched and tried again (:mod:`dbsync.store.retries`) that
-    # the list now holds leave the set.
-    retrying = db.execute(
-        "SELECT r.external_id FROM rejected r JOIN membership m USING (audience_id, external_id)"
-        " WHERE r.audience_id = ? AND m.rejected = 0",
-        (audience_id,),
-    ).fetchall()
+    # Accounts set aside as unmatched and tried again that the list now holds leave
+    # the set.
     if retrying:
-        found = {row[0] for row in retrying}.intersection(decision.cleared)
+        found = set(retrying).intersection(decision.cleared)
         db.executemany("DELETE FROM rejected" + where, each(sorted(found)))
     db.executemany(
         "UPDATE membership SET delivered = 0, ack_batch = NULL, repairs = repairs + 1" + where,
@@ -334,7 +420,6 @@ def _apply_chunk(
         each(decision.resend_deletes),
     )
     db.executemany("UPDATE membership SET delivered = 1" + where, each(decision.extras))
-    finished = len(rows) < chunk_rows
     strangers = 0
     if finished:
         (folded_seq,) = db.execute(
@@ -408,10 +493,16 @@ def _apply_chunk(
     )
     judgment.add(decision, strangers_removed=strangers)
     queue.advance_checkpoint(db, audience_id)
+    # The chunk's staged ids are not probed again (the last chunk: none is).
+    db.execute(
+        "DELETE FROM temp.readback_listed WHERE run_id = ?"
+        + ("" if finished else " AND external_id <= ?"),
+        (run_id,) if finished else (run_id, through),
+    )
     if not finished:
         db.execute(
             "UPDATE reconcile_runs SET judged_through = ?, judgment = ? WHERE run_id = ?",
-            (rows[-1][0], msgspec.msgpack.encode(judgment), run_id),
+            (through, msgspec.msgpack.encode(judgment), run_id),
         )
         return False, None
     db.execute(

@@ -393,6 +393,20 @@ _FOLD_CHUNK_TABLE = (
 )
 
 
+# The external ids of each list a read-back is judging (or, when some are not ours, the
+# accounts they matched), for the chunks' SQL to probe. Writer connection only.
+_READBACK_LISTED_TABLE = (
+    "CREATE TEMP TABLE readback_listed (run_id INTEGER NOT NULL, external_id TEXT NOT NULL,"
+    " PRIMARY KEY (run_id, external_id)) WITHOUT ROWID"
+)
+
+# The plain accounts of the chunk a read-back is judging (see dbsync.judgment).
+_READBACK_PLAIN_TABLE = (
+    "CREATE TEMP TABLE readback_plain (row INTEGER PRIMARY KEY, desired INTEGER NOT NULL,"
+    " ack_batch INTEGER, repairs INTEGER NOT NULL)"
+)
+
+
 def migrate(db: sqlite3.Connection, path: Path) -> None:
     """Bring the file to the newest schema, one transaction per migration."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -418,6 +432,8 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
 def create_temp_tables(db: sqlite3.Connection) -> None:
     """The writer connection's scratch tables (in memory, gone with the connection)."""
     db.execute(_FOLD_CHUNK_TABLE)
+    db.execute(_READBACK_LISTED_TABLE)
+    db.execute(_READBACK_PLAIN_TABLE)
 
 
 # The open batch states, literal in the SQL (not bound) so that SQLite can use the

@@ -182,7 +182,6 @@ def test_a_chunk_sums_its_accounts_and_the_judgment_keeps_the_totals() -> None:
     judgment.add(ChunkDecision(), strangers_removed=2)
     listing = Listing(
         listed=9,
-        present=set(),
         strangers={},
         nameless=4,
         judged_before=CUTOFF,

@@ -336,7 +336,6 @@ class MemoryReadbackStore:
         verdict = judgment.verdict(
             Listing(
                 listed=len(listed),
-                present=present,
                 strangers=strangers,
                 nameless=nameless,
                 judged_before=judged_before,
