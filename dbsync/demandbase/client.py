@@ -247,14 +247,12 @@ class DemandbaseClient:
         """
         data = await self.download_export_results(results_url)
         try:
-            by_list = await asyncio.to_thread(_listed_by_list, data)
+            by_list, without = await asyncio.to_thread(_listed_by_list, data)
         except ValueError as exc:
             raise PayloadError(
                 f"multi-list results file unreadable: {exc}", endpoint=Endpoint.EXPORT_DOWNLOAD
             ) from exc
-        rows = sum(len(members) for members in by_list.values())
-        without = sum(1 for v in by_list.values() for a in v if not a.external_id)
-        self._log_without_external_id(without, rows)
+        self._log_without_external_id(without, sum(len(members) for members in by_list.values()))
         return by_list, len(data)
 
     def _log_without_external_id(self, without: int, rows: int) -> None:
@@ -318,17 +316,20 @@ def _listed_accounts(data: bytes) -> list[ListedAccount]:
     ]
 
 
-def _listed_by_list(data: bytes) -> dict[int, list[ListedAccount]]:
-    """The rows of a multi-list results file by list; ``ValueError`` if it is not one."""
+def _listed_by_list(data: bytes) -> tuple[dict[int, list[ListedAccount]], int]:
+    """The rows of a multi-list results file by list, and how many rows have no external
+    id; ``ValueError`` if it is not one. One pass: the file holds millions of rows."""
     rows = read_results(data, (*wire.EXPORT_RESULT_COLUMNS, wire.EXPORT_LIST_ID_COLUMN))
     # Rows of one list arrive together or interleaved: group by the cell as read.
     by_cell: dict[str, list[ListedAccount]] = {}
+    without = 0
     for _, name, domain, external_id, list_id in rows:
         members = by_cell.get(list_id)
         if members is None:
             members = by_cell[list_id] = []
         members.append(ListedAccount(external_id=external_id, name=name, domain=domain))
+        without += not external_id
     by_list: dict[int, list[ListedAccount]] = {}
     for cell, members in by_cell.items():
         by_list.setdefault(int(cell), []).extend(members)
-    return by_list
+    return by_list, without

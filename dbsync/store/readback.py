@@ -229,7 +229,7 @@ async def apply_readback(
     # list's ids are what the chunks' SQL probes; else matching needs our names and
     # domains (a snapshot read off the writer: only settled accounts acknowledged long
     # ago are judged, and no new change makes one of those), and probes the matches.
-    ids = [account.external_id for account in listed]
+    ids = sorted(account.external_id for account in listed)  # index probes in order
     not_ours = await engine.read(
         "SELECT COUNT(*) FROM json_each(?) j WHERE NOT EXISTS (SELECT 1 FROM membership m"
         " WHERE m.audience_id = ? AND m.external_id = j.value)",
@@ -246,8 +246,7 @@ async def apply_readback(
             ),
         )
         present, strangers, nameless = await asyncio.to_thread(match_listed, ours, listed)
-        ids = list(present)
-    ids.sort()
+        ids = sorted(present)
     # A piece per transaction, so that ingest commits between them.
     for start in range(0, max(len(ids), 1), _STAGE_ROWS):
         piece = msgspec.json.encode(ids[start : start + _STAGE_ROWS])
@@ -293,16 +292,16 @@ _IN_LIST = (
     "EXISTS (SELECT 1 FROM temp.readback_listed l"
     " WHERE l.run_id = :run AND l.external_id = m.external_id)"
 )
-# The plain accounts (:data:`dbsync.judgment.PLAIN`): settled, acknowledged (else
-# changed) by the cutoff, and where the list says they should be; an account set
-# aside and tried again (:mod:`dbsync.store.retries`) is judged in Python, which
-# says whether the list now holds it.
+# The plain accounts (the module docstring of :mod:`dbsync.judgment` says which):
+# settled, acknowledged (else changed) by the cutoff, and where the list says they
+# should be. An account set aside and tried again (:mod:`dbsync.store.retries`) is
+# judged in Python, which says whether the list now holds it (``_NOT_RETRYING``).
 _PLAIN = (
     "m.desired = m.delivered AND m.in_flight IS NULL AND m.rejected = 0"
     " AND coalesce(m.acked_at, m.changed_at) <= :before"
     f" AND iif(m.desired = 1, {_IN_LIST}, NOT {_IN_LIST})"
-    " AND m.external_id NOT IN (SELECT value FROM json_each(:retrying))"
 )
+_NOT_RETRYING = " AND m.external_id NOT IN (SELECT value FROM json_each(:retrying))"
 
 
 def _apply_chunk(
@@ -363,7 +362,7 @@ def _apply_chunk(
     db.execute(
         "INSERT INTO temp.readback_plain (row, desired, ack_batch, repairs)"
         f" SELECT m.rowid, m.desired, m.ack_batch, m.repairs FROM membership m"
-        f" WHERE {chunk} AND {_PLAIN}",
+        f" WHERE {chunk} AND {_PLAIN}" + (_NOT_RETRYING if retrying else ""),
         params,
     )
     plain = db.execute(
