@@ -55,6 +55,7 @@ async def test_a_new_file_is_created_and_migrated(tmp_path: Path, clock: FakeClo
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 16_384  # a new file's
     async with Store.open(path, clock=clock):  # opening an existing v1 file works
         pass
 

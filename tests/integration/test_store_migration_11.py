@@ -148,6 +148,9 @@ async def test_a_version_10_file_keeps_its_batches_in_flight(tmp_path: Path) -> 
     assert listed == {2: ["flight-a", "flight-b", "flight-c"], 3: ["flight-d"]}
 
     async with Store.open(path, clock=FakeClock(start=10.0)) as store:
+        # A file keeps the page size it was made with (SQLite's 4 KiB, here).
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA page_size").fetchone()[0] == 4_096
         opened = {
             batch.batch_id: [a.external_id for a in batch.accounts]
             for batch in await store.open_batches(AUDIENCE)
