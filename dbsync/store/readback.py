@@ -229,11 +229,13 @@ async def apply_readback(
     # list's ids are what the chunks' SQL probes; else matching needs our names and
     # domains (a snapshot read off the writer: only settled accounts acknowledged long
     # ago are judged, and no new change makes one of those), and probes the matches.
-    ids = sorted(account.external_id for account in listed)  # index probes in order
+    # Sorted, so that index probes walk in order; in a thread, as a list may hold
+    # millions and the event loop serves ingest meanwhile.
+    ids = await asyncio.to_thread(sorted, [account.external_id for account in listed])
     not_ours = await engine.read(
         "SELECT COUNT(*) FROM json_each(?) j WHERE NOT EXISTS (SELECT 1 FROM membership m"
         " WHERE m.audience_id = ? AND m.external_id = j.value)",
-        (msgspec.json.encode(ids), audience_id),
+        (await asyncio.to_thread(msgspec.json.encode, ids), audience_id),
     )
     strangers: dict[str, ListedAccount] = {}
     nameless = 0
@@ -246,7 +248,7 @@ async def apply_readback(
             ),
         )
         present, strangers, nameless = await asyncio.to_thread(match_listed, ours, listed)
-        ids = sorted(present)
+        ids = await asyncio.to_thread(sorted, present)
     # A piece per transaction, so that ingest commits between them.
     for start in range(0, max(len(ids), 1), _STAGE_ROWS):
         piece = msgspec.json.encode(ids[start : start + _STAGE_ROWS])
