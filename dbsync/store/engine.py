@@ -62,7 +62,7 @@ _UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.E
 # keeps them, so the ceiling is also most of the daemon's resident memory once a large
 # snapshot or AEP run went through: 128 MiB keeps a 5,000,000-row run under 300 MB
 # (256 MiB peaked at 364 MB, and folded it no faster: bench/README.md, files).
-_WRITER_CACHE_KIB = 131_072
+WRITER_CACHE_KIB = 131_072
 
 # The page size of a store file created new. The fold rewrites, a chunk at a time,
 # every page of membership's B-trees its sorted keys touch, and a commit writes each
@@ -70,7 +70,7 @@ _WRITER_CACHE_KIB = 131_072
 # (bench/README.md, store_upsert) and plan a batch in half the time; 32 and 64 KiB
 # gained no more, and make every small commit write bigger pages. A file keeps the
 # size it was created with (changing it takes a VACUUM of the whole file).
-_PAGE_BYTES = 16_384
+PAGE_BYTES = 16_384
 
 # The state directory, when the store creates it, and the SQLite files: the daemon's.
 _DIRECTORY_MODE = 0o700
@@ -172,7 +172,7 @@ class Engine:
 
     def _connect_writer(self) -> None:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        db.execute(f"PRAGMA page_size = {_PAGE_BYTES}")  # a new file only
+        db.execute(f"PRAGMA page_size = {PAGE_BYTES}")  # a new file only
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA foreign_keys = ON")
@@ -182,7 +182,7 @@ class Engine:
             db.close()
             raise
         db.execute("PRAGMA temp_store = MEMORY")
-        db.execute(f"PRAGMA cache_size = -{_WRITER_CACHE_KIB}")
+        db.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
         schema.create_temp_tables(db)
         self._write_db = db
 

@@ -1,0 +1,194 @@
+"""What plain SQLite folds on this machine, by the shape of the table folded into.
+
+The fold (``dbsync.store.journal.fold_chunk``) spends most of its time upserting into
+``membership``, whose every new account is an entry in four B-trees. This script
+folds the same journal, with the fold's own statements (a chunk deduplicated in a
+sorted temporary table, then one sorted upsert, then the chunk deleted from the
+journal; one transaction per chunk) and the store's page size and cache, into
+membership tables of several shapes, beside the raw keyed upsert of the same rows
+(``bench.store_upsert``'s baseline), all in one run:
+
+* ``store``: membership as the store has it (text audience id; rowid table, key
+  index, and the queue, unsettled, in-flight, rejected and awaiting indexes);
+* ``store_int_audience``: the same with an integer audience key;
+* ``key_only`` and ``int_key_only``: the key index alone (the partial indexes that
+  stay empty for new accounts kept), text and integer audience;
+* ``bare``: the fold the issue quotes, one ``INSERT ... SELECT ... ORDER BY key ...
+  ON CONFLICT DO UPDATE`` from the journal into a ``WITHOUT ROWID`` table keyed by
+  (audience, account) and nothing else.
+
+It bounds what a change of schema can buy before writing one: the gap between
+``store`` and a shape is what dropping what that shape lacks would save.
+
+    python -m bench.fold_floor [--rows 1000000] [--keys 3000000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from bench._common import emit, say
+from bench.store_upsert import make_rows, measure_raw_upsert
+from dbsync.store.engine import PAGE_BYTES, WRITER_CACHE_KIB
+from dbsync.store.journal import FOLD_CHUNK_ROWS
+
+_COLUMNS = (
+    "external_id TEXT NOT NULL, name TEXT NOT NULL, domain TEXT NOT NULL,"
+    " desired INTEGER NOT NULL, seq INTEGER NOT NULL, changed_at REAL NOT NULL,"
+    " delivered INTEGER NOT NULL DEFAULT 0, in_flight INTEGER,"
+    " rejected INTEGER NOT NULL DEFAULT 0, acked_at REAL, ack_batch INTEGER,"
+    " repairs INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (audience_id, external_id)"
+)
+_EMPTY_FOR_NEW = (
+    "CREATE INDEX m_in_flight ON membership (in_flight) WHERE in_flight IS NOT NULL;"
+    "CREATE INDEX m_rejected ON membership (audience_id, rejected) WHERE rejected = 1;"
+    "CREATE INDEX m_awaiting ON membership (audience_id, ack_batch)"
+    " WHERE ack_batch IS NOT NULL"
+)
+_DIRTY_SET = (
+    "CREATE INDEX m_queue ON membership (audience_id, desired, changed_at)"
+    " WHERE desired <> delivered AND in_flight IS NULL AND rejected = 0;"
+    "CREATE INDEX m_unsettled ON membership (audience_id, seq) WHERE desired <> delivered"
+)
+# (audience id type, indexes beside the key) of each membership shape folded by chunks.
+SHAPES = {
+    "store": ("TEXT", f"{_EMPTY_FOR_NEW};{_DIRTY_SET}"),
+    "store_int_audience": ("INTEGER", f"{_EMPTY_FOR_NEW};{_DIRTY_SET}"),
+    "key_only": ("TEXT", _EMPTY_FOR_NEW),
+    "int_key_only": ("INTEGER", _EMPTY_FOR_NEW),
+}
+# The store's upsert of a folded chunk, as fold_chunk writes it.
+_UPSERT = (
+    "INSERT INTO membership (audience_id, external_id, name, domain, desired, seq, changed_at)"
+    " SELECT audience_id, external_id, name, domain, member, seq, ts FROM temp.chunk"
+    " ORDER BY audience_id, external_id ON CONFLICT DO UPDATE SET"
+    " rejected = CASE WHEN desired <> excluded.desired OR name <> excluded.name"
+    "   OR domain <> excluded.domain THEN 0 ELSE rejected END,"
+    " repairs = CASE WHEN name <> excluded.name OR domain <> excluded.domain"
+    "   THEN 0 ELSE repairs END,"
+    " changed_at = CASE WHEN desired <> excluded.desired"
+    "   THEN excluded.changed_at ELSE changed_at END,"
+    " name = excluded.name, domain = excluded.domain,"
+    " desired = excluded.desired, seq = excluded.seq"
+)
+
+
+def open_with_journal(path: Path, audience_type: str, rows: list[tuple]) -> sqlite3.Connection:
+    """A new file with the store's pragmas and ``rows`` in its journal."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(f"PRAGMA page_size = {PAGE_BYTES}")
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA temp_store = MEMORY")
+    db.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
+    db.execute(
+        "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+        f" audience_id {audience_type} NOT NULL, external_id TEXT NOT NULL,"
+        " name TEXT NOT NULL, domain TEXT NOT NULL, member INTEGER NOT NULL, ts REAL NOT NULL)"
+    )
+    audience = 1 if audience_type == "INTEGER" else rows[0][0]
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO changes (audience_id, external_id, name, domain, member, ts)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        [(audience, *row[1:]) for row in rows],
+    )
+    db.execute("COMMIT")
+    return db
+
+
+def fold_shape(path: Path, rows: list[tuple], audience_type: str, indexes: str) -> float:
+    """Rows/s folded into membership of this shape with the fold's statements."""
+    db = open_with_journal(path, audience_type, rows)
+    try:
+        db.execute(f"CREATE TABLE membership (audience_id {audience_type} NOT NULL, {_COLUMNS})")
+        for statement in indexes.split(";"):
+            db.execute(statement)
+        db.execute(
+            f"CREATE TEMP TABLE chunk (audience_id {audience_type} NOT NULL,"
+            " external_id TEXT NOT NULL, name TEXT NOT NULL, domain TEXT NOT NULL,"
+            " member INTEGER NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,"
+            " PRIMARY KEY (audience_id, external_id)) WITHOUT ROWID"
+        )
+        started = time.perf_counter()
+        for first in range(1, len(rows) + 1, FOLD_CHUNK_ROWS):
+            last = first + FOLD_CHUNK_ROWS - 1
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM temp.chunk")
+            db.execute(
+                "INSERT INTO temp.chunk SELECT audience_id, external_id, name, domain,"
+                " member, seq, ts FROM changes WHERE seq BETWEEN ? AND ? ORDER BY seq"
+                " ON CONFLICT DO UPDATE SET name = excluded.name, domain = excluded.domain,"
+                " member = excluded.member, seq = excluded.seq, ts = excluded.ts",
+                (first, last),
+            )
+            db.execute(_UPSERT)
+            db.execute("DELETE FROM changes WHERE seq BETWEEN ? AND ?", (first, last))
+            db.execute("COMMIT")
+        return len(rows) / (time.perf_counter() - started)
+    finally:
+        db.close()
+
+
+def fold_bare(path: Path, rows: list[tuple]) -> float:
+    """Rows/s of the issue's fold: one sorted upsert per chunk into one B-tree."""
+    db = open_with_journal(path, "TEXT", rows)
+    try:
+        db.execute(
+            "CREATE TABLE membership (audience_id TEXT NOT NULL, external_id TEXT NOT NULL,"
+            " name TEXT NOT NULL, domain TEXT NOT NULL, member INTEGER NOT NULL,"
+            " seq INTEGER NOT NULL, ts REAL NOT NULL, PRIMARY KEY (audience_id, external_id))"
+            " WITHOUT ROWID"
+        )
+        started = time.perf_counter()
+        for first in range(1, len(rows) + 1, FOLD_CHUNK_ROWS):
+            last = first + FOLD_CHUNK_ROWS - 1
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(
+                "INSERT INTO membership SELECT audience_id, external_id, name, domain, member,"
+                " seq, ts FROM changes WHERE seq BETWEEN ? AND ?"
+                " ORDER BY audience_id, external_id, seq ON CONFLICT DO UPDATE SET"
+                " name = excluded.name, domain = excluded.domain, member = excluded.member,"
+                " seq = excluded.seq, ts = excluded.ts",
+                (first, last),
+            )
+            db.execute("DELETE FROM changes WHERE seq BETWEEN ? AND ?", (first, last))
+            db.execute("COMMIT")
+        return len(rows) / (time.perf_counter() - started)
+    finally:
+        db.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--keys", type=int, default=3_000_000)
+    parser.add_argument("--quick", action="store_true", help="20,000 rows over 60,000 keys")
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.keys = 20_000, 60_000
+    rows = make_rows(args.rows, args.keys, seed=1)
+    say(f"{args.rows:,} changes over {args.keys:,} keys, chunks of {FOLD_CHUNK_ROWS:,}")
+    figures: dict[str, object] = {"rows": args.rows, "keys": args.keys}
+    with tempfile.TemporaryDirectory(prefix="dbsync-bench-") as tmp:
+        raw = measure_raw_upsert(rows, Path(tmp) / "raw.sqlite3")
+        say(f"raw sqlite3 upsert       {raw:>10,.0f} rows/s")
+        figures["raw_upsert_rows_per_second"] = round(raw)
+        rates = {
+            name: fold_shape(Path(tmp) / f"{name}.sqlite3", rows, audience_type, indexes)
+            for name, (audience_type, indexes) in SHAPES.items()
+        }
+        rates["bare"] = fold_bare(Path(tmp) / "bare.sqlite3", rows)
+    for name, rate in rates.items():
+        say(f"fold into {name:<18} {rate:>10,.0f} rows/s ({rate / raw:.2f}x raw upsert)")
+        figures[f"{name}_rows_per_second"] = round(rate)
+        figures[f"{name}_ratio_to_raw"] = round(rate / raw, 2)
+    return emit("fold_floor", figures)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
