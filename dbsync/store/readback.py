@@ -3,10 +3,12 @@
 One row in ``reconcile_runs`` per read-back (its Data Export job, state, progress and
 report; states are :class:`~dbsync.states.ReconcileRunState`), recorded as soon as
 Demandbase accepted the export, so that a restart resumes it instead of paying for
-another. The judgment itself is :mod:`dbsync.judgment`, pure; this module reads
+another. The judgment itself is :mod:`dbsync.judgment`, pure; this module walks
 an audience's accounts in chunks of :data:`JUDGE_CHUNK_ROWS` (by external id) and, in
-one transaction per chunk, asks the judge about them and applies its decisions: marks
-to send again, sets aside, counts in the ledger and on the batches judged. The run
+one transaction per chunk, counts and clears the plain ones in SQL against the
+list's ids (staged in a scratch table first), asks the judge about the rest and
+applies its decisions: marks to send again, sets aside, counts in the ledger and on
+the batches judged. The run
 keeps how far it got and the verdict so far, so a read-back resumed after a crash
 judges only the rest, and ingest commits between two chunks.
 """
@@ -363,7 +365,7 @@ def _apply_chunk(
     db.execute("DELETE FROM temp.readback_plain")
     db.execute(
         "INSERT INTO temp.readback_plain (row, desired, ack_batch, repairs)"
-        f" SELECT m.rowid, m.desired, m.ack_batch, m.repairs FROM membership m"
+        " SELECT m.rowid, m.desired, m.ack_batch, m.repairs FROM membership m"
         f" WHERE {chunk} AND {_PLAIN}" + (_NOT_RETRYING if retrying else ""),
         params,
     )
