@@ -364,33 +364,44 @@ def _apply_chunk(
     # The plain accounts, found once: their rowids, to count and clear them.
     db.execute("DELETE FROM temp.readback_plain")
     db.execute(
-        "INSERT INTO temp.readback_plain (row, desired, ack_batch, repairs)"
-        " SELECT m.rowid, m.desired, m.ack_batch, m.repairs FROM membership m"
+        "INSERT INTO temp.readback_plain (desired, batch, row, repairs)"
+        " SELECT m.desired, coalesce(m.ack_batch, -1), m.rowid, m.repairs FROM membership m"
         f" WHERE {chunk} AND {_PLAIN}" + (_NOT_RETRYING if retrying else ""),
         params,
     )
     plain = db.execute(
-        "SELECT desired, ack_batch, COUNT(*) FROM temp.readback_plain GROUP BY desired, ack_batch"
+        "SELECT desired, batch, COUNT(*) FROM temp.readback_plain GROUP BY desired, batch"
     ).fetchall()
-    # The rest, with whether the list holds each. Names and domains are read only for
-    # the accounts that may be set aside (those repaired repair_limit times): strings
-    # are most of what reading a row costs.
-    rows = db.execute(
-        "SELECT m.external_id, iif(m.repairs >= :limit, m.name, ''),"
-        " iif(m.repairs >= :limit, m.domain, ''), m.desired, m.delivered, m.in_flight,"
-        " m.rejected, m.acked_at, m.ack_batch, m.changed_at, m.repairs,"
-        f" {_IN_LIST} FROM membership m WHERE {chunk}"
-        " AND m.rowid NOT IN (SELECT row FROM temp.readback_plain)",
-        params,
-    ).fetchall()
+    # The rest, with whether the list holds each (none when every account of the chunk
+    # is plain, the common case). Names and domains are read only for the accounts that
+    # may be set aside (those repaired repair_limit times): strings are most of what
+    # reading a row costs.
+    in_chunk = chunk_rows
+    if finished:
+        (in_chunk,) = db.execute(
+            "SELECT COUNT(*) FROM membership WHERE audience_id = ? AND external_id > ?",
+            (audience_id, after),
+        ).fetchone()
+    rows = []
+    if in_chunk > sum(n for _, _, n in plain):
+        rows = db.execute(
+            "SELECT m.external_id, iif(m.repairs >= :limit, m.name, ''),"
+            " iif(m.repairs >= :limit, m.domain, ''), m.desired, m.delivered, m.in_flight,"
+            " m.rejected, m.acked_at, m.ack_batch, m.changed_at, m.repairs,"
+            f" {_IN_LIST} FROM membership m WHERE {chunk}"
+            " AND m.rowid NOT IN (SELECT row FROM temp.readback_plain)",
+            params,
+        ).fetchall()
     decision = judge_chunk(
         [row[:11] for row in rows],
         {row[0] for row in rows if row[11]},
         judged_before=listing.judged_before,
         repair_limit=listing.repair_limit,
     )
-    for desired, ack, n in plain:
-        decision.add_plain(desired=bool(desired), ack_batch=ack, accounts=n)
+    for desired, batch, n in plain:
+        decision.add_plain(
+            desired=bool(desired), ack_batch=None if batch < 0 else batch, accounts=n
+        )
 
     def each(keys: Iterable[str]) -> list[tuple[str, str]]:
         return [(audience_id, key) for key in keys]
@@ -401,7 +412,7 @@ def _apply_chunk(
     db.execute(
         "UPDATE membership SET ack_batch = NULL, repairs = 0 WHERE rowid IN"
         " (SELECT row FROM temp.readback_plain"
-        "  WHERE ack_batch IS NOT NULL OR (desired = 1 AND repairs <> 0))"
+        "  WHERE batch >= 0 OR (desired = 1 AND repairs <> 0))"
     )
     if decision.cleared:
         db.execute(

@@ -400,10 +400,13 @@ _READBACK_LISTED_TABLE = (
     " PRIMARY KEY (run_id, external_id)) WITHOUT ROWID"
 )
 
-# The plain accounts of the chunk a read-back is judging (see dbsync.judgment).
+# The plain accounts of the chunk a read-back is judging (see dbsync.judgment), keyed
+# so that counting them by (desired, batch) walks the key instead of sorting: ``batch``
+# is the acknowledgment awaiting a verdict, -1 for none (batch ids are never negative).
 _READBACK_PLAIN_TABLE = (
-    "CREATE TEMP TABLE readback_plain (row INTEGER PRIMARY KEY, desired INTEGER NOT NULL,"
-    " ack_batch INTEGER, repairs INTEGER NOT NULL)"
+    "CREATE TEMP TABLE readback_plain (desired INTEGER NOT NULL, batch INTEGER NOT NULL,"
+    " row INTEGER NOT NULL, repairs INTEGER NOT NULL, PRIMARY KEY (desired, batch, row))"
+    " WITHOUT ROWID"
 )
 
 
