@@ -29,12 +29,13 @@ import argparse
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench._common import emit, say
 from bench.store_upsert import make_rows, measure_raw_upsert
 from dbsync.store.engine import PAGE_BYTES, WRITER_CACHE_KIB
-from dbsync.store.journal import FOLD_CHUNK_ROWS
+from dbsync.store.journal import FOLD_CHUNK_ROWS, GATHER_CHUNK, UPSERT_CHUNK
 
 _COLUMNS = (
     "external_id TEXT NOT NULL, name TEXT NOT NULL, domain TEXT NOT NULL,"
@@ -61,20 +62,6 @@ SHAPES = {
     "key_only": ("TEXT", _EMPTY_FOR_NEW),
     "int_key_only": ("INTEGER", _EMPTY_FOR_NEW),
 }
-# The store's upsert of a folded chunk, as fold_chunk writes it.
-_UPSERT = (
-    "INSERT INTO membership (audience_id, external_id, name, domain, desired, seq, changed_at)"
-    " SELECT audience_id, external_id, name, domain, member, seq, ts FROM temp.chunk"
-    " ORDER BY audience_id, external_id ON CONFLICT DO UPDATE SET"
-    " rejected = CASE WHEN desired <> excluded.desired OR name <> excluded.name"
-    "   OR domain <> excluded.domain THEN 0 ELSE rejected END,"
-    " repairs = CASE WHEN name <> excluded.name OR domain <> excluded.domain"
-    "   THEN 0 ELSE repairs END,"
-    " changed_at = CASE WHEN desired <> excluded.desired"
-    "   THEN excluded.changed_at ELSE changed_at END,"
-    " name = excluded.name, domain = excluded.domain,"
-    " desired = excluded.desired, seq = excluded.seq"
-)
 
 
 def open_with_journal(path: Path, audience_type: str, rows: list[tuple]) -> sqlite3.Connection:
@@ -101,35 +88,41 @@ def open_with_journal(path: Path, audience_type: str, rows: list[tuple]) -> sqli
     return db
 
 
+def fold_in_chunks(
+    db: sqlite3.Connection, rows: int, fold: Callable[[tuple[int, int]], object]
+) -> float:
+    """Rows/s of folding the journal a chunk at a time: ``fold`` of the chunk's first
+    and last seq, then the chunk deleted from the journal, in one transaction."""
+    started = time.perf_counter()
+    for first in range(1, rows + 1, FOLD_CHUNK_ROWS):
+        chunk = (first, first + FOLD_CHUNK_ROWS - 1)
+        db.execute("BEGIN IMMEDIATE")
+        fold(chunk)
+        db.execute("DELETE FROM changes WHERE seq BETWEEN ? AND ?", chunk)
+        db.execute("COMMIT")
+    return rows / (time.perf_counter() - started)
+
+
 def fold_shape(path: Path, rows: list[tuple], audience_type: str, indexes: str) -> float:
-    """Rows/s folded into membership of this shape with the fold's statements."""
+    """Rows/s folded into membership of this shape with the fold's own statements."""
     db = open_with_journal(path, audience_type, rows)
     try:
         db.execute(f"CREATE TABLE membership (audience_id {audience_type} NOT NULL, {_COLUMNS})")
         for statement in indexes.split(";"):
             db.execute(statement)
         db.execute(
-            f"CREATE TEMP TABLE chunk (audience_id {audience_type} NOT NULL,"
+            f"CREATE TEMP TABLE fold_chunk (audience_id {audience_type} NOT NULL,"
             " external_id TEXT NOT NULL, name TEXT NOT NULL, domain TEXT NOT NULL,"
             " member INTEGER NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,"
-            " PRIMARY KEY (audience_id, external_id)) WITHOUT ROWID"
+            " n INTEGER NOT NULL, PRIMARY KEY (audience_id, external_id)) WITHOUT ROWID"
         )
-        started = time.perf_counter()
-        for first in range(1, len(rows) + 1, FOLD_CHUNK_ROWS):
-            last = first + FOLD_CHUNK_ROWS - 1
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("DELETE FROM temp.chunk")
-            db.execute(
-                "INSERT INTO temp.chunk SELECT audience_id, external_id, name, domain,"
-                " member, seq, ts FROM changes WHERE seq BETWEEN ? AND ? ORDER BY seq"
-                " ON CONFLICT DO UPDATE SET name = excluded.name, domain = excluded.domain,"
-                " member = excluded.member, seq = excluded.seq, ts = excluded.ts",
-                (first, last),
-            )
-            db.execute(_UPSERT)
-            db.execute("DELETE FROM changes WHERE seq BETWEEN ? AND ?", (first, last))
-            db.execute("COMMIT")
-        return len(rows) / (time.perf_counter() - started)
+
+        def fold(chunk: tuple[int, int]) -> None:
+            db.execute("DELETE FROM temp.fold_chunk")
+            db.execute(GATHER_CHUNK, chunk)
+            db.execute(UPSERT_CHUNK)
+
+        return fold_in_chunks(db, len(rows), fold)
     finally:
         db.close()
 
@@ -144,21 +137,14 @@ def fold_bare(path: Path, rows: list[tuple]) -> float:
             " seq INTEGER NOT NULL, ts REAL NOT NULL, PRIMARY KEY (audience_id, external_id))"
             " WITHOUT ROWID"
         )
-        started = time.perf_counter()
-        for first in range(1, len(rows) + 1, FOLD_CHUNK_ROWS):
-            last = first + FOLD_CHUNK_ROWS - 1
-            db.execute("BEGIN IMMEDIATE")
-            db.execute(
-                "INSERT INTO membership SELECT audience_id, external_id, name, domain, member,"
-                " seq, ts FROM changes WHERE seq BETWEEN ? AND ?"
-                " ORDER BY audience_id, external_id, seq ON CONFLICT DO UPDATE SET"
-                " name = excluded.name, domain = excluded.domain, member = excluded.member,"
-                " seq = excluded.seq, ts = excluded.ts",
-                (first, last),
-            )
-            db.execute("DELETE FROM changes WHERE seq BETWEEN ? AND ?", (first, last))
-            db.execute("COMMIT")
-        return len(rows) / (time.perf_counter() - started)
+        upsert = (
+            "INSERT INTO membership SELECT audience_id, external_id, name, domain, member,"
+            " seq, ts FROM changes WHERE seq BETWEEN ? AND ?"
+            " ORDER BY audience_id, external_id, seq ON CONFLICT DO UPDATE SET"
+            " name = excluded.name, domain = excluded.domain, member = excluded.member,"
+            " seq = excluded.seq, ts = excluded.ts"
+        )
+        return fold_in_chunks(db, len(rows), lambda chunk: db.execute(upsert, chunk))
     finally:
         db.close()
 

@@ -32,6 +32,8 @@ from dbsync.store.engine import Engine
 
 __all__ = [
     "FOLD_CHUNK_ROWS",
+    "GATHER_CHUNK",
+    "UPSERT_CHUNK",
     "GroupCommitter",
     "Journal",
     "fold_all",
@@ -44,6 +46,37 @@ __all__ = [
 # once, however many of its rows land there. Not larger, because one transaction
 # holds the store's one writer, and ingest's commits wait behind it (~1 s here).
 FOLD_CHUNK_ROWS = 100_000
+
+# The fold's two statements that move rows (bench/fold_floor.py runs them too, into
+# other shapes of membership). GATHER_CHUNK keeps, of the journal rows whose seq is
+# between its two parameters, the last change per account, in seq order so that a
+# later change overwrites an earlier one; ``n`` counts the account's changes, for the
+# ledger (upserting into the chunk's B-tree costs less than a GROUP BY's sort).
+# UPSERT_CHUNK writes the chunk into membership in key order: a new state, name or
+# domain clears a rejection; a new name or domain, the repairs; a new state stamps
+# changed_at.
+GATHER_CHUNK = (
+    "INSERT INTO temp.fold_chunk"
+    " (audience_id, external_id, name, domain, member, seq, ts, n)"
+    " SELECT audience_id, external_id, name, domain, member, seq, ts, 1 FROM changes"
+    " WHERE seq BETWEEN ? AND ? ORDER BY seq"
+    " ON CONFLICT DO UPDATE SET name = excluded.name, domain = excluded.domain,"
+    " member = excluded.member, seq = excluded.seq, ts = excluded.ts, n = n + 1"
+)
+UPSERT_CHUNK = (
+    "INSERT INTO membership (audience_id, external_id, name, domain, desired, seq, changed_at)"
+    " SELECT audience_id, external_id, name, domain, member, seq, ts FROM temp.fold_chunk"
+    " ORDER BY audience_id, external_id"
+    " ON CONFLICT DO UPDATE SET"
+    " rejected = CASE WHEN desired <> excluded.desired OR name <> excluded.name"
+    "   OR domain <> excluded.domain THEN 0 ELSE rejected END,"
+    " repairs = CASE WHEN name <> excluded.name OR domain <> excluded.domain"
+    "   THEN 0 ELSE repairs END,"
+    " changed_at = CASE WHEN desired <> excluded.desired"
+    "   THEN excluded.changed_at ELSE changed_at END,"
+    " name = excluded.name, domain = excluded.domain,"
+    " desired = excluded.desired, seq = excluded.seq"
+)
 
 # Journal rows: (audience_id, external_id, name, domain, member, ts).
 _Rows = list[tuple[Any, ...]]
@@ -246,18 +279,7 @@ def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
         "SELECT MAX(seq) FROM (SELECT seq FROM changes ORDER BY seq LIMIT ?)", (max_rows,)
     ).fetchone()
     db.execute("DELETE FROM temp.fold_chunk")
-    # In seq order, so that a later change to the same account overwrites an earlier
-    # one; ``n`` counts the account's changes in the chunk, for the ledger. (Upserting
-    # into the chunk's B-tree costs less than sorting the chunk with a GROUP BY.)
-    db.execute(
-        "INSERT INTO temp.fold_chunk"
-        " (audience_id, external_id, name, domain, member, seq, ts, n)"
-        " SELECT audience_id, external_id, name, domain, member, seq, ts, 1 FROM changes"
-        " WHERE seq BETWEEN ? AND ? ORDER BY seq"
-        " ON CONFLICT DO UPDATE SET name = excluded.name, domain = excluded.domain,"
-        " member = excluded.member, seq = excluded.seq, ts = excluded.ts, n = n + 1",
-        (first_seq, last_seq),
-    )
+    db.execute(GATHER_CHUNK, (first_seq, last_seq))
     # Pending = desired <> delivered, not in flight, not rejected. A new account is
     # pending once folded if it is a member (delivered 0, never in flight or set aside):
     # the chunk alone counts that, as if every account were new.
@@ -294,20 +316,7 @@ def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
         " JOIN temp.fold_chunk f USING (audience_id, external_id) WHERE m.rejected = 1"
         " AND (m.desired <> f.member OR m.name <> f.name OR m.domain <> f.domain))"
     )
-    db.execute(
-        "INSERT INTO membership (audience_id, external_id, name, domain, desired, seq, changed_at)"
-        " SELECT audience_id, external_id, name, domain, member, seq, ts FROM temp.fold_chunk"
-        " ORDER BY audience_id, external_id"
-        " ON CONFLICT DO UPDATE SET"
-        " rejected = CASE WHEN desired <> excluded.desired OR name <> excluded.name"
-        "   OR domain <> excluded.domain THEN 0 ELSE rejected END,"
-        " repairs = CASE WHEN name <> excluded.name OR domain <> excluded.domain"
-        "   THEN 0 ELSE repairs END,"
-        " changed_at = CASE WHEN desired <> excluded.desired"
-        "   THEN excluded.changed_at ELSE changed_at END,"
-        " name = excluded.name, domain = excluded.domain,"
-        " desired = excluded.desired, seq = excluded.seq"
-    )
+    db.execute(UPSERT_CHUNK)
     db.execute("DELETE FROM changes WHERE seq BETWEEN ? AND ?", (first_seq, last_seq))
     folded: dict[str, int] = {}
     for audience_id, received_total, max_seq, accounts, members in chunk:
