@@ -32,7 +32,9 @@ Secrets
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import operator
 from collections.abc import Mapping
 from typing import TypeVar
 from urllib.parse import quote, urljoin
@@ -320,15 +322,17 @@ def _listed_by_list(data: bytes) -> tuple[dict[int, list[ListedAccount]], int]:
     """The rows of a multi-list results file by list, and how many rows have no external
     id; ``ValueError`` if it is not one. One pass: the file holds millions of rows."""
     rows = read_results(data, (*wire.EXPORT_RESULT_COLUMNS, wire.EXPORT_LIST_ID_COLUMN))
-    # Rows of one list arrive together or interleaved: group by the cell as read.
+    # Rows of one list arrive together or interleaved: group by the cell as read, a run
+    # of rows of one list at a time.
     by_cell: dict[str, list[ListedAccount]] = {}
     without = 0
-    for _, name, domain, external_id, list_id in rows:
-        members = by_cell.get(list_id)
-        if members is None:
-            members = by_cell[list_id] = []
-        members.append(ListedAccount(external_id=external_id, name=name, domain=domain))
-        without += not external_id
+    for cell, run in itertools.groupby(rows, operator.itemgetter(4)):
+        members = [
+            ListedAccount(external_id=external_id, name=name, domain=domain)
+            for _, name, domain, external_id, _ in run
+        ]
+        without += sum(1 for member in members if not member.external_id)
+        by_cell.setdefault(cell, []).extend(members)
     by_list: dict[int, list[ListedAccount]] = {}
     for cell, members in by_cell.items():
         by_list.setdefault(int(cell), []).extend(members)

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import operator
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _csv import Reader
 
 from dbsync.demandbase.wire import EXPORT_RESULT_COLUMNS, IMPORT_COLUMNS
 from dbsync.model import Account
@@ -89,34 +94,41 @@ def read_header(data: bytes) -> list[str]:
 
 def read_results(
     data: bytes, columns: Sequence[str] = EXPORT_RESULT_COLUMNS
-) -> list[tuple[str, ...]]:
+) -> Iterator[tuple[str, ...]]:
     """The cells of ``columns`` in each row of an export results file, in that order.
 
     Columns are matched by name, case-insensitively; their order and any other
     columns do not matter, and a BOM and CRLF line ends are read. A file without a
     header has no rows; cells missing at the end of a short row read as empty strings.
-    Raises ``ValueError`` if it is not CSV or lacks a column. One pass, by position:
-    a results file may hold millions of rows.
+    Raises ``ValueError`` if it is not CSV or lacks a column, at once for the header,
+    else as the rows are read. One pass, by position, and lazily: a results file may
+    hold millions of rows, and a row kept is its caller's to build (tuples held by the
+    million would cost more in garbage collection than in parsing).
     """
     reader = csv.reader(_lines(data), strict=True)
     try:
         header = [cell.strip() for cell in next(reader, None) or ()]
-        if not header:
-            return []
-        # A name given twice: its last column, as a row keyed by name would hold.
-        at = {name.casefold(): i for i, name in enumerate(header)}
-        missing = [c for c in columns if c.casefold() not in at]
-        if missing:
-            raise ValueError(f"the header lacks the columns {missing} (it has {header})")
-        positions = [at[c.casefold()] for c in columns]
-        width = max(positions) + 1
-        padding = [""] * width
-        pick = operator.itemgetter(*positions)
-        return [
-            pick(row) if len(row) >= width else pick(row + padding[len(row) :])
-            for row in reader
-            if row
-        ]
+    except csv.Error as exc:
+        raise ValueError(f"malformed CSV at line {reader.line_num}: {exc}") from exc
+    if not header:
+        return iter(())
+    # A name given twice: its last column, as a row keyed by name would hold.
+    at = {name.casefold(): i for i, name in enumerate(header)}
+    missing = [c for c in columns if c.casefold() not in at]
+    if missing:
+        raise ValueError(f"the header lacks the columns {missing} (it has {header})")
+    positions = [at[c.casefold()] for c in columns]
+    return _picked(reader, positions)
+
+
+def _picked(reader: Reader, positions: list[int]) -> Iterator[tuple[str, ...]]:
+    width = max(positions) + 1
+    padding = [""] * width
+    pick = operator.itemgetter(*positions)
+    try:
+        for row in reader:
+            if row:
+                yield pick(row) if len(row) >= width else pick(row + padding[len(row) :])
     except csv.Error as exc:
         raise ValueError(f"malformed CSV at line {reader.line_num}: {exc}") from exc
 
@@ -127,7 +139,13 @@ def _lines(data: bytes | bytearray) -> Iterator[str]:
     Not ``StringIO(data.decode())``: that holds the text twice more, the second time at
     up to 4 bytes a character (a 44 MiB snapshot body cost ~220 MiB). Split at LF only,
     as ``newline=""`` does, so that a CR, or a form feed, inside a value stays in it.
+    Each block's lines are a list, chained, so that ``csv`` reads them without a
+    Python frame per line (that cost as much as parsing them).
     """
+    return itertools.chain.from_iterable(_line_blocks(data))
+
+
+def _line_blocks(data: bytes | bytearray) -> Iterator[list[str]]:
     start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     while start < len(data):
         end = data.find(b"\n", min(start + _BLOCK_BYTES, len(data)) - 1)
@@ -138,8 +156,8 @@ def _lines(data: bytes | bytearray) -> Iterator[str]:
             raise ValueError(f"not UTF-8 at byte {start + exc.start}") from exc
         lines = text.split("\n")
         last = lines.pop()
-        for line in lines:
-            yield line + "\n"
+        lines = [line + "\n" for line in lines]
         if last:
-            yield last
+            lines.append(last)
+        yield lines
         start = end

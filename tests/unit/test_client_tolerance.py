@@ -65,7 +65,7 @@ def test_results_columns_are_found_by_name_whatever_their_order_case_and_neighbo
         'X-1,Retail,a.example,"A, Inc.",11\r\n'
         ",Retail,b.example,B,12\r\n"
     ).encode()
-    assert read_results(data) == [
+    assert list(read_results(data)) == [
         ("11", "A, Inc.", "a.example", "X-1"),
         ("12", "B", "b.example", ""),
     ]
@@ -78,6 +78,6 @@ def test_a_results_file_without_a_column_names_it() -> None:
 
 
 def test_an_empty_results_file_has_no_rows() -> None:
-    assert read_results(b"") == []
+    assert list(read_results(b"")) == []
     header = ",".join(wire.EXPORT_RESULT_COLUMNS).encode()
-    assert read_results(header + b"\r\n") == []
+    assert list(read_results(header + b"\r\n")) == []
