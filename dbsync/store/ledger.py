@@ -35,13 +35,13 @@ _CAUSE_PREFIX = "lost."
 _REASON_PREFIX = "rejected."
 
 # The columns of :func:`ledger_check`, for the audience ``{a}`` (a parameter or a
-# column); ``{recount}`` is true to count the pending accounts again (O(pending)),
-# else NULL.
+# column); ``{recount}`` is true to count the accounts awaiting a verdict (walking the
+# audience's rows) and the pending ones (O(pending)) again, else NULL.
 COLUMNS = (
     " (SELECT TOTAL(rows) FROM batches INDEXED BY batches_open"
     f"  WHERE audience_id = {{a}} AND state IN {OPEN_STATES_SQL} AND state = 'uploaded'),"
-    " (SELECT COUNT(*) FROM membership INDEXED BY membership_awaiting"
-    "  WHERE audience_id = {a} AND ack_batch IS NOT NULL),"
+    " CASE WHEN {recount} THEN (SELECT COUNT(*) FROM membership"
+    "  WHERE audience_id = {a} AND ack_batch IS NOT NULL) END,"
     " (SELECT TOTAL(n) FROM backlog_counts WHERE audience_id = {a}),"
     " CASE WHEN {recount} THEN (SELECT COUNT(*) FROM membership INDEXED BY membership_queue"
     "  WHERE audience_id = {a} AND desired <> delivered AND in_flight IS NULL"
@@ -87,19 +87,20 @@ def _counts(rows: Iterable[tuple[str, int]]) -> LedgerCounts:
 
 def check_from_row(row: Sequence[Any], *, recount: bool) -> LedgerCheck:
     """The :class:`LedgerCheck` of one row of :data:`COLUMNS`."""
-    processing, awaiting, pending, recounted, ledger_json = row
+    processing, counted_awaiting, pending, recounted, ledger_json = row
     counts = _counts(msgspec.json.decode(ledger_json, type=list[tuple[str, int]]))
     lost, rejected = counts.lost_by_cause, counts.rejected_by_reason
+    # Acknowledgments no verdict has judged, by the counters; only a recount says
+    # whether the rows agree.
+    awaiting = counts.acknowledged - (
+        counts.verified
+        + lost.get(LossCause.DROPPED, 0)
+        + lost.get(LossCause.NOT_REMOVED, 0)
+        + counts.overtaken
+    )
     sums = {
         "delivery": counts.exported - (counts.acknowledged + counts.failed + int(processing)),
-        "verdicts": counts.acknowledged
-        - (
-            counts.verified
-            + lost.get(LossCause.DROPPED, 0)
-            + lost.get(LossCause.NOT_REMOVED, 0)
-            + counts.overtaken
-            + int(awaiting)
-        ),
+        "verdicts": awaiting - int(counted_awaiting) if recount else 0,
         "repairs": counts.lost
         - (
             counts.repaired
@@ -113,7 +114,7 @@ def check_from_row(row: Sequence[Any], *, recount: bool) -> LedgerCheck:
     return LedgerCheck(
         counts=counts,
         processing=int(processing),
-        awaiting=int(awaiting),
+        awaiting=int(counted_awaiting) if recount else awaiting,
         pending=int(pending),
         imbalances={name: diff for name, diff in sums.items() if diff},
     )
@@ -168,8 +169,10 @@ async def add_to_ledger(engine: Engine, audience_id: str, **deltas: int) -> None
 async def ledger_check(engine: Engine, audience_id: str, *, recount: bool = True) -> LedgerCheck:
     """The ledger and the sums it must keep (:class:`~dbsync.model.LedgerCheck`).
 
-    Recounting the pending accounts walks the queue's index, O(pending): a
-    reconciliation's price, not a summary's (``recount=False`` leaves that sum out).
+    Recounting walks the audience's rows for the accounts awaiting a verdict, and the
+    queue's index for the pending ones: a reconciliation's price, not a summary's
+    (``recount=False`` leaves those two sums out, and takes ``awaiting`` from the
+    counters).
     """
     rows = await engine.read(
         f"SELECT {COLUMNS.format(a='?1', recount='?2')}", (audience_id, recount)

@@ -54,6 +54,13 @@ batches, whose accounts ``membership.in_flight`` already names in the same
 transactions: one B-tree insert per account planned, and a table that grew with every
 send, for nothing ``membership_in_flight`` does not answer.
 
+No awaiting index (migration 12). Acknowledgments awaiting a verdict were indexed by
+(audience, batch) only so that a ledger check could count them; every acknowledgment
+then wrote an index entry and every verdict deleted it, a third of a read-back's
+writes, and a summary or ``ctl status`` counted every awaiting row of every audience.
+A check now counts them only when it recounts (after a read-back, walking the
+audience's rows); otherwise the ledger's own counters say how many await.
+
 Each migration runs in its own transaction and sets ``PRAGMA user_version``; a file
 newer than this code knows is refused rather than guessed at.
 """
@@ -379,6 +386,10 @@ MIGRATIONS: tuple[str, ...] = (
     # transaction); the items of closed batches were never read.
     """
     DROP TABLE batch_items
+    """,
+    # 12: the awaiting index goes (the module docstring says why).
+    """
+    DROP INDEX membership_awaiting
     """,
 )
 

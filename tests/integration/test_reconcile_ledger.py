@@ -3,7 +3,8 @@
 The ledger's sums (:class:`~dbsync.model.LedgerCheck`) hold by construction while
 the store alone moves the counters. Here one counter is corrupted behind the daemon's
 back, through a second SQLite connection, as a bug or a hand edit would: the next
-reconciliation must report it with the numbers, and so must the periodic summary.
+reconciliation must report it with the numbers, and so must the periodic summary
+for the sums it checks (those of counters alone: a summary does not count rows).
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ async def test_a_corrupted_count_produces_the_ledger_imbalance_event(
     2. A read-back: every sum balances, no ``ledger_imbalance``.
     3. ``verified`` is raised by one in the SQLite file, by another connection.
     4. Another read-back, then a summary.
+    5. ``exported`` is raised by one too; a summary.
     Result: the second report says unbalanced (``verdicts`` off by 1); an error-level
-    ``ledger_imbalance`` event names the sum and carries the ledger's numbers, from the
-    reconciliation and again from the summary."""
+    ``ledger_imbalance`` event names the sum and carries the ledger's numbers. The
+    summary after it says nothing: ``verdicts`` needs the awaiting rows counted, which
+    only a read-back does. The summary after 5 names ``delivery``, a sum of counters."""
     async with running_reconcile_engine(
         tmp_path,
         [AUDIENCE],
@@ -75,7 +78,19 @@ async def test_a_corrupted_count_produces_the_ledger_imbalance_event(
         assert fields["awaiting"] == 0
 
         await engine.supervisor.log_summaries()
+        assert len(imbalance_events(caplog)) == 1
+
+        with sqlite3.connect(database(tmp_path / "config.toml"), timeout=30) as db:
+            db.execute(
+                "UPDATE ledger SET value = value + 1 WHERE audience_id = ? AND counter = ?",
+                (AUDIENCE.id, "exported"),
+            )
+        db.close()
+        await engine.supervisor.log_summaries()
         summary = imbalance_events(caplog)[-1].__dict__
         assert summary["checked_by"] == "summary"
-        assert summary["imbalances"] == {"verdicts": -1}
-        assert not (await ledger_check(engine, AUDIENCE.id)).balanced
+        assert summary["imbalances"] == {"delivery": 1}
+        assert (await ledger_check(engine, AUDIENCE.id)).imbalances == {
+            "delivery": 1,
+            "verdicts": -1,
+        }

@@ -163,7 +163,6 @@ async def test_a_version_6_file_keeps_every_row_and_carries_on(tmp_path: Path) -
             "membership_queue",
             "membership_unsettled",
             "membership_rejected",
-            "membership_awaiting",
         }
     db.close()
 

@@ -176,7 +176,7 @@ async def test_a_version_10_file_keeps_its_batches_in_flight(tmp_path: Path) -> 
     before.pop("batch_items")
     assert after == before
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 11
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     db.close()
 
     # The store carries on with the batches it found: a split keeps the accounts in
