@@ -53,7 +53,7 @@ class MultiListExportClient(Protocol):
     ) -> wire.ExportJobDetails: ...
 
     async def read_export_accounts_by_list(
-        self, results_url: str
+        self, results_url: str, *, downloaded: Callable[[], None] | None = None
     ) -> tuple[dict[int, list[ListedAccount]], int]: ...
 
 

@@ -88,7 +88,9 @@ class ExportClient(Protocol):
 
     async def get_export_job(self, job_id: str) -> wire.ExportJobStatus: ...
 
-    async def read_export_accounts(self, results_url: str) -> list[ListedAccount]: ...
+    async def read_export_accounts(
+        self, results_url: str, *, downloaded: Callable[[], None] | None = None
+    ) -> list[ListedAccount]: ...
 
 
 class ReadbackStore(Protocol):
@@ -230,8 +232,8 @@ class ReadBacks:
         self, group: Sequence[ReconcileFacts], *, downloaded: Callable[[], None] | None = None
     ) -> list[ReconcileReport]:
         """One export job reading every list of ``group`` (several [A5], or one); a report
-        per audience. ``downloaded`` is called once its results file is read: Demandbase
-        may run the next export while this one's lists are judged."""
+        per audience. ``downloaded`` is called once its results file has arrived: Demandbase
+        may run the next export while this one's file is read and its lists judged."""
         started = self._clock.time()
         for turn in group:
             self.running[turn.audience_id] = started
@@ -334,9 +336,9 @@ class ReadBacks:
         # before the poll that saw it finished, and the first poll would drift later.
         took = job_seconds(status)
         self.export_duration.learn(self._clock.time() - lead.started_at if took is None else took)
-        by_run = await self._download(runs, results_url, charged)
+        by_run = await self._download(runs, results_url, charged, downloaded)
         if downloaded is not None:
-            downloaded()
+            downloaded()  # once more, for a client that does not say it (idempotent)
         self.judging_waits += 1
         try:
             await self._judging.acquire()
@@ -374,15 +376,20 @@ class ReadBacks:
         return reports
 
     async def _download(
-        self, runs: Sequence[ReconcileRun], results_url: str, charged: int
+        self,
+        runs: Sequence[ReconcileRun],
+        results_url: str,
+        charged: int,
+        downloaded: Callable[[], None] | None,
     ) -> dict[int, list[ListedAccount]]:
         """The members of each run's list, from the export's results file; the volume
-        ``charged`` before is corrected to the file's size (estimated for one list)."""
+        ``charged`` before is corrected to the file's size (estimated for one list).
+        ``downloaded`` is called once the file has arrived, before it is read."""
         if len(runs) == 1:
             try:
                 listed = await self._call(
                     Endpoint.EXPORT_DOWNLOAD,
-                    lambda: self._client.read_export_accounts(results_url),
+                    lambda: self._client.read_export_accounts(results_url, downloaded=downloaded),
                 )
             except DemandbaseError as exc:
                 await self._fail_all(runs, f"the results file could not be read: {exc}", exc)
@@ -392,7 +399,8 @@ class ReadBacks:
         client = self._client
         try:
             by_list, size = await self._call(
-                Endpoint.EXPORT_DOWNLOAD, lambda: client.read_export_accounts_by_list(results_url)
+                Endpoint.EXPORT_DOWNLOAD,
+                lambda: client.read_export_accounts_by_list(results_url, downloaded=downloaded),
             )
         except DemandbaseError as exc:
             if isinstance(exc, PayloadError) and self.multi:

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +65,8 @@ class ScriptedExportClient:
 
     ``creates`` holds what the next job creations do (an error to raise, or None to
     accept); ``job_states`` the states the next status reads answer (then "finished");
-    ``members`` what each list holds, by list id.
+    ``members`` what each list holds, by list id. A results file is read (after the
+    ``downloaded`` call, as the real client does) once ``parsing`` is set.
     """
 
     def __init__(self) -> None:
@@ -75,6 +76,8 @@ class ScriptedExportClient:
         self.members: dict[int, list[ListedAccount]] = {}
         self._ids = itertools.count(1)
         self._lists: dict[str, int] = {}
+        self.parsing = asyncio.Event()
+        self.parsing.set()
 
     async def create_account_list_export(
         self, job_name: str, account_list_id: int
@@ -102,9 +105,14 @@ class ScriptedExportClient:
             message="export failed: internal error" if state == "failed" else None,
         )
 
-    async def read_export_accounts(self, results_url: str) -> list[ListedAccount]:
+    async def read_export_accounts(
+        self, results_url: str, *, downloaded: Callable[[], None] | None = None
+    ) -> list[ListedAccount]:
         job_id = results_url.rsplit("/", 1)[-1]
         self.calls.append(f"download {job_id}")
+        if downloaded is not None:
+            downloaded()
+        await self.parsing.wait()
         return list(self.members.get(self._lists[job_id], []))
 
     def creates_made(self) -> list[str]:
@@ -133,10 +141,13 @@ class ScriptedMultiListClient(ScriptedExportClient):
         )
 
     async def read_export_accounts_by_list(
-        self, results_url: str
+        self, results_url: str, *, downloaded: Callable[[], None] | None = None
     ) -> tuple[dict[int, list[ListedAccount]], int]:
         job_id = results_url.rsplit("/", 1)[-1]
         self.calls.append(f"download {job_id}")
+        if downloaded is not None:
+            downloaded()
+        await self.parsing.wait()
         by_list = {i: list(self.members.get(i, [])) for i in self._many[job_id]}
         return by_list, 100 * sum(len(members) for members in by_list.values())
 
@@ -805,6 +816,32 @@ async def test_a_jobs_lists_are_judged_while_the_next_job_is_exported(h: Harness
     await h.settle()
     assert [r.state for r in h.store.runs.values()] == ["completed"] * 12
     assert all(h.reconciler and h.reconciler.state(f"a{n:02d}")[0] for n in range(12))
+
+
+async def test_the_next_job_is_exported_while_a_file_is_still_being_read(h: Harness) -> None:
+    # Reading a results file is our work, not Demandbase's: the export slot is free
+    # once the file has arrived, before its millions of rows are parsed.
+    h.client = ScriptedMultiListClient()
+    for n in range(12):
+        audience = h.store.add(f"a{n:02d}", 100 + n, members=[f"K{n}"])
+        h.client.members[100 + n] = [m.listed() for m in audience.members.values()]
+    h.client.parsing.clear()
+    await h.start(multi_list=True)
+    await h.advance(POLL_SECONDS)
+    await h.advance(POLL_SECONDS)
+    first = " ".join(str(100 + n) for n in range(10))
+    assert h.client.calls == [
+        f"create {first}",
+        "status job1 finished",
+        "download job1",
+        "create 110 111",
+        "status job2 finished",
+        "download job2",
+    ]
+    assert all(run.state == "exporting" for run in h.store.runs.values())
+    h.client.parsing.set()
+    await h.settle()
+    assert [r.state for r in h.store.runs.values()] == ["completed"] * 12
 
 
 async def test_a_store_error_in_a_multi_list_read_back_ends_the_reconciler_as_itself(
