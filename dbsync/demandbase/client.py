@@ -35,7 +35,7 @@ import asyncio
 import itertools
 import logging
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 from urllib.parse import quote, urljoin
 
@@ -219,7 +219,7 @@ class DemandbaseClient:
         )
 
     async def read_export_accounts(
-        self, results_url: str, *, downloaded: Callable[[], None] | None = None
+        self, results_url: str, *, before_reading: Callable[[], Awaitable[None]] | None = None
     ) -> list[ListedAccount]:
         """The list members in a finished export's results file [A3], every row.
 
@@ -227,12 +227,13 @@ class DemandbaseClient:
         CRLF line ends are read too). Members without an External Account ID (matched
         by domain and name, or added in Demandbase) keep an empty one, and are counted
         in a log line. The file is read in a thread: it may hold millions of rows, and
-        the event loop serves ingest and the actors meanwhile. ``downloaded`` is called
-        once the file has arrived, before it is read (Demandbase's part is done then).
+        the event loop serves ingest and the actors meanwhile. ``before_reading`` is
+        awaited once the file has arrived (Demandbase's part is done then), and the
+        file is read when it returns.
         """
         data = await self.download_export_results(results_url)
-        if downloaded is not None:
-            downloaded()
+        if before_reading is not None:
+            await before_reading()
         try:
             accounts = await asyncio.to_thread(_listed_accounts, data)
         except ValueError as exc:
@@ -243,18 +244,18 @@ class DemandbaseClient:
         return accounts
 
     async def read_export_accounts_by_list(
-        self, results_url: str, *, downloaded: Callable[[], None] | None = None
+        self, results_url: str, *, before_reading: Callable[[], Awaitable[None]] | None = None
     ) -> tuple[dict[int, list[ListedAccount]], int]:
         """The members of each list of a finished multi-list export [A5], and the file's
         size in bytes (Demandbase counts a daily export volume).
 
         Each row names its list in an ``Account List ID`` column; a file without it is
         a :class:`PayloadError` (the tenant does not say which list a row is on). Read
-        in a thread, and ``downloaded`` called before, as :meth:`read_export_accounts`.
+        in a thread, after ``before_reading``, as :meth:`read_export_accounts`.
         """
         data = await self.download_export_results(results_url)
-        if downloaded is not None:
-            downloaded()
+        if before_reading is not None:
+            await before_reading()
         try:
             by_list, without = await asyncio.to_thread(_listed_by_list, data)
         except ValueError as exc:

@@ -15,7 +15,7 @@ window by our count (estimated from list sizes before a job, charged after).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -53,7 +53,7 @@ class MultiListExportClient(Protocol):
     ) -> wire.ExportJobDetails: ...
 
     async def read_export_accounts_by_list(
-        self, results_url: str, *, downloaded: Callable[[], None] | None = None
+        self, results_url: str, *, before_reading: Callable[[], Awaitable[None]] | None = None
     ) -> tuple[dict[int, list[ListedAccount]], int]: ...
 
 

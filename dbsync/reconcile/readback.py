@@ -89,7 +89,7 @@ class ExportClient(Protocol):
     async def get_export_job(self, job_id: str) -> wire.ExportJobStatus: ...
 
     async def read_export_accounts(
-        self, results_url: str, *, downloaded: Callable[[], None] | None = None
+        self, results_url: str, *, before_reading: Callable[[], Awaitable[None]] | None = None
     ) -> list[ListedAccount]: ...
 
 
@@ -336,16 +336,29 @@ class ReadBacks:
         # before the poll that saw it finished, and the first poll would drift later.
         took = job_seconds(status)
         self.export_duration.learn(self._clock.time() - lead.started_at if took is None else took)
-        by_run = await self._download(runs, results_url, charged, downloaded)
-        if downloaded is not None:
-            downloaded()  # once more, for a client that does not say it (idempotent)
-        self.judging_waits += 1
-        try:
-            await self._judging.acquire()
-        finally:
-            self.judging_waits -= 1
-        try:
+        judging = False
+
+        async def before_reading() -> None:
+            # The file is here: Demandbase may export the next job. Reading it waits
+            # for the lists judged before it: a file read in a thread while another's
+            # lists are judged slows that judging more than it gains (the GIL: each of
+            # its statements waits for the reading thread's turn).
+            nonlocal judging
+            if downloaded is not None:
+                downloaded()
+            if judging:
+                return
+            self.judging_waits += 1
+            try:
+                await self._judging.acquire()
+            finally:
+                self.judging_waits -= 1
+            judging = True
             self._changed()  # the next job may be exported now
+
+        try:
+            by_run = await self._download(runs, results_url, charged, before_reading)
+            await before_reading()  # for a client that does not call it
             adopting = set(await self._adoptions.pending(run.audience_id for run in runs))
             # Two lists at a time: one's transaction on the store's writer while the
             # other's accounts are read and matched on its reader.
@@ -371,7 +384,8 @@ class ReadBacks:
                     raise outcome
                 reports.append(outcome)
         finally:
-            self._judging.release()
+            if judging:
+                self._judging.release()
         self.last_estimate = await self.loss_estimate()
         return reports
 
@@ -380,16 +394,18 @@ class ReadBacks:
         runs: Sequence[ReconcileRun],
         results_url: str,
         charged: int,
-        downloaded: Callable[[], None] | None,
+        before_reading: Callable[[], Awaitable[None]],
     ) -> dict[int, list[ListedAccount]]:
         """The members of each run's list, from the export's results file; the volume
         ``charged`` before is corrected to the file's size (estimated for one list).
-        ``downloaded`` is called once the file has arrived, before it is read."""
+        ``before_reading`` is awaited once the file has arrived, before it is read."""
         if len(runs) == 1:
             try:
                 listed = await self._call(
                     Endpoint.EXPORT_DOWNLOAD,
-                    lambda: self._client.read_export_accounts(results_url, downloaded=downloaded),
+                    lambda: self._client.read_export_accounts(
+                        results_url, before_reading=before_reading
+                    ),
                 )
             except DemandbaseError as exc:
                 await self._fail_all(runs, f"the results file could not be read: {exc}", exc)
@@ -400,7 +416,9 @@ class ReadBacks:
         try:
             by_list, size = await self._call(
                 Endpoint.EXPORT_DOWNLOAD,
-                lambda: client.read_export_accounts_by_list(results_url, downloaded=downloaded),
+                lambda: client.read_export_accounts_by_list(
+                    results_url, before_reading=before_reading
+                ),
             )
         except DemandbaseError as exc:
             if isinstance(exc, PayloadError) and self.multi:

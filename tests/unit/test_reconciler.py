@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,8 +65,8 @@ class ScriptedExportClient:
 
     ``creates`` holds what the next job creations do (an error to raise, or None to
     accept); ``job_states`` the states the next status reads answer (then "finished");
-    ``members`` what each list holds, by list id. A results file is read (after the
-    ``downloaded`` call, as the real client does) once ``parsing`` is set.
+    ``members`` what each list holds, by list id. A results file is read (after
+    ``before_reading``, as the real client does) once ``parsing`` is set.
     """
 
     def __init__(self) -> None:
@@ -78,6 +78,7 @@ class ScriptedExportClient:
         self._lists: dict[str, int] = {}
         self.parsing = asyncio.Event()
         self.parsing.set()
+        self.reads: list[str] = []  # the jobs whose file was read, in order
 
     async def create_account_list_export(
         self, job_name: str, account_list_id: int
@@ -106,13 +107,14 @@ class ScriptedExportClient:
         )
 
     async def read_export_accounts(
-        self, results_url: str, *, downloaded: Callable[[], None] | None = None
+        self, results_url: str, *, before_reading: Callable[[], Awaitable[None]] | None = None
     ) -> list[ListedAccount]:
         job_id = results_url.rsplit("/", 1)[-1]
         self.calls.append(f"download {job_id}")
-        if downloaded is not None:
-            downloaded()
+        if before_reading is not None:
+            await before_reading()
         await self.parsing.wait()
+        self.reads.append(job_id)
         return list(self.members.get(self._lists[job_id], []))
 
     def creates_made(self) -> list[str]:
@@ -141,13 +143,14 @@ class ScriptedMultiListClient(ScriptedExportClient):
         )
 
     async def read_export_accounts_by_list(
-        self, results_url: str, *, downloaded: Callable[[], None] | None = None
+        self, results_url: str, *, before_reading: Callable[[], Awaitable[None]] | None = None
     ) -> tuple[dict[int, list[ListedAccount]], int]:
         job_id = results_url.rsplit("/", 1)[-1]
         self.calls.append(f"download {job_id}")
-        if downloaded is not None:
-            downloaded()
+        if before_reading is not None:
+            await before_reading()
         await self.parsing.wait()
+        self.reads.append(job_id)
         by_list = {i: list(self.members.get(i, [])) for i in self._many[job_id]}
         return by_list, 100 * sum(len(members) for members in by_list.values())
 
@@ -812,8 +815,11 @@ async def test_a_jobs_lists_are_judged_while_the_next_job_is_exported(h: Harness
         "download job2",
     ]
     assert all(run.state == "exporting" for run in h.store.runs.values())
+    # The second file is not read while the first job's lists are judged.
+    assert h.client.reads == ["job1"]
     gate.set()
     await h.settle()
+    assert h.client.reads == ["job1", "job2"]
     assert [r.state for r in h.store.runs.values()] == ["completed"] * 12
     assert all(h.reconciler and h.reconciler.state(f"a{n:02d}")[0] for n in range(12))
 
