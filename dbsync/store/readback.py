@@ -233,11 +233,11 @@ async def apply_readback(
     # ago are judged, and no new change makes one of those), and probes the matches.
     # Sorted, so that index probes walk in order; in a thread, as a list may hold
     # millions and the event loop serves ingest meanwhile.
-    ids = await asyncio.to_thread(sorted, [account.external_id for account in listed])
+    ids, encoded = await asyncio.to_thread(_sorted_ids, listed)
     not_ours = await engine.read(
         "SELECT COUNT(*) FROM json_each(?) j WHERE NOT EXISTS (SELECT 1 FROM membership m"
         " WHERE m.audience_id = ? AND m.external_id = j.value)",
-        (await asyncio.to_thread(msgspec.json.encode, ids), audience_id),
+        (encoded, audience_id),
     )
     strangers: dict[str, ListedAccount] = {}
     nameless = 0
@@ -251,9 +251,14 @@ async def apply_readback(
         )
         present, strangers, nameless = await asyncio.to_thread(match_listed, ours, listed)
         ids = await asyncio.to_thread(sorted, present)
+        encoded = b""
     # A piece per transaction, so that ingest commits between them.
     for start in range(0, max(len(ids), 1), _STAGE_ROWS):
-        piece = msgspec.json.encode(ids[start : start + _STAGE_ROWS])
+        piece = (
+            encoded
+            if encoded and len(ids) <= _STAGE_ROWS
+            else msgspec.json.encode(ids[start : start + _STAGE_ROWS])
+        )
         await engine.transaction(
             functools.partial(_stage_listed, run_id=run_id, ids=piece, first=start == 0)
         )
@@ -271,6 +276,12 @@ async def apply_readback(
         )
         if finished:
             return verdict
+
+
+def _sorted_ids(listed: Sequence[ListedAccount]) -> tuple[list[str], bytes]:
+    """The listed external ids, sorted, and as a JSON array."""
+    ids = sorted([account.external_id for account in listed])
+    return ids, msgspec.json.encode(ids)
 
 
 def _stage_listed(db: sqlite3.Connection, *, run_id: int, ids: bytes, first: bool) -> None:
