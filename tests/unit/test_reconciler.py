@@ -785,13 +785,29 @@ def test_an_exports_duration_is_read_from_demandbases_stamps(
     assert job_seconds(status) == seconds
 
 
-async def test_a_jobs_lists_are_judged_while_the_next_job_is_exported(h: Harness) -> None:
-    # 12 audiences of one member, never read: each list is guessed at 10,000 rows, so
-    # the cap (100,000 rows) puts 10 in the first job and the other 2 in the next.
+def twelve_lists(h: Harness) -> ScriptedMultiListClient:
+    """12 audiences of one member, never read: each list is guessed at 10,000 rows, so
+    the cap (100,000 rows) puts 10 in the first job and the other 2 in the next."""
     h.client = ScriptedMultiListClient()
     for n in range(12):
         audience = h.store.add(f"a{n:02d}", 100 + n, members=[f"K{n}"])
         h.client.members[100 + n] = [m.listed() for m in audience.members.values()]
+    return h.client
+
+
+# Both jobs of twelve_lists created, polled and downloaded.
+TWO_JOBS = [
+    f"create {' '.join(str(100 + n) for n in range(10))}",
+    "status job1 finished",
+    "download job1",
+    "create 110 111",
+    "status job2 finished",
+    "download job2",
+]
+
+
+async def test_a_jobs_lists_are_judged_while_the_next_job_is_exported(h: Harness) -> None:
+    client = twelve_lists(h)
     gate = asyncio.Event()
     judge = h.store.apply_readback
 
@@ -802,24 +818,16 @@ async def test_a_jobs_lists_are_judged_while_the_next_job_is_exported(h: Harness
     h.store.apply_readback = held  # type: ignore[method-assign]
     await h.start(multi_list=True)
     await h.advance(POLL_SECONDS)
-    first = " ".join(str(100 + n) for n in range(10))
     # The second job is created, polled and downloaded while no list is judged; a
     # third waits for the judging (none is due anyway).
     await h.advance(POLL_SECONDS)
-    assert h.client.calls == [
-        f"create {first}",
-        "status job1 finished",
-        "download job1",
-        "create 110 111",
-        "status job2 finished",
-        "download job2",
-    ]
+    assert client.calls == TWO_JOBS
     assert all(run.state == "exporting" for run in h.store.runs.values())
     # The second file is not read while the first job's lists are judged.
-    assert h.client.reads == ["job1"]
+    assert client.reads == ["job1"]
     gate.set()
     await h.settle()
-    assert h.client.reads == ["job1", "job2"]
+    assert client.reads == ["job1", "job2"]
     assert [r.state for r in h.store.runs.values()] == ["completed"] * 12
     assert all(h.reconciler and h.reconciler.state(f"a{n:02d}")[0] for n in range(12))
 
@@ -827,25 +835,14 @@ async def test_a_jobs_lists_are_judged_while_the_next_job_is_exported(h: Harness
 async def test_the_next_job_is_exported_while_a_file_is_still_being_read(h: Harness) -> None:
     # Reading a results file is our work, not Demandbase's: the export slot is free
     # once the file has arrived, before its millions of rows are parsed.
-    h.client = ScriptedMultiListClient()
-    for n in range(12):
-        audience = h.store.add(f"a{n:02d}", 100 + n, members=[f"K{n}"])
-        h.client.members[100 + n] = [m.listed() for m in audience.members.values()]
-    h.client.parsing.clear()
+    client = twelve_lists(h)
+    client.parsing.clear()
     await h.start(multi_list=True)
     await h.advance(POLL_SECONDS)
     await h.advance(POLL_SECONDS)
-    first = " ".join(str(100 + n) for n in range(10))
-    assert h.client.calls == [
-        f"create {first}",
-        "status job1 finished",
-        "download job1",
-        "create 110 111",
-        "status job2 finished",
-        "download job2",
-    ]
+    assert client.calls == TWO_JOBS
     assert all(run.state == "exporting" for run in h.store.runs.values())
-    h.client.parsing.set()
+    client.parsing.set()
     await h.settle()
     assert [r.state for r in h.store.runs.values()] == ["completed"] * 12
 
