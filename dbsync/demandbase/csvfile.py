@@ -102,8 +102,7 @@ def read_results(
     header has no rows; cells missing at the end of a short row read as empty strings.
     Raises ``ValueError`` if it is not CSV or lacks a column, at once for the header,
     else as the rows are read. One pass, by position, and lazily: a results file may
-    hold millions of rows, and a row kept is its caller's to build (tuples held by the
-    million would cost more in garbage collection than in parsing).
+    hold millions of rows, and what a row becomes is its caller's to build.
     """
     reader = csv.reader(_lines(data), strict=True)
     try:
