@@ -29,6 +29,7 @@ from typing import cast
 from dbsync.judgment import OurAccount, match_listed
 from dbsync.model import ListedAccount
 from dbsync.store import ledger, queue
+from dbsync.store.audiences import KEY, key_of
 from dbsync.store.engine import Engine
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 _PENDING_MEMBERS = (
-    " FROM membership WHERE audience_id = ? AND desired = 1 AND delivered = 0"
+    f" FROM membership WHERE audience_key = {KEY} AND desired = 1 AND delivered = 0"
     " AND in_flight IS NULL AND rejected = 0"
 )
 
@@ -56,7 +57,8 @@ async def request_first_adoptions(engine: Engine, audience_ids: Iterable[str]) -
         for audience_id in ids:
             fresh = db.execute(
                 "SELECT NOT EXISTS (SELECT 1 FROM adoptions WHERE audience_id = ?1)"
-                " AND NOT EXISTS (SELECT 1 FROM membership WHERE audience_id = ?1"
+                " AND NOT EXISTS (SELECT 1 FROM membership"
+                f"  WHERE audience_key = {key_of('?1')}"
                 "  AND delivered = 1)"
                 " AND (SELECT first_acked_at IS NULL FROM audiences WHERE audience_id = ?1)",
                 (audience_id,),
@@ -119,7 +121,7 @@ async def adopt_listed(
             return None
         # Still pending, unsent: the rows may have moved since they were matched.
         taken = db.executemany(
-            "UPDATE membership SET delivered = 1 WHERE audience_id = ? AND external_id = ?"
+            f"UPDATE membership SET delivered = 1 WHERE audience_key = {KEY} AND external_id = ?"
             " AND desired = 1 AND delivered = 0 AND in_flight IS NULL AND rejected = 0",
             [(audience_id, key) for key in sorted(present)],
         ).rowcount

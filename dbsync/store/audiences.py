@@ -1,9 +1,16 @@
-"""The configured audiences: what each feeds, its state, and an operator's pause.
+"""The configured audiences: what each feeds, its state, and an operator's pause; and
+the integer key that stands for an audience id in ``membership`` (schema migration 13).
 
 Nothing is ever deleted: an audience gone from the configuration is *deactivated*
 (its list is left as it is) and comes back with its history if it returns. The list
 an audience feeds is fixed at its first activation, since the public API cannot
 rename a list.
+
+Every audience id the store meets gets a key in ``audience_keys``: a configured one
+when it is added, any other the first time the fold meets its changes (ingest appends
+the id as received, so a change of an audience configured a moment ago is accepted as
+before). Statements on ``membership`` bind the id and resolve it in SQL (:data:`KEY`,
+one probe of a small index per statement); a key is never renumbered or deleted.
 """
 
 from __future__ import annotations
@@ -16,12 +23,38 @@ from dbsync.model import AudienceRecord, AudienceSpec, AudienceState, SyncResult
 from dbsync.store.engine import Engine
 
 __all__ = [
+    "KEY",
     "audiences",
+    "give_key",
+    "key_of",
     "ping",
     "set_audience_state",
     "set_operator_paused",
     "sync_audiences",
 ]
+
+
+def key_of(param: str) -> str:
+    """SQL for the key of the audience id bound at ``param`` (``?``, ``?1``, ``:a`` or a
+    column). NULL for an id the store never met: no membership row matches it, as none
+    would have matched the id."""
+    return f"(SELECT audience_key FROM audience_keys WHERE audience_id = {param})"
+
+
+# The key of the audience id bound at the next ``?``: what statements on membership bind.
+KEY = key_of("?")
+
+
+def give_key(db: sqlite3.Connection, audience_id: str) -> int:
+    """The audience's key, given now if the store never met the id (writer only)."""
+    db.execute(
+        "INSERT INTO audience_keys (audience_id) VALUES (?) ON CONFLICT DO NOTHING",
+        (audience_id,),
+    )
+    (key,) = db.execute(
+        "SELECT audience_key FROM audience_keys WHERE audience_id = ?", (audience_id,)
+    ).fetchone()
+    return int(key)
 
 
 async def sync_audiences(engine: Engine, specs: Sequence[AudienceSpec]) -> SyncResult:
@@ -49,6 +82,7 @@ async def sync_audiences(engine: Engine, specs: Sequence[AudienceSpec]) -> SyncR
                         now,
                     ),
                 )
+                give_key(db, spec.audience_id)
                 added.append(spec.audience_id)
                 continue
             _, old_name, state = row

@@ -25,6 +25,7 @@ import msgspec
 from dbsync.errors import StoreError
 from dbsync.model import Account, Batch, BatchState, BatchSummary, ListAction, RejectReason
 from dbsync.store import ledger, queue
+from dbsync.store.audiences import KEY
 from dbsync.store.engine import Engine
 from dbsync.store.schema import OPEN_STATES_SQL
 
@@ -52,7 +53,7 @@ async def plan_batch(
         picked = db.execute(
             "SELECT external_id, name, domain, rowid FROM membership"
             " INDEXED BY membership_queue"
-            " WHERE audience_id = ? AND desired <> delivered AND desired = ?"
+            f" WHERE audience_key = {KEY} AND desired <> delivered AND desired = ?"
             " AND in_flight IS NULL AND rejected = 0 ORDER BY changed_at LIMIT ?",
             (audience_id, action is ListAction.INSERT, max_rows),
         ).fetchall()
@@ -100,7 +101,7 @@ async def open_batches(engine: Engine, audience_id: str) -> list[Batch]:
     for batch_id, action, state, job_id, created_at, uploaded_at in batches:
         accounts = await engine.read(
             "SELECT external_id, name, domain FROM membership INDEXED BY membership_in_flight"
-            " WHERE in_flight = ? AND audience_id = ? ORDER BY external_id",
+            f" WHERE in_flight = ? AND audience_key = {KEY} ORDER BY external_id",
             (batch_id, audience_id),
         )
         result.append(
@@ -161,7 +162,7 @@ async def complete_batch(engine: Engine, batch_id: int, *, list_id: int | None) 
         # earlier acknowledgments no read-back judged, which this one replaces.
         moved, overtaken = db.execute(
             "SELECT TOTAL(desired <> ?), TOTAL(ack_batch IS NOT NULL) FROM membership"
-            " WHERE in_flight = ? AND audience_id = ?",
+            f" WHERE in_flight = ? AND audience_key = {KEY}",
             (delivered, batch_id, audience_id),
         ).fetchone()
         if delivered:
@@ -172,7 +173,7 @@ async def complete_batch(engine: Engine, batch_id: int, *, list_id: int | None) 
         # leaves the accounts in flight, and they are sent again.
         db.execute(
             "UPDATE membership SET delivered = ?, in_flight = NULL, acked_at = ?,"
-            " ack_batch = ? WHERE in_flight = ? AND audience_id = ?",
+            f" ack_batch = ? WHERE in_flight = ? AND audience_key = {KEY}",
             (delivered, now, batch_id, batch_id, audience_id),
         )
         db.execute(
@@ -277,16 +278,16 @@ async def reject_batch(engine: Engine, batch_id: int, reason: str) -> None:
         db.execute(
             "INSERT INTO rejected (audience_id, external_id, name, domain, member, reason,"
             " rejected_at, attempts)"
-            " SELECT m.audience_id, m.external_id, m.name, m.domain, m.desired, ?, ?, 1"
-            " FROM membership m WHERE m.in_flight = ? AND m.audience_id = ?"
+            " SELECT ?, m.external_id, m.name, m.domain, m.desired, ?, ?, 1"
+            f" FROM membership m WHERE m.in_flight = ? AND m.audience_key = {KEY}"
             " ON CONFLICT DO UPDATE SET reason = excluded.reason,"
             " rejected_at = excluded.rejected_at, name = excluded.name,"
             " domain = excluded.domain, member = excluded.member, attempts = attempts + 1",
-            (reason, now, batch_id, audience_id),
+            (audience_id, reason, now, batch_id, audience_id),
         )
         db.execute(
             "UPDATE membership SET rejected = 1, in_flight = NULL"
-            " WHERE in_flight = ? AND audience_id = ?",
+            f" WHERE in_flight = ? AND audience_key = {KEY}",
             (batch_id, audience_id),
         )
         db.execute(
@@ -338,7 +339,7 @@ def _in_flight(db: sqlite3.Connection, audience_id: str, batch_id: int) -> list[
     """The batch's accounts (external id, name, domain, rowid), by external id."""
     return db.execute(
         "SELECT external_id, name, domain, rowid FROM membership INDEXED BY membership_in_flight"
-        " WHERE in_flight = ? AND audience_id = ? ORDER BY external_id",
+        f" WHERE in_flight = ? AND audience_key = {KEY} ORDER BY external_id",
         (batch_id, audience_id),
     ).fetchall()
 
@@ -365,7 +366,7 @@ def _release(
         return
     _requeue_in_flight(db, audience_id, batch_id, "desired <> delivered")
     db.execute(
-        "UPDATE membership SET in_flight = NULL WHERE in_flight = ? AND audience_id = ?",
+        f"UPDATE membership SET in_flight = NULL WHERE in_flight = ? AND audience_key = {KEY}",
         (batch_id, audience_id),
     )
     db.execute(
@@ -382,7 +383,8 @@ def _requeue_in_flight(
     """Count the batch's accounts that will be pending once it closes (``pending_after``)."""
     counts = dict(
         db.execute(
-            "SELECT desired, COUNT(*) FROM membership WHERE in_flight = ? AND audience_id = ?"
+            "SELECT desired, COUNT(*) FROM membership"
+            f" WHERE in_flight = ? AND audience_key = {KEY}"
             f" AND {pending_after} GROUP BY desired",
             (batch_id, audience_id),
         ).fetchall()

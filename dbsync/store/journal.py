@@ -28,6 +28,7 @@ from typing import Any
 from dbsync.errors import StoreError
 from dbsync.model import Account, Change, SnapshotResult
 from dbsync.store import ledger, queue
+from dbsync.store.audiences import KEY
 from dbsync.store.engine import Engine
 
 __all__ = [
@@ -51,22 +52,25 @@ FOLD_CHUNK_ROWS = 100_000
 # other shapes of membership). GATHER_CHUNK keeps, of the journal rows whose seq is
 # between its two parameters, the last change per account, in seq order so that a
 # later change overwrites an earlier one; ``n`` counts the account's changes, for the
-# ledger (upserting into the chunk's B-tree costs less than a GROUP BY's sort).
+# ledger (upserting into the chunk's B-tree costs less than a GROUP BY's sort). It maps
+# each row's audience id to its key on the way (a row whose id has no key yet is left
+# out: :func:`fold_chunk` gives the key and gathers again).
 # UPSERT_CHUNK writes the chunk into membership in key order: a new state, name or
 # domain clears a rejection; a new name or domain, the repairs; a new state stamps
 # changed_at.
 GATHER_CHUNK = (
     "INSERT INTO temp.fold_chunk"
-    " (audience_id, external_id, name, domain, member, seq, ts, n)"
-    " SELECT audience_id, external_id, name, domain, member, seq, ts, 1 FROM changes"
-    " WHERE seq BETWEEN ? AND ? ORDER BY seq"
+    " (audience_key, external_id, name, domain, member, seq, ts, n)"
+    " SELECT k.audience_key, c.external_id, c.name, c.domain, c.member, c.seq, c.ts, 1"
+    " FROM changes c CROSS JOIN audience_keys k ON k.audience_id = c.audience_id"
+    " WHERE c.seq BETWEEN ? AND ? ORDER BY c.seq"
     " ON CONFLICT DO UPDATE SET name = excluded.name, domain = excluded.domain,"
     " member = excluded.member, seq = excluded.seq, ts = excluded.ts, n = n + 1"
 )
 UPSERT_CHUNK = (
-    "INSERT INTO membership (audience_id, external_id, name, domain, desired, seq, changed_at)"
-    " SELECT audience_id, external_id, name, domain, member, seq, ts FROM temp.fold_chunk"
-    " ORDER BY audience_id, external_id"
+    "INSERT INTO membership (audience_key, external_id, name, domain, desired, seq, changed_at)"
+    " SELECT audience_key, external_id, name, domain, member, seq, ts FROM temp.fold_chunk"
+    " ORDER BY audience_key, external_id"
     " ON CONFLICT DO UPDATE SET"
     " rejected = CASE WHEN desired <> excluded.desired OR name <> excluded.name"
     "   OR domain <> excluded.domain THEN 0 ELSE rejected END,"
@@ -223,7 +227,7 @@ class Journal:
                 row[0]: row
                 for row in db.execute(
                     "SELECT external_id, name, domain FROM membership"
-                    " WHERE audience_id = ? AND desired = 1",
+                    f" WHERE audience_key = {KEY} AND desired = 1",
                     (audience_id,),
                 )
             }
@@ -275,18 +279,27 @@ def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
     if first_seq is None:
         return {}
     # seq only grows, and a fold deletes from the front: the chunk is a range of seq.
-    (last_seq,) = db.execute(
-        "SELECT MAX(seq) FROM (SELECT seq FROM changes ORDER BY seq LIMIT ?)", (max_rows,)
+    last_seq, rows = db.execute(
+        "SELECT MAX(seq), COUNT(*) FROM (SELECT seq FROM changes ORDER BY seq LIMIT ?)",
+        (max_rows,),
     ).fetchone()
-    db.execute("DELETE FROM temp.fold_chunk")
-    db.execute(GATHER_CHUNK, (first_seq, last_seq))
+    chunk = _gather(db, first_seq, last_seq)
+    if sum(row[2] for row in chunk) != rows:
+        # Changes of an audience id the store meets for the first time (an audience
+        # configured a moment ago, or none): it gets its key, and the chunk is gathered
+        # again. Nothing is deleted from the journal that was not gathered.
+        db.execute(
+            "INSERT INTO audience_keys (audience_id) SELECT DISTINCT audience_id FROM changes"
+            " WHERE seq BETWEEN ? AND ? ORDER BY 1 ON CONFLICT DO NOTHING",
+            (first_seq, last_seq),
+        )
+        chunk = _gather(db, first_seq, last_seq)
+        gathered = int(sum(row[2] for row in chunk))
+        if gathered != rows:  # rolled back: the journal keeps every row
+            raise StoreError(f"the fold gathered {gathered} of {rows} journal rows")
     # Pending = desired <> delivered, not in flight, not rejected. A new account is
     # pending once folded if it is a member (delivered 0, never in flight or set aside):
     # the chunk alone counts that, as if every account were new.
-    chunk = db.execute(
-        "SELECT audience_id, TOTAL(n), MAX(seq), COUNT(*), TOTAL(member = 1)"
-        " FROM temp.fold_chunk GROUP BY audience_id"
-    ).fetchall()
     # Accounts already known correct it, from their row as it is (before) and as it will
     # be (after: desired := member and, if the rejection is cleared, rejected := 0). An
     # inner join, the chunk first: an account not found costs a probe of the key index,
@@ -294,7 +307,7 @@ def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
     known = {
         row[0]: row[1:]
         for row in db.execute(
-            "SELECT f.audience_id,"
+            "SELECT f.audience_key,"
             " TOTAL(m.desired <> m.delivered AND m.in_flight IS NULL AND m.rejected = 0"
             "       AND m.desired = 1),"
             " TOTAL(m.desired <> m.delivered AND m.in_flight IS NULL AND m.rejected = 0"
@@ -306,22 +319,23 @@ def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
             " TOTAL(f.member <> m.delivered AND m.in_flight IS NULL"
             "       AND (m.rejected = 0 OR m.desired <> f.member"
             "            OR m.name <> f.name OR m.domain <> f.domain) AND f.member = 0)"
-            " FROM temp.fold_chunk f CROSS JOIN membership m USING (audience_id, external_id)"
-            " GROUP BY f.audience_id"
+            " FROM temp.fold_chunk f CROSS JOIN membership m USING (audience_key, external_id)"
+            " GROUP BY f.audience_key"
         )
     }
     db.execute(
         "DELETE FROM rejected WHERE (audience_id, external_id) IN ("
-        " SELECT m.audience_id, m.external_id FROM membership m INDEXED BY membership_rejected"
-        " JOIN temp.fold_chunk f USING (audience_id, external_id) WHERE m.rejected = 1"
+        " SELECT k.audience_id, m.external_id FROM membership m INDEXED BY membership_rejected"
+        " JOIN temp.fold_chunk f USING (audience_key, external_id)"
+        " JOIN audience_keys k ON k.audience_key = m.audience_key WHERE m.rejected = 1"
         " AND (m.desired <> f.member OR m.name <> f.name OR m.domain <> f.domain))"
     )
     db.execute(UPSERT_CHUNK)
     db.execute("DELETE FROM changes WHERE seq BETWEEN ? AND ?", (first_seq, last_seq))
     folded: dict[str, int] = {}
-    for audience_id, received_total, max_seq, accounts, members in chunk:
+    for audience_key, audience_id, received_total, max_seq, accounts, members in chunk:
         received = int(received_total)
-        old_inserts, old_deletes, known_inserts, new_deletes = known.get(audience_id, (0, 0, 0, 0))
+        old_inserts, old_deletes, known_inserts, new_deletes = known.get(audience_key, (0, 0, 0, 0))
         new_inserts = members + known_inserts
         folded[audience_id] = received
         ledger.count(db, audience_id, received=received, superseded=received - accounts)
@@ -337,3 +351,15 @@ def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
         )
         queue.advance_checkpoint(db, audience_id)
     return folded
+
+
+def _gather(db: sqlite3.Connection, first_seq: int, last_seq: int) -> list[Any]:
+    """Gather the chunk (GATHER_CHUNK); per audience in it: key, id, changes, last seq,
+    accounts, and accounts that are members now."""
+    db.execute("DELETE FROM temp.fold_chunk")
+    db.execute(GATHER_CHUNK, (first_seq, last_seq))
+    return db.execute(
+        "SELECT f.audience_key, k.audience_id, TOTAL(f.n), MAX(f.seq), COUNT(*),"
+        " TOTAL(f.member = 1) FROM temp.fold_chunk f"
+        " CROSS JOIN audience_keys k USING (audience_key) GROUP BY f.audience_key"
+    ).fetchall()

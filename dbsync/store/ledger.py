@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from dbsync.model import LedgerCheck, LedgerCounts, LossCause, RejectReason
+from dbsync.store.audiences import key_of
 from dbsync.store.engine import Engine
 from dbsync.store.schema import OPEN_STATES_SQL
 
@@ -41,10 +42,10 @@ COLUMNS = (
     " (SELECT TOTAL(rows) FROM batches INDEXED BY batches_open"
     f"  WHERE audience_id = {{a}} AND state IN {OPEN_STATES_SQL} AND state = 'uploaded'),"
     " CASE WHEN {recount} THEN (SELECT COUNT(*) FROM membership"
-    "  WHERE audience_id = {a} AND ack_batch IS NOT NULL) END,"
+    f"  WHERE audience_key = {key_of('{a}')} AND ack_batch IS NOT NULL) END,"
     " (SELECT TOTAL(n) FROM backlog_counts WHERE audience_id = {a}),"
     " CASE WHEN {recount} THEN (SELECT COUNT(*) FROM membership INDEXED BY membership_queue"
-    "  WHERE audience_id = {a} AND desired <> delivered AND in_flight IS NULL"
+    f"  WHERE audience_key = {key_of('{a}')} AND desired <> delivered AND in_flight IS NULL"
     "  AND rejected = 0) END,"
     " (SELECT json_group_array(json_array(counter, value)) FROM ledger"
     "  WHERE audience_id = {a})"

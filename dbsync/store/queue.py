@@ -32,6 +32,7 @@ from dbsync.model import (
     RejectedAccount,
 )
 from dbsync.store import ledger
+from dbsync.store.audiences import KEY, key_of
 from dbsync.store.engine import Engine
 from dbsync.store.schema import OPEN_STATES_SQL
 
@@ -54,16 +55,20 @@ _BACKLOG_COLUMNS = (
     " (SELECT TOTAL(n) FROM backlog_counts WHERE audience_id = {a} AND desired = 1),"
     " (SELECT TOTAL(n) FROM backlog_counts WHERE audience_id = {a} AND desired = 0),"
     " (SELECT MIN(changed_at) FROM membership INDEXED BY membership_queue"
-    "  WHERE audience_id = {a} AND desired = 1"
+    f"  WHERE audience_key = {key_of('{a}')} AND desired = 1"
     "  AND desired <> delivered AND in_flight IS NULL AND rejected = 0),"
     " (SELECT MIN(changed_at) FROM membership INDEXED BY membership_queue"
-    "  WHERE audience_id = {a} AND desired = 0"
+    f"  WHERE audience_key = {key_of('{a}')} AND desired = 0"
     "  AND desired <> delivered AND in_flight IS NULL AND rejected = 0),"
     " (SELECT TOTAL(rows) FROM batches INDEXED BY batches_open"
     f"  WHERE audience_id = {{a}} AND state IN {OPEN_STATES_SQL}),"
     " (SELECT COUNT(*) FROM membership INDEXED BY membership_rejected"
-    "  WHERE audience_id = {a} AND rejected = 1)"
+    f"  WHERE audience_key = {key_of('{a}')} AND rejected = 1)"
 )
+
+
+# How many columns _BACKLOG_COLUMNS has (the values :func:`_backlog` unpacks).
+_BACKLOG_WIDTH = 6
 
 
 def move(db: sqlite3.Connection, audience_id: str, *, inserts: int = 0, deletes: int = 0) -> None:
@@ -79,7 +84,7 @@ def advance_checkpoint(db: sqlite3.Connection, audience_id: str) -> None:
     """checkpoint = the highest seq below which every folded change is delivered."""
     (oldest_dirty,) = db.execute(
         "SELECT MIN(seq) FROM membership INDEXED BY membership_unsettled"
-        " WHERE audience_id = ? AND desired <> delivered",
+        f" WHERE audience_key = {KEY} AND desired <> delivered",
         (audience_id,),
     ).fetchone()
     db.execute(
@@ -118,7 +123,7 @@ async def peek_batches(
         "SELECT COUNT(*), MIN(changed_at), MAX(changed_at) FROM ("
         " SELECT (ROW_NUMBER() OVER (ORDER BY changed_at) - 1) / ?3 AS k, changed_at"
         " FROM membership INDEXED BY membership_queue"
-        " WHERE audience_id = ?1 AND desired <> delivered AND desired = ?2"
+        f" WHERE audience_key = {key_of('?1')} AND desired <> delivered AND desired = ?2"
         " AND in_flight IS NULL AND rejected = 0 ORDER BY changed_at LIMIT ?4"
         ") GROUP BY k ORDER BY k",
         (audience_id, action is ListAction.INSERT, max_rows, max_rows * batches),
@@ -144,7 +149,7 @@ async def summaries(
         " FROM json_each(?1) j",
         (msgspec.json.encode(list(audience_ids)).decode(),),
     )
-    width = _BACKLOG_COLUMNS.count("(SELECT")
+    width = _BACKLOG_WIDTH
     return {
         str(row[0]): (
             _backlog(row[1 : 1 + width]),
@@ -167,7 +172,9 @@ async def rejected(engine: Engine, audience_id: str | None = None) -> list[Rejec
     rows = await engine.read(
         "SELECT r.audience_id, r.external_id, r.name, r.domain, r.member, r.reason,"
         " r.rejected_at, r.attempts, r.retries, COALESCE(m.rejected, 1) = 0"
-        " FROM rejected r LEFT JOIN membership m USING (audience_id, external_id)"
+        " FROM rejected r LEFT JOIN audience_keys k USING (audience_id)"
+        " LEFT JOIN membership m"
+        " ON m.audience_key = k.audience_key AND m.external_id = r.external_id"
         f" {where} ORDER BY r.audience_id, r.external_id",
         params,
     )
@@ -193,7 +200,7 @@ async def requeue(engine: Engine, audience_id: str) -> int:
         pending = dict(
             db.execute(
                 "SELECT desired, COUNT(*) FROM membership INDEXED BY membership_rejected"
-                " WHERE audience_id = ? AND rejected = 1 AND desired <> delivered"
+                f" WHERE audience_key = {KEY} AND rejected = 1 AND desired <> delivered"
                 " AND in_flight IS NULL GROUP BY desired",
                 (audience_id,),
             ).fetchall()
@@ -201,7 +208,7 @@ async def requeue(engine: Engine, audience_id: str) -> int:
         move(db, audience_id, inserts=pending.get(1, 0), deletes=pending.get(0, 0))
         changed = db.execute(
             "UPDATE membership SET rejected = 0, repairs = 0"
-            " WHERE audience_id = ? AND rejected = 1",
+            f" WHERE audience_key = {KEY} AND rejected = 1",
             (audience_id,),
         ).rowcount
         db.execute("DELETE FROM rejected WHERE audience_id = ?", (audience_id,))
@@ -220,7 +227,7 @@ async def resync(engine: Engine, audience_id: str) -> int:
 
     def work(db: sqlite3.Connection) -> int:
         changed = db.execute(
-            "UPDATE membership SET delivered = 0 WHERE audience_id = ?"
+            f"UPDATE membership SET delivered = 0 WHERE audience_key = {KEY}"
             " AND desired = 1 AND delivered = 1 AND in_flight IS NULL AND rejected = 0",
             (audience_id,),
         ).rowcount
@@ -232,7 +239,7 @@ async def resync(engine: Engine, audience_id: str) -> int:
 
 async def desired_members(engine: Engine, audience_id: str) -> set[str]:
     rows = await engine.read(
-        "SELECT external_id FROM membership WHERE audience_id = ? AND desired = 1",
+        f"SELECT external_id FROM membership WHERE audience_key = {KEY} AND desired = 1",
         (audience_id,),
     )
     return {row[0] for row in rows}
@@ -252,7 +259,8 @@ async def mark_undelivered(
         changed = 0
         for key in keys:
             changed += db.execute(
-                "UPDATE membership SET delivered = ? WHERE audience_id = ? AND external_id = ?"
+                f"UPDATE membership SET delivered = ? WHERE audience_key = {KEY}"
+                " AND external_id = ?"
                 " AND desired = ? AND delivered = desired AND in_flight IS NULL"
                 " AND rejected = 0",
                 (not member, audience_id, key, member),

@@ -43,6 +43,7 @@ from dbsync.model import (
 )
 from dbsync.states import ReconcileRunState
 from dbsync.store import ledger, queue
+from dbsync.store.audiences import KEY, give_key
 from dbsync.store.engine import Engine
 
 __all__ = [
@@ -236,7 +237,7 @@ async def apply_readback(
     ids, encoded = await asyncio.to_thread(_sorted_ids, listed)
     not_ours = await engine.read(
         "SELECT COUNT(*) FROM json_each(?) j WHERE NOT EXISTS (SELECT 1 FROM membership m"
-        " WHERE m.audience_id = ? AND m.external_id = j.value)",
+        f" WHERE m.audience_key = {KEY} AND m.external_id = j.value)",
         (encoded, audience_id),
     )
     strangers: dict[str, ListedAccount] = {}
@@ -245,7 +246,7 @@ async def apply_readback(
         ours = cast(
             list[OurAccount],
             await engine.read(
-                "SELECT external_id, name, domain FROM membership WHERE audience_id = ?",
+                f"SELECT external_id, name, domain FROM membership WHERE audience_key = {KEY}",
                 (audience_id,),
             ),
         )
@@ -343,28 +344,29 @@ def _apply_chunk(
         return True, None
     judgment = msgspec.msgpack.decode(kept, type=Judgment) if kept else Judgment()
     after = judged_through or ""
+    key = give_key(db, audience_id)
     # The chunk: the next chunk_rows accounts; the last chunk has no upper bound.
     last = db.execute(
-        "SELECT external_id FROM membership WHERE audience_id = ? AND external_id > ?"
+        "SELECT external_id FROM membership WHERE audience_key = ? AND external_id > ?"
         " ORDER BY external_id LIMIT 1 OFFSET ?",
-        (audience_id, after, chunk_rows - 1),
+        (key, after, chunk_rows - 1),
     ).fetchone()
     finished = last is None
     through = None if last is None else last[0]
-    chunk = "m.audience_id = :audience AND m.external_id > :after" + (
+    chunk = "m.audience_key = :key AND m.external_id > :after" + (
         "" if finished else " AND m.external_id <= :through"
     )
     retrying = [
         row[0]
         for row in db.execute(
             "SELECT m.external_id FROM rejected r"
-            " JOIN membership m USING (audience_id, external_id)"
+            " JOIN membership m ON m.audience_key = :key AND m.external_id = r.external_id"
             f" WHERE r.audience_id = :audience AND m.rejected = 0 AND {chunk}",
-            {"audience": audience_id, "after": after, "through": through},
+            {"audience": audience_id, "key": key, "after": after, "through": through},
         )
     ]
     params = {
-        "audience": audience_id,
+        "key": key,
         "after": after,
         "through": through,
         "run": run_id,
@@ -390,8 +392,8 @@ def _apply_chunk(
     in_chunk = chunk_rows
     if finished:
         (in_chunk,) = db.execute(
-            "SELECT COUNT(*) FROM membership WHERE audience_id = ? AND external_id > ?",
-            (audience_id, after),
+            "SELECT COUNT(*) FROM membership WHERE audience_key = ? AND external_id > ?",
+            (key, after),
         ).fetchone()
     rows = []
     if in_chunk > sum(n for _, _, n in plain):
@@ -414,10 +416,10 @@ def _apply_chunk(
             desired=bool(desired), ack_batch=None if batch < 0 else batch, accounts=n
         )
 
-    def each(keys: Iterable[str]) -> list[tuple[str, str]]:
-        return [(audience_id, key) for key in keys]
+    def each(accounts: Iterable[str]) -> list[tuple[int, str]]:
+        return [(key, account) for account in accounts]
 
-    where = " WHERE audience_id = ? AND external_id = ?"
+    where = " WHERE audience_key = ? AND external_id = ?"
     # Most of a read-back's writes, in one statement: the plain accounts with an
     # acknowledgment to clear (and members with repairs), then those judged in Python.
     db.execute(
@@ -427,15 +429,18 @@ def _apply_chunk(
     )
     if decision.cleared:
         db.execute(
-            "UPDATE membership SET ack_batch = NULL, repairs = 0 WHERE audience_id = ?"
+            "UPDATE membership SET ack_batch = NULL, repairs = 0 WHERE audience_key = ?"
             " AND external_id IN (SELECT value FROM json_each(?))",
-            (audience_id, msgspec.json.encode(decision.cleared)),
+            (key, msgspec.json.encode(decision.cleared)),
         )
     # Accounts set aside as unmatched and tried again that the list now holds leave
     # the set.
     if retrying:
         found = set(retrying).intersection(decision.cleared)
-        db.executemany("DELETE FROM rejected" + where, each(sorted(found)))
+        db.executemany(
+            "DELETE FROM rejected WHERE audience_id = ? AND external_id = ?",
+            [(audience_id, account) for account in sorted(found)],
+        )
     db.executemany(
         "UPDATE membership SET delivered = 0, ack_batch = NULL, repairs = repairs + 1" + where,
         each(decision.resend_inserts),
@@ -453,10 +458,10 @@ def _apply_chunk(
         # An account folded since the matching may hold a stranger's external id: then
         # it is ours and stays (the insert does nothing), and only the rest are counted.
         strangers = db.executemany(
-            "INSERT INTO membership (audience_id, external_id, name, domain, desired, seq,"
+            "INSERT INTO membership (audience_key, external_id, name, domain, desired, seq,"
             " changed_at, delivered) VALUES (?, ?, ?, ?, 0, ?, ?, 1) ON CONFLICT DO NOTHING",
             [
-                (audience_id, a.external_id, a.name, a.domain, folded_seq, listing.now)
+                (key, a.external_id, a.name, a.domain, folded_seq, listing.now)
                 for a in listing.strangers.values()
             ],
         ).rowcount
@@ -474,7 +479,7 @@ def _apply_chunk(
     ):
         db.executemany(
             "UPDATE membership SET delivered = ?, rejected = 1, ack_batch = NULL" + where,
-            [(delivered_now, audience_id, a.external_id) for a, _ in accounts],
+            [(delivered_now, key, a.external_id) for a, _ in accounts],
         )
         db.executemany(
             "INSERT INTO rejected (audience_id, external_id, name, domain, member, reason,"

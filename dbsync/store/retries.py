@@ -18,6 +18,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from dbsync.store import ledger, queue
+from dbsync.store.audiences import KEY, key_of
 from dbsync.store.engine import Engine
 
 __all__ = ["next_retry_at", "release_retries", "retry_due_in"]
@@ -25,8 +26,8 @@ __all__ = ["next_retry_at", "release_retries", "retry_due_in"]
 # Set aside as unmatched, still wanted as a member, not delivered, nothing in flight.
 _WAITING = (
     "SELECT r.external_id, r.rejected_at, r.retries FROM rejected r"
-    " JOIN membership m USING (audience_id, external_id)"
-    " WHERE r.audience_id = ? AND r.reason LIKE 'unmatched:%' AND m.rejected = 1"
+    f" JOIN membership m ON m.audience_key = {key_of('?1')} AND m.external_id = r.external_id"
+    " WHERE r.audience_id = ?1 AND r.reason LIKE 'unmatched:%' AND m.rejected = 1"
     " AND m.desired = 1 AND m.delivered = 0 AND m.in_flight IS NULL"
 )
 
@@ -64,9 +65,14 @@ async def release_retries(
             if (at := next_retry_at(row[1], row[2], delays)) is not None and at <= now
         ][:max_rows]
         keys = [(audience_id, key) for key in due]
-        where = " WHERE audience_id = ? AND external_id = ?"
-        db.executemany("UPDATE membership SET rejected = 0" + where, keys)
-        db.executemany("UPDATE rejected SET retries = retries + 1" + where, keys)
+        db.executemany(
+            f"UPDATE membership SET rejected = 0 WHERE audience_key = {KEY} AND external_id = ?",
+            keys,
+        )
+        db.executemany(
+            "UPDATE rejected SET retries = retries + 1 WHERE audience_id = ? AND external_id = ?",
+            keys,
+        )
         queue.move(db, audience_id, inserts=len(due))
         ledger.count(db, audience_id, retried=len(due))
         return len(due)

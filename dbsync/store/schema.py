@@ -6,7 +6,7 @@ Tables, and the invariant each one keeps::
                  change sequence number (AUTOINCREMENT: it never restarts when a fold
                  empties the journal). Appending is the fast path, so ingest answers
                  202 once its rows are here; nothing accepted is ever lost.
-    membership   per (audience, account): ``desired`` (the CDP's word, last change
+    membership   per (audience key, account): ``desired`` (the CDP's word, last change
                  wins), ``delivered`` (what Demandbase acknowledged; 0 also for never
                  sent), ``seq`` of the last folded change, ``changed_at`` (when desired
                  last changed: the flush age), ``in_flight`` (the open batch carrying it)
@@ -26,6 +26,8 @@ Tables, and the invariant each one keeps::
     audiences    the configured audiences, the list each feeds (fixed at first
                  activation: the public API cannot rename a list), state, checkpoint,
                  and when Demandbase first acknowledged one of its jobs.
+    audience_keys  the integer that stands for an audience id in ``membership``
+                 (migration 13): never renumbered, never deleted.
     ledger       per-audience counters (received, superseded, exported, acknowledged,
                  verified, lost...; keyed ones such as ``lost.dropped``). The sums they
                  must keep are :class:`~dbsync.model.LedgerCheck`'s.
@@ -60,6 +62,17 @@ then wrote an index entry and every verdict deleted it, a third of a read-back's
 writes, and a summary or ``ctl status`` counted every awaiting row of every audience.
 A check now counts them only when it recounts (after a read-back, walking the
 audience's rows); otherwise the ledger's own counters say how many await.
+
+Integer audience keys (migration 13). ``membership`` names its audience by
+``audience_key``, an integer from ``audience_keys`` (one row per audience id the store
+has met: configured, appended to or snapshotted; an INTEGER PRIMARY KEY, so VACUUM
+keeps it, and never deleted, so never given to another id). A string compared at
+each step of every B-tree search of the key and the four partial indexes was about a
+quarter of the fold's time. The journal keeps the text id (ingest appends it as
+received): the fold's gather maps it to the key with a join on ``audience_keys``,
+which measured no slower than a journal carrying the key (bench/README.md,
+fold_floor), and gives a key to an id it meets for the first time. The other tables
+keep their text ids: none is written for every account folded.
 
 Each migration runs in its own transaction and sets ``PRAGMA user_version``; a file
 newer than this code knows is refused rather than guessed at.
@@ -391,6 +404,53 @@ MIGRATIONS: tuple[str, ...] = (
     """
     DROP INDEX membership_awaiting
     """,
+    # 13: membership is keyed by an integer audience key instead of the audience's text
+    # id, in every index. Each entry of the key index and the four partial ones carried
+    # the id as a string and compared it at each step of every search: the fold's own
+    # statements ran 1.35-1.42 times as fast into integer keys (bench/README.md,
+    # fold_floor), the store's fold ~1.3 times (store_upsert). The key is
+    # ``audience_keys.audience_key``, an INTEGER PRIMARY KEY (VACUUM keeps its values),
+    # given to every id the store meets and never deleted. Rows keep their rowids.
+    """
+    CREATE TABLE audience_keys (
+        audience_key INTEGER PRIMARY KEY,
+        audience_id  TEXT NOT NULL UNIQUE
+    );
+    INSERT INTO audience_keys (audience_id)
+        SELECT audience_id FROM audiences UNION SELECT audience_id FROM membership
+        UNION SELECT audience_id FROM changes ORDER BY 1;
+    CREATE TABLE membership_v13 (
+        audience_key INTEGER NOT NULL,
+        external_id  TEXT NOT NULL,
+        name         TEXT NOT NULL,
+        domain       TEXT NOT NULL,
+        desired      INTEGER NOT NULL,
+        seq          INTEGER NOT NULL,
+        changed_at   REAL NOT NULL,
+        delivered    INTEGER NOT NULL DEFAULT 0,
+        in_flight    INTEGER,
+        rejected     INTEGER NOT NULL DEFAULT 0,
+        acked_at     REAL,
+        ack_batch    INTEGER,
+        repairs      INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (audience_key, external_id)
+    );
+    INSERT INTO membership_v13 (rowid, audience_key, external_id, name, domain, desired,
+        seq, changed_at, delivered, in_flight, rejected, acked_at, ack_batch, repairs)
+        SELECT m.rowid, k.audience_key, m.external_id, m.name, m.domain, m.desired, m.seq,
+        m.changed_at, m.delivered, m.in_flight, m.rejected, m.acked_at, m.ack_batch,
+        m.repairs FROM membership m CROSS JOIN audience_keys k USING (audience_id)
+        ORDER BY m.rowid;
+    DROP TABLE membership;
+    ALTER TABLE membership_v13 RENAME TO membership;
+    CREATE INDEX membership_in_flight ON membership (in_flight) WHERE in_flight IS NOT NULL;
+    CREATE INDEX membership_queue ON membership (audience_key, desired, changed_at)
+        WHERE desired <> delivered AND in_flight IS NULL AND rejected = 0;
+    CREATE INDEX membership_unsettled ON membership (audience_key, seq)
+        WHERE desired <> delivered;
+    CREATE INDEX membership_rejected ON membership (audience_key, rejected)
+        WHERE rejected = 1
+    """,
 )
 
 
@@ -398,9 +458,9 @@ MIGRATIONS: tuple[str, ...] = (
 # the account had in the chunk (``n``). Writer connection only.
 _FOLD_CHUNK_TABLE = (
     "CREATE TEMP TABLE fold_chunk ("
-    " audience_id TEXT NOT NULL, external_id TEXT NOT NULL, name TEXT NOT NULL,"
+    " audience_key INTEGER NOT NULL, external_id TEXT NOT NULL, name TEXT NOT NULL,"
     " domain TEXT NOT NULL, member INTEGER NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,"
-    " n INTEGER NOT NULL, PRIMARY KEY (audience_id, external_id)) WITHOUT ROWID"
+    " n INTEGER NOT NULL, PRIMARY KEY (audience_key, external_id)) WITHOUT ROWID"
 )
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 
 from dbsync.model import FileRun, FileRunInfo, HeldSnapshot, SnapshotOutcome
+from dbsync.store.audiences import KEY
 from dbsync.store.engine import Engine
 
 __all__ = [
@@ -260,13 +261,14 @@ def _judge(
 ) -> SnapshotOutcome:
     """Count what the snapshot changes; hold it if the guard says so (None: no guard)."""
     (current,) = db.execute(
-        "SELECT COUNT(*) FROM membership WHERE audience_id = ? AND desired = 1", (audience_id,)
+        f"SELECT COUNT(*) FROM membership WHERE audience_key = {KEY} AND desired = 1",
+        (audience_id,),
     ).fetchone()
     accounts, members, rows, conflicts, kept, leaving = db.execute(
         "SELECT COUNT(*), TOTAL(s.member), TOTAL(s.n), TOTAL(s.conflict),"
         " TOTAL(s.member = 1 AND m.desired = 1), TOTAL(s.member = 0 AND m.desired = 1)"
         " FROM snapshot_rows s LEFT JOIN membership m"
-        " ON m.audience_id = ? AND m.external_id = s.external_id WHERE s.snapshot_id = ?",
+        f" ON m.audience_key = {KEY} AND m.external_id = s.external_id WHERE s.snapshot_id = ?",
         (audience_id, snapshot_id),
     ).fetchone()
     members, kept, leaving = int(members), int(kept), int(leaving)
@@ -315,7 +317,7 @@ def _apply(db: sqlite3.Connection, outcome: SnapshotOutcome, now: float) -> None
     joins = (
         "INSERT INTO changes (audience_id, external_id, name, domain, member, ts)"
         " SELECT ?, s.external_id, s.name, s.domain, 1, ? FROM snapshot_rows s"
-        " LEFT JOIN membership m ON m.audience_id = ? AND m.external_id = s.external_id"
+        f" LEFT JOIN membership m ON m.audience_key = {KEY} AND m.external_id = s.external_id"
         " WHERE s.snapshot_id = ? AND s.member = 1 AND (m.external_id IS NULL"
         " OR m.desired = 0 OR m.name <> s.name OR m.domain <> s.domain)"
     )
@@ -323,20 +325,20 @@ def _apply(db: sqlite3.Connection, outcome: SnapshotOutcome, now: float) -> None
     if outcome.mode == "full":
         leaves = (
             "INSERT INTO changes (audience_id, external_id, name, domain, member, ts)"
-            " SELECT m.audience_id, m.external_id, m.name, m.domain, 0, ? FROM membership m"
-            " WHERE m.audience_id = ? AND m.desired = 1 AND NOT EXISTS (SELECT 1"
+            " SELECT ?, m.external_id, m.name, m.domain, 0, ? FROM membership m"
+            f" WHERE m.audience_key = {KEY} AND m.desired = 1 AND NOT EXISTS (SELECT 1"
             " FROM snapshot_rows s WHERE s.snapshot_id = ? AND s.external_id = m.external_id"
             " AND s.member = 1)"
         )
-        db.execute(leaves, (now, audience_id, snapshot_id))
+        db.execute(leaves, (audience_id, now, audience_id, snapshot_id))
     else:
         leaves = (
             "INSERT INTO changes (audience_id, external_id, name, domain, member, ts)"
-            " SELECT m.audience_id, m.external_id, m.name, m.domain, 0, ? FROM snapshot_rows s"
-            " JOIN membership m ON m.audience_id = ? AND m.external_id = s.external_id"
+            " SELECT ?, m.external_id, m.name, m.domain, 0, ? FROM snapshot_rows s"
+            f" JOIN membership m ON m.audience_key = {KEY} AND m.external_id = s.external_id"
             " WHERE s.snapshot_id = ? AND s.member = 0 AND m.desired = 1"
         )
-        db.execute(leaves, (now, audience_id, snapshot_id))
+        db.execute(leaves, (audience_id, now, audience_id, snapshot_id))
     db.execute(
         "UPDATE snapshots SET members = ?, current = ?, added = ?, removed = ?"
         " WHERE snapshot_id = ?",

@@ -453,7 +453,8 @@ def read_store(database: Path) -> StoreView:
         db.execute("BEGIN")  # one snapshot for every query below
         desired: dict[str, set[str]] = {audience: set() for audience, _ in AUDIENCES}
         for audience, key in db.execute(
-            "SELECT audience_id, external_id FROM membership WHERE desired = 1"
+            "SELECT audience_id, external_id FROM membership"
+            " JOIN audience_keys USING (audience_key) WHERE desired = 1"
         ):
             desired.setdefault(audience, set()).add(key)
         journal = db.execute(

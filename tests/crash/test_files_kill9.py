@@ -137,7 +137,8 @@ async def test_kill9_while_a_million_row_run_is_applied(tmp_path: Path) -> None:
             str(r[0])
             for r in query(
                 database,
-                f"SELECT external_id FROM membership WHERE audience_id = '{emea}' AND desired = 1",
+                "SELECT external_id FROM membership JOIN audience_keys USING (audience_key)"
+                f" WHERE audience_id = '{emea}' AND desired = 1",
             )
         }
         assert desired == set(ids)

@@ -26,12 +26,14 @@ from dbsync.clock import FakeClock
 from dbsync.judgment import Judgment, Listing, judge_chunk, match_listed
 from dbsync.model import AudienceSpec, ListedAccount, ReadbackVerdict
 from dbsync.store import Store
+from dbsync.store.audiences import KEY, key_of
 
 CUTOFF = 1500.0
 OLD, YOUNG = 1000.0, 2000.0
 REPAIR_LIMIT = 3
 BATCHES = (1, 2, 3)
 SCENARIOS = 40
+KEY1 = key_of("?1")
 
 
 @pytest.fixture
@@ -118,17 +120,17 @@ async def test_plain_accounts_in_sql_agree_with_the_rule_account_by_account(
             retrying = {r[1] for r in rows if not r[9] and rng.random() < 0.1}
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
-                "INSERT INTO membership (audience_id, external_id, name, domain, desired, seq,"
+                "INSERT INTO membership (audience_key, external_id, name, domain, desired, seq,"
                 " changed_at, delivered, in_flight, rejected, acked_at, ack_batch, repairs)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f" VALUES ({KEY}, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             # Set aside (rejected = 1), and set aside once but tried again (retrying).
             db.execute(
                 "INSERT INTO rejected (audience_id, external_id, name, domain, member, reason,"
-                " rejected_at, attempts) SELECT audience_id, external_id, name, domain, desired,"
-                " 'unmatched: before', 1.0, 1 FROM membership WHERE audience_id = ?"
-                " AND (rejected = 1 OR external_id IN (SELECT value FROM json_each(?)))",
+                " rejected_at, attempts) SELECT ?1, external_id, name, domain, desired,"
+                f" 'unmatched: before', 1.0, 1 FROM membership WHERE audience_key = {KEY1}"
+                " AND (rejected = 1 OR external_id IN (SELECT value FROM json_each(?2)))",
                 (audience, json.dumps(sorted(retrying))),
             )
             db.executemany(
@@ -138,14 +140,14 @@ async def test_plain_accounts_in_sql_agree_with_the_rule_account_by_account(
             )
             db.execute(
                 "UPDATE membership SET ack_batch = ? * 10 + ack_batch"
-                " WHERE audience_id = ? AND ack_batch IS NOT NULL",
+                f" WHERE audience_key = {KEY} AND ack_batch IS NOT NULL",
                 (n, audience),
             )
             db.execute("COMMIT")
             member_rows = db.execute(
                 "SELECT external_id, name, domain, desired, delivered, in_flight, rejected,"
                 " acked_at, ack_batch, changed_at, repairs FROM membership"
-                " WHERE audience_id = ? ORDER BY external_id",
+                f" WHERE audience_key = {KEY} ORDER BY external_id",
                 (audience,),
             ).fetchall()
             listed = random_listing(rng, rows)
@@ -185,7 +187,7 @@ async def test_plain_accounts_in_sql_agree_with_the_rule_account_by_account(
                 row[0]: row[1:]
                 for row in db.execute(
                     "SELECT external_id, delivered, rejected, ack_batch, repairs FROM membership"
-                    " WHERE audience_id = ?"
+                    f" WHERE audience_key = {KEY}"
                     " AND external_id NOT IN (SELECT value FROM json_each(?))",
                     (audience, json.dumps(list(strangers))),
                 )

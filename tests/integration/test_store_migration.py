@@ -1,6 +1,7 @@
 """Migration 7 on a real file: a version 6 store with rows in every table loses none.
 
-(Migration 11 then drops ``batch_items``: test_store_migration_11.py.)
+(Migration 11 then drops ``batch_items``: test_store_migration_11.py; migration 13
+keys membership by an integer audience key: test_store_migration_13.py.)
 
 The file is built by the migrations before 7, then filled by hand, one or more rows
 per table (an open batch with its items, a rejected account, a read-back run half
@@ -144,6 +145,12 @@ async def test_a_version_6_file_keeps_every_row_and_carries_on(tmp_path: Path) -
     # Migration 9: each set-aside account has been retried 0 times.
     assert all(row[-1] == 0 for row in after["rejected"])
     after["rejected"] = [row[:-1] for row in after["rejected"]]
+    # Migration 13: membership names its audience by key.
+    keys = dict(after.pop("audience_keys"))
+    assert list(keys.values()) == [AUDIENCE]
+    after["membership"] = sorted(
+        [(keys[row[0]], *row[1:]) for row in after["membership"]], key=repr
+    )
     assert after == before
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)

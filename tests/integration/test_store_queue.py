@@ -17,6 +17,7 @@ import pytest
 from dbsync.clock import FakeClock
 from dbsync.model import Account, AudienceSpec, Backlog, Change, ListAction
 from dbsync.store import Store
+from dbsync.store.audiences import KEY
 from dbsync.store.schema import MIGRATIONS
 
 AUDIENCES = ("aud-1", "aud-2")
@@ -49,17 +50,18 @@ def recount(path: Path, audience_id: str) -> Backlog:
     with sqlite3.connect(path) as db:
         inserts, deletes, oldest = db.execute(
             "SELECT TOTAL(desired = 1), TOTAL(desired = 0), MIN(changed_at) FROM membership"
-            " NOT INDEXED WHERE audience_id = ? AND desired <> delivered"
+            f" NOT INDEXED WHERE audience_key = {KEY} AND desired <> delivered"
             " AND in_flight IS NULL AND rejected = 0",
             (audience_id,),
         ).fetchone()
         (in_flight,) = db.execute(
             "SELECT COUNT(*) FROM membership NOT INDEXED"
-            " WHERE audience_id = ? AND in_flight IS NOT NULL",
+            f" WHERE audience_key = {KEY} AND in_flight IS NOT NULL",
             (audience_id,),
         ).fetchone()
         (rejected,) = db.execute(
-            "SELECT COUNT(*) FROM membership NOT INDEXED WHERE audience_id = ? AND rejected = 1",
+            f"SELECT COUNT(*) FROM membership NOT INDEXED WHERE audience_key = {KEY}"
+            " AND rejected = 1",
             (audience_id,),
         ).fetchone()
     db.close()

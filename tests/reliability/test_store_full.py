@@ -88,7 +88,9 @@ def stored(path: Path) -> tuple[int, int]:
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
         (journal,) = db.execute("SELECT COUNT(*) FROM changes").fetchone()
         (desired,) = db.execute(
-            "SELECT COUNT(*) FROM membership WHERE audience_id = ? AND desired = 1", (AUDIENCE.id,)
+            "SELECT COUNT(*) FROM membership JOIN audience_keys USING (audience_key)"
+            " WHERE audience_id = ? AND desired = 1",
+            (AUDIENCE.id,),
         ).fetchone()
     return int(journal), int(desired)
 
