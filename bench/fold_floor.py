@@ -8,9 +8,12 @@ journal; one transaction per chunk) and the store's page size and cache, into
 membership tables of several shapes, beside the raw keyed upsert of the same rows
 (``bench.store_upsert``'s baseline), all in one run:
 
-* ``store``: membership as the store has it (text audience id; rowid table, key
-  index, and the queue, unsettled, in-flight, rejected and awaiting indexes);
-* ``store_int_audience``: the same with an integer audience key;
+* ``store``: membership as the store has it (integer audience key, from the
+  journal's text id by the gather's join; rowid table, key index, and the queue,
+  unsettled, in-flight, rejected and awaiting indexes);
+* ``store_int_journal``: the same with the key in the journal (no join);
+* ``store_text_audience``: membership as it was before (schema version 11): the
+  text audience id in the table, its indexes and the fold's chunk;
 * ``key_only`` and ``int_key_only``: the key index alone (the partial indexes that
   stay empty for new accounts kept), text and integer audience;
 * ``bare``: the fold the issue quotes, one ``INSERT ... SELECT ... ORDER BY key ...
@@ -31,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from bench._common import emit, say
 from bench.store_upsert import make_rows, measure_raw_upsert
@@ -42,30 +46,60 @@ _COLUMNS = (
     " desired INTEGER NOT NULL, seq INTEGER NOT NULL, changed_at REAL NOT NULL,"
     " delivered INTEGER NOT NULL DEFAULT 0, in_flight INTEGER,"
     " rejected INTEGER NOT NULL DEFAULT 0, acked_at REAL, ack_batch INTEGER,"
-    " repairs INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (audience_id, external_id)"
+    " repairs INTEGER NOT NULL DEFAULT 0, PRIMARY KEY ({a}, external_id)"
 )
 _EMPTY_FOR_NEW = (
     "CREATE INDEX m_in_flight ON membership (in_flight) WHERE in_flight IS NOT NULL;"
-    "CREATE INDEX m_rejected ON membership (audience_id, rejected) WHERE rejected = 1;"
-    "CREATE INDEX m_awaiting ON membership (audience_id, ack_batch)"
+    "CREATE INDEX m_rejected ON membership ({a}, rejected) WHERE rejected = 1;"
+    "CREATE INDEX m_awaiting ON membership ({a}, ack_batch)"
     " WHERE ack_batch IS NOT NULL"
 )
 _DIRTY_SET = (
-    "CREATE INDEX m_queue ON membership (audience_id, desired, changed_at)"
+    "CREATE INDEX m_queue ON membership ({a}, desired, changed_at)"
     " WHERE desired <> delivered AND in_flight IS NULL AND rejected = 0;"
-    "CREATE INDEX m_unsettled ON membership (audience_id, seq) WHERE desired <> delivered"
+    "CREATE INDEX m_unsettled ON membership ({a}, seq) WHERE desired <> delivered"
 )
-# (audience id type, indexes beside the key) of each membership shape folded by chunks.
+_STORE_INDEXES = f"{_EMPTY_FOR_NEW};{_DIRTY_SET}"
+
+# The store's gather maps the journal's text id to the key with a join; without it,
+# the statements read the journal's own audience column (text, or the key itself).
+_KEY_JOIN = " CROSS JOIN audience_keys k ON k.audience_id = c.audience_id"
+assert _KEY_JOIN in GATHER_CHUNK
+assert "k.audience_key" in GATHER_CHUNK
+_GATHER_UNMAPPED = GATHER_CHUNK.replace(_KEY_JOIN, "").replace("k.audience_key", "c.audience_id")
+# Version 11's statements: membership and the chunk keyed by the text audience id.
+_GATHER_TEXT = _GATHER_UNMAPPED.replace("audience_key", "audience_id")
+_UPSERT_TEXT = UPSERT_CHUNK.replace("audience_key", "audience_id")
+assert "audience_key" not in _GATHER_TEXT + _UPSERT_TEXT
+
+
+class Shape(NamedTuple):
+    """A membership table and the fold's statements into it."""
+
+    journal: str  # the type of the journal's audience column
+    key: str  # membership's audience column: audience_key (INTEGER) or audience_id (TEXT)
+    indexes: str  # beside the key, with {a} for the audience column
+    gather: str
+    upsert: str
+
+
 SHAPES = {
-    "store": ("TEXT", f"{_EMPTY_FOR_NEW};{_DIRTY_SET}"),
-    "store_int_audience": ("INTEGER", f"{_EMPTY_FOR_NEW};{_DIRTY_SET}"),
-    "key_only": ("TEXT", _EMPTY_FOR_NEW),
-    "int_key_only": ("INTEGER", _EMPTY_FOR_NEW),
+    # As the store has it (migration 12): text journal, mapped to the key in the gather.
+    "store": Shape("TEXT", "audience_key", _STORE_INDEXES, GATHER_CHUNK, UPSERT_CHUNK),
+    # The same with the key in the journal (ingest would map id -> key on append).
+    "store_int_journal": Shape(
+        "INTEGER", "audience_key", _STORE_INDEXES, _GATHER_UNMAPPED, UPSERT_CHUNK
+    ),
+    # As it was before (schema version 11): text audience ids everywhere.
+    "store_text_audience": Shape("TEXT", "audience_id", _STORE_INDEXES, _GATHER_TEXT, _UPSERT_TEXT),
+    "key_only": Shape("TEXT", "audience_id", _EMPTY_FOR_NEW, _GATHER_TEXT, _UPSERT_TEXT),
+    "int_key_only": Shape("TEXT", "audience_key", _EMPTY_FOR_NEW, GATHER_CHUNK, UPSERT_CHUNK),
 }
 
 
 def open_with_journal(path: Path, audience_type: str, rows: list[tuple]) -> sqlite3.Connection:
-    """A new file with the store's pragmas and ``rows`` in its journal."""
+    """A new file with the store's pragmas, ``rows`` in its journal (their audience as
+    its key, 1, if ``audience_type`` is INTEGER) and the audience's key."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute(f"PRAGMA page_size = {PAGE_BYTES}")
     db.execute("PRAGMA journal_mode = WAL")
@@ -77,6 +111,11 @@ def open_with_journal(path: Path, audience_type: str, rows: list[tuple]) -> sqli
         f" audience_id {audience_type} NOT NULL, external_id TEXT NOT NULL,"
         " name TEXT NOT NULL, domain TEXT NOT NULL, member INTEGER NOT NULL, ts REAL NOT NULL)"
     )
+    db.execute(
+        "CREATE TABLE audience_keys (audience_key INTEGER PRIMARY KEY,"
+        " audience_id TEXT NOT NULL UNIQUE)"
+    )
+    db.execute("INSERT INTO audience_keys VALUES (1, ?)", (rows[0][0],))
     audience = 1 if audience_type == "INTEGER" else rows[0][0]
     db.execute("BEGIN")
     db.executemany(
@@ -103,24 +142,26 @@ def fold_in_chunks(
     return rows / (time.perf_counter() - started)
 
 
-def fold_shape(path: Path, rows: list[tuple], audience_type: str, indexes: str) -> float:
-    """Rows/s folded into membership of this shape with the fold's own statements."""
-    db = open_with_journal(path, audience_type, rows)
+def fold_shape(path: Path, rows: list[tuple], shape: Shape) -> float:
+    """Rows/s folded into membership of this shape with its fold statements."""
+    db = open_with_journal(path, shape.journal, rows)
     try:
-        db.execute(f"CREATE TABLE membership (audience_id {audience_type} NOT NULL, {_COLUMNS})")
-        for statement in indexes.split(";"):
+        key_type = "INTEGER" if shape.key == "audience_key" else "TEXT"
+        columns = _COLUMNS.format(a=shape.key)
+        db.execute(f"CREATE TABLE membership ({shape.key} {key_type} NOT NULL, {columns})")
+        for statement in shape.indexes.format(a=shape.key).split(";"):
             db.execute(statement)
         db.execute(
-            f"CREATE TEMP TABLE fold_chunk (audience_id {audience_type} NOT NULL,"
+            f"CREATE TEMP TABLE fold_chunk ({shape.key} {key_type} NOT NULL,"
             " external_id TEXT NOT NULL, name TEXT NOT NULL, domain TEXT NOT NULL,"
             " member INTEGER NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,"
-            " n INTEGER NOT NULL, PRIMARY KEY (audience_id, external_id)) WITHOUT ROWID"
+            f" n INTEGER NOT NULL, PRIMARY KEY ({shape.key}, external_id)) WITHOUT ROWID"
         )
 
         def fold(chunk: tuple[int, int]) -> None:
             db.execute("DELETE FROM temp.fold_chunk")
-            db.execute(GATHER_CHUNK, chunk)
-            db.execute(UPSERT_CHUNK)
+            db.execute(shape.gather, chunk)
+            db.execute(shape.upsert)
 
         return fold_in_chunks(db, len(rows), fold)
     finally:
@@ -165,8 +206,8 @@ def main() -> int:
         say(f"raw sqlite3 upsert       {raw:>10,.0f} rows/s")
         figures["raw_upsert_rows_per_second"] = round(raw)
         rates = {
-            name: fold_shape(Path(tmp) / f"{name}.sqlite3", rows, audience_type, indexes)
-            for name, (audience_type, indexes) in SHAPES.items()
+            name: fold_shape(Path(tmp) / f"{name}.sqlite3", rows, shape)
+            for name, shape in SHAPES.items()
         }
         rates["bare"] = fold_bare(Path(tmp) / "bare.sqlite3", rows)
     for name, rate in rates.items():
