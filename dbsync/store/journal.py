@@ -283,6 +283,9 @@ def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
         "SELECT MAX(seq), COUNT(*) FROM (SELECT seq FROM changes ORDER BY seq LIMIT ?)",
         (max_rows,),
     ).fetchone()
+    # Pending = desired <> delivered, not in flight, not rejected. A new account is
+    # pending once folded if it is a member (delivered 0, never in flight or set aside):
+    # the chunk alone counts that (_gather), as if every account were new.
     chunk = _gather(db, first_seq, last_seq)
     if sum(row[2] for row in chunk) != rows:
         # Changes of an audience id the store meets for the first time (an audience
@@ -297,9 +300,6 @@ def fold_chunk(db: sqlite3.Connection, max_rows: int) -> dict[str, int]:
         gathered = int(sum(row[2] for row in chunk))
         if gathered != rows:  # rolled back: the journal keeps every row
             raise StoreError(f"the fold gathered {gathered} of {rows} journal rows")
-    # Pending = desired <> delivered, not in flight, not rejected. A new account is
-    # pending once folded if it is a member (delivered 0, never in flight or set aside):
-    # the chunk alone counts that, as if every account were new.
     # Accounts already known correct it, from their row as it is (before) and as it will
     # be (after: desired := member and, if the rejection is cleared, rejected := 0). An
     # inner join, the chunk first: an account not found costs a probe of the key index,
