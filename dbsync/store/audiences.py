@@ -47,14 +47,14 @@ KEY = key_of("?")
 
 def give_key(db: sqlite3.Connection, audience_id: str) -> int:
     """The audience's key, given now if the store never met the id (writer only)."""
-    db.execute(
-        "INSERT INTO audience_keys (audience_id) VALUES (?) ON CONFLICT DO NOTHING",
-        (audience_id,),
-    )
-    (key,) = db.execute(
+    found = db.execute(
         "SELECT audience_key FROM audience_keys WHERE audience_id = ?", (audience_id,)
     ).fetchone()
-    return int(key)
+    if found is not None:
+        return int(found[0])
+    key = db.execute("INSERT INTO audience_keys (audience_id) VALUES (?)", (audience_id,)).lastrowid
+    assert key is not None
+    return key
 
 
 async def sync_audiences(engine: Engine, specs: Sequence[AudienceSpec]) -> SyncResult:
