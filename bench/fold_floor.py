@@ -10,9 +10,9 @@ membership tables of several shapes, beside the raw keyed upsert of the same row
 
 * ``store``: membership as the store has it (integer audience key, from the
   journal's text id by the gather's join; rowid table, key index, and the queue,
-  unsettled, in-flight, rejected and awaiting indexes);
+  unsettled, in-flight and rejected indexes);
 * ``store_int_journal``: the same with the key in the journal (no join);
-* ``store_text_audience``: membership as it was before (schema version 11): the
+* ``store_text_audience``: membership as it was before (schema version 12): the
   text audience id in the table, its indexes and the fold's chunk;
 * ``key_only`` and ``int_key_only``: the key index alone (the partial indexes that
   stay empty for new accounts kept), text and integer audience;
@@ -50,9 +50,7 @@ _COLUMNS = (
 )
 _EMPTY_FOR_NEW = (
     "CREATE INDEX m_in_flight ON membership (in_flight) WHERE in_flight IS NOT NULL;"
-    "CREATE INDEX m_rejected ON membership ({a}, rejected) WHERE rejected = 1;"
-    "CREATE INDEX m_awaiting ON membership ({a}, ack_batch)"
-    " WHERE ack_batch IS NOT NULL"
+    "CREATE INDEX m_rejected ON membership ({a}, rejected) WHERE rejected = 1"
 )
 _DIRTY_SET = (
     "CREATE INDEX m_queue ON membership ({a}, desired, changed_at)"
@@ -67,7 +65,7 @@ _KEY_JOIN = " CROSS JOIN audience_keys k ON k.audience_id = c.audience_id"
 assert _KEY_JOIN in GATHER_CHUNK
 assert "k.audience_key" in GATHER_CHUNK
 _GATHER_UNMAPPED = GATHER_CHUNK.replace(_KEY_JOIN, "").replace("k.audience_key", "c.audience_id")
-# Version 11's statements: membership and the chunk keyed by the text audience id.
+# Version 12's statements: membership and the chunk keyed by the text audience id.
 _GATHER_TEXT = _GATHER_UNMAPPED.replace("audience_key", "audience_id")
 _UPSERT_TEXT = UPSERT_CHUNK.replace("audience_key", "audience_id")
 assert "audience_key" not in _GATHER_TEXT + _UPSERT_TEXT
@@ -84,13 +82,13 @@ class Shape(NamedTuple):
 
 
 SHAPES = {
-    # As the store has it (migration 12): text journal, mapped to the key in the gather.
+    # As the store has it (migration 13): text journal, mapped to the key in the gather.
     "store": Shape("TEXT", "audience_key", _STORE_INDEXES, GATHER_CHUNK, UPSERT_CHUNK),
     # The same with the key in the journal (ingest would map id -> key on append).
     "store_int_journal": Shape(
         "INTEGER", "audience_key", _STORE_INDEXES, _GATHER_UNMAPPED, UPSERT_CHUNK
     ),
-    # As it was before (schema version 11): text audience ids everywhere.
+    # As it was before (schema version 12): text audience ids everywhere.
     "store_text_audience": Shape("TEXT", "audience_id", _STORE_INDEXES, _GATHER_TEXT, _UPSERT_TEXT),
     "key_only": Shape("TEXT", "audience_id", _EMPTY_FOR_NEW, _GATHER_TEXT, _UPSERT_TEXT),
     "int_key_only": Shape("TEXT", "audience_key", _EMPTY_FOR_NEW, GATHER_CHUNK, UPSERT_CHUNK),
