@@ -20,19 +20,15 @@ from dbsync.clock import FakeClock
 from dbsync.model import Account, Change, ListAction
 from dbsync.store import Store
 from dbsync.store.schema import MIGRATIONS
+from tests.support.migrations import schema_at
 
 AUDIENCE = "aud-1"
 VERSION = 6
 
 
 def build_version_6(path: Path) -> None:
-    db = sqlite3.connect(path, isolation_level=None)
+    db = schema_at(path, VERSION)
     try:
-        for script in MIGRATIONS[:VERSION]:
-            for statement in script.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-        db.execute(f"PRAGMA user_version = {VERSION}")
         db.execute(
             "INSERT INTO audiences (audience_id, destination, name, list_name, list_id, state,"
             " checkpoint_seq, folded_seq, updated_at, first_acked_at, operator_paused)"

@@ -18,6 +18,7 @@ from dbsync.clock import FakeClock
 from dbsync.model import ListAction
 from dbsync.store import Store
 from dbsync.store.schema import MIGRATIONS
+from tests.support.migrations import schema_at
 
 AUDIENCE = "aud-1"
 VERSION = 10
@@ -36,13 +37,8 @@ MEMBERS = [
 
 
 def build_version_10(path: Path) -> None:
-    db = sqlite3.connect(path, isolation_level=None)
+    db = schema_at(path, VERSION)
     try:
-        for script in MIGRATIONS[:VERSION]:
-            for statement in script.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-        db.execute(f"PRAGMA user_version = {VERSION}")
         db.execute(
             "INSERT INTO audiences (audience_id, destination, name, list_name, list_id, state,"
             " checkpoint_seq, folded_seq, updated_at, first_acked_at, operator_paused)"

@@ -21,6 +21,7 @@ from dbsync.clock import FakeClock
 from dbsync.model import Account, Change, ListAction
 from dbsync.store import Store
 from dbsync.store.schema import MIGRATIONS
+from tests.support.migrations import schema_at
 
 VERSION = 12
 AUDIENCES = ("aud-b", "aud-a", "aud-c")  # not in key order: keys follow the ids' order
@@ -53,13 +54,8 @@ JOURNAL = [("aud-a", "late", 1), ("aud-b", "clean", 0), (STRANGER, "someone", 1)
 
 
 def build_version_12(path: Path) -> None:
-    db = sqlite3.connect(path, isolation_level=None)
+    db = schema_at(path, VERSION)
     try:
-        for script in MIGRATIONS[:VERSION]:
-            for statement in script.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-        db.execute(f"PRAGMA user_version = {VERSION}")
         db.executemany(
             "INSERT INTO audiences (audience_id, destination, name, list_name, list_id, state,"
             " checkpoint_seq, folded_seq, updated_at, first_acked_at, operator_paused)"
