@@ -234,7 +234,7 @@ async def apply_readback(
     # ago are judged, and no new change makes one of those), and probes the matches.
     # Sorted, so that index probes walk in order; in a thread, as a list may hold
     # millions and the event loop serves ingest meanwhile.
-    ids, encoded = await asyncio.to_thread(_sorted_ids, listed)
+    ids, encoded = await asyncio.to_thread(_sorted_ids, (a.external_id for a in listed))
     not_ours = await engine.read(
         "SELECT COUNT(*) FROM json_each(?) j WHERE NOT EXISTS (SELECT 1 FROM membership m"
         f" WHERE m.audience_key = {KEY} AND m.external_id = j.value)",
@@ -251,13 +251,12 @@ async def apply_readback(
             ),
         )
         present, strangers, nameless = await asyncio.to_thread(match_listed, ours, listed)
-        ids = await asyncio.to_thread(sorted, present)
-        encoded = b""
+        ids, encoded = await asyncio.to_thread(_sorted_ids, present)
     # A piece per transaction, so that ingest commits between them.
     for start in range(0, max(len(ids), 1), _STAGE_ROWS):
         piece = (
             encoded
-            if encoded and len(ids) <= _STAGE_ROWS
+            if len(ids) <= _STAGE_ROWS
             else msgspec.json.encode(ids[start : start + _STAGE_ROWS])
         )
         await engine.transaction(
@@ -279,10 +278,10 @@ async def apply_readback(
             return verdict
 
 
-def _sorted_ids(listed: Sequence[ListedAccount]) -> tuple[list[str], bytes]:
-    """The listed external ids, sorted, and as a JSON array."""
-    ids = sorted([account.external_id for account in listed])
-    return ids, msgspec.json.encode(ids)
+def _sorted_ids(ids: Iterable[str]) -> tuple[list[str], bytes]:
+    """``ids`` sorted, and as a JSON array."""
+    ordered = sorted(ids)
+    return ordered, msgspec.json.encode(ordered)
 
 
 def _stage_listed(db: sqlite3.Connection, *, run_id: int, ids: bytes, first: bool) -> None:
